@@ -1,0 +1,34 @@
+"""The `gemma-chat` command: parse the settings, run the mode, turn user errors into one line."""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Sequence
+
+from gemmachat.errors import UserError
+from gemmachat.settings import Settings, parse_settings
+
+
+def run(settings: Settings) -> int:
+    if settings.mode == "cli":
+        from gemmachat import oneshot
+
+        return oneshot.run(settings)
+    raise UserError(f"the {settings.mode} mode is not built yet; use --cli")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        return run(parse_settings(sys.argv[1:] if argv is None else argv))
+    except UserError as error:
+        print(f"gemma-chat: {error}", file=sys.stderr)
+        return error.status
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        # The reader went away (`gemma-chat --cli ... | head`): nothing left to say to anyone.
+        # Point stdout at /dev/null so the interpreter's final flush does not complain.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0

@@ -1,0 +1,491 @@
+"""The model and its llama.cpp context, driven token by token through llama-cpp-python's C API.
+
+We do not use llama_cpp.Llama: its completion path re-detokenizes the whole reply at every token
+and keeps one KV state per object. Here, sampling stays in llama.cpp's sampler chain, each token is
+turned into bytes once, and every conversation (sequence) owns a list of tokens that mirrors what
+the KV cache holds for it, so a new turn evaluates only what is new.
+"""
+
+from __future__ import annotations
+
+import codecs
+import ctypes
+import threading
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+import llama_cpp as llama
+
+from gemmachat import llama_log
+from gemmachat.errors import UserError
+from gemmachat.gguf import GGUFInfo
+from gemmachat.settings import DEFAULT_CTX_CAP, Sampling, Settings
+
+ALL_LAYERS = 999
+
+
+class PromptTooLong(UserError):
+    """The prompt does not fit in the context, with room for one generated token."""
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    ctx_size: int | None = None
+    n_gpu_layers: int = 0
+    threads: int = 2
+    batch_size: int = 2048
+    ubatch_size: int = 512
+    flash_attn: str = "auto"
+    mlock: bool = False
+    mmap: bool = True
+    sequences: int = 1
+
+    @classmethod
+    def from_settings(cls, settings: Settings, sequences: int = 1) -> EngineOptions:
+        return cls(
+            ctx_size=settings.ctx_size,
+            n_gpu_layers=settings.n_gpu_layers,
+            threads=settings.threads,
+            batch_size=settings.batch_size,
+            ubatch_size=settings.ubatch_size,
+            flash_attn=settings.flash_attn,
+            mlock=settings.mlock,
+            mmap=settings.mmap,
+            sequences=sequences,
+        )
+
+
+@dataclass
+class Stats:
+    prompt_tokens: int = 0
+    reused_tokens: int = 0  # prompt tokens already in the KV cache, not evaluated again
+    generated_tokens: int = 0
+    prompt_seconds: float = 0.0
+    generation_seconds: float = 0.0
+    finish_reason: str = ""  # "stop" (end of turn or a stop string), "length" or "cancelled"
+
+    @property
+    def evaluated_tokens(self) -> int:
+        return self.prompt_tokens - self.reused_tokens
+
+    @property
+    def prompt_tokens_per_second(self) -> float:
+        return self.evaluated_tokens / self.prompt_seconds if self.prompt_seconds else 0.0
+
+    @property
+    def generation_tokens_per_second(self) -> float:
+        return self.generated_tokens / self.generation_seconds if self.generation_seconds else 0.0
+
+
+@dataclass
+class Sequence:
+    """One conversation's slice of the KV cache: `tokens` is exactly what the cache holds for it."""
+
+    seq_id: int
+    tokens: list[int] = field(default_factory=list)
+
+
+@dataclass
+class Generation:
+    """A running generation: iterate it for text pieces; `stats` and `tokens` fill as it goes."""
+
+    pieces: Iterator[str]
+    stats: Stats
+    tokens: list[int]
+
+    def __iter__(self) -> Iterator[str]:
+        return self.pieces
+
+    def text(self) -> str:
+        return "".join(self.pieces)
+
+
+_FLASH_ATTN = {
+    "auto": llama.LLAMA_FLASH_ATTN_TYPE_AUTO,
+    "on": llama.LLAMA_FLASH_ATTN_TYPE_ENABLED,
+    "off": llama.LLAMA_FLASH_ATTN_TYPE_DISABLED,
+}
+_backend_ready = False
+
+
+def gpu_offload_supported() -> bool:
+    return bool(llama.llama_supports_gpu_offload())
+
+
+class Engine:
+    def __init__(self, path: Path, info: GGUFInfo, options: EngineOptions) -> None:
+        global _backend_ready
+        if not _backend_ready:
+            llama.llama_backend_init()
+            _backend_ready = True
+        self.path = path
+        self.info = info
+        self.options = options
+        self._lock = threading.Lock()
+        self._model = self._load_model(path, options)
+        self._vocab = llama.llama_model_get_vocab(self._model)
+        self.n_ctx_train = int(llama.llama_model_n_ctx_train(self._model))
+        self.n_layer = int(llama.llama_model_n_layer(self._model))
+        self.n_swa = int(llama.llama_model_n_swa(self._model))
+        self._ctx = self._new_context(options)
+        self.n_ctx = int(llama.llama_n_ctx(self._ctx))
+        self.n_ctx_seq = int(llama.llama_n_ctx_seq(self._ctx))
+        self.n_batch = int(llama.llama_n_batch(self._ctx))
+        self._memory = llama.llama_get_memory(self._ctx)
+        self._batch = llama.llama_batch_init(self.n_batch, 0, 1)
+        self.bos = int(llama.llama_vocab_bos(self._vocab))
+        self.add_bos = bool(llama.llama_vocab_get_add_bos(self._vocab))
+        self._pieces: dict[int, bytes] = {}
+        self._eog_tokens: list[int] | None = None
+        self._sequences: dict[int, Sequence] = {}
+        self._closed = False
+
+    # -- loading ---------------------------------------------------------------------------------
+
+    @staticmethod
+    def _load_model(path: Path, options: EngineOptions) -> llama.llama_model_p:
+        params = llama.llama_model_default_params()
+        params.n_gpu_layers = -1 if options.n_gpu_layers >= ALL_LAYERS else options.n_gpu_layers
+        if options.mmap:
+            params.load_mode = llama.LLAMA_LOAD_MODE_MMAP_MLOCK if options.mlock else llama.LLAMA_LOAD_MODE_MMAP
+        else:
+            params.load_mode = llama.LLAMA_LOAD_MODE_MLOCK if options.mlock else llama.LLAMA_LOAD_MODE_NONE
+        llama_log.clear_errors()
+        model = llama.llama_model_load_from_file(str(path).encode(), params)
+        if not model:
+            reason = llama_log.last_error() or "llama.cpp could not load it"
+            raise UserError(f"cannot load model {path}: {reason}")
+        return model
+
+    def _new_context(self, options: EngineOptions) -> llama.llama_context_p:
+        params = llama.llama_context_default_params()
+        params.n_ctx = self.context_size_for(options.ctx_size)
+        params.n_batch = options.batch_size
+        params.n_ubatch = options.ubatch_size
+        params.n_seq_max = options.sequences
+        params.n_threads = options.threads
+        params.n_threads_batch = options.threads
+        params.flash_attn_type = _FLASH_ATTN[options.flash_attn]
+        params.no_perf = True
+        llama_log.clear_errors()
+        ctx = llama.llama_init_from_model(self._model, params)
+        if not ctx:
+            llama.llama_model_free(self._model)
+            reason = llama_log.last_error() or "out of memory?"
+            raise UserError(f"cannot create a context of {params.n_ctx} tokens: {reason}")
+        return ctx
+
+    def context_size_for(self, requested: int | None) -> int:
+        # As llamafile: 0, or more than the model was trained on, means the training context.
+        if requested is None:
+            return min(self.n_ctx_train, DEFAULT_CTX_CAP)
+        if requested == 0 or requested > self.n_ctx_train:
+            return self.n_ctx_train
+        return requested
+
+    def close(self) -> None:
+        # Explicit, because llama_cpp's finalisers misbehave at interpreter shutdown (frozen builds
+        # print "Exception ignored in Llama.__del__").
+        if self._closed:
+            return
+        self._closed = True
+        llama.llama_batch_free(self._batch)
+        llama.llama_free(self._ctx)
+        llama.llama_model_free(self._model)
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- text and tokens -------------------------------------------------------------------------
+
+    def tokenize(self, text: str, *, special: bool = False, add_bos: bool = False) -> list[int]:
+        """Tokens for `text`; special-token strings in it become tokens only when `special`."""
+        data = text.encode("utf-8", errors="surrogatepass")
+        capacity = len(data) + 2
+        buffer = (llama.llama_token * capacity)()
+        count = llama.llama_tokenize(self._vocab, data, len(data), buffer, capacity, add_bos, special)
+        if count < 0:
+            capacity = -count
+            buffer = (llama.llama_token * capacity)()
+            count = llama.llama_tokenize(self._vocab, data, len(data), buffer, capacity, add_bos, special)
+        return list(buffer[:count])
+
+    def piece(self, token: int) -> bytes:
+        """The bytes a token stands for (special tokens render as nothing, as in llama.cpp)."""
+        cached = self._pieces.get(token)
+        if cached is None:
+            cached = self._token_bytes(token, special=False)
+            self._pieces[token] = cached
+        return cached
+
+    def token_text(self, token: int) -> str:
+        """A token as text with special tokens spelled out, for /dump and tests."""
+        return self._token_bytes(token, special=True).decode("utf-8", errors="replace")
+
+    def _token_bytes(self, token: int, *, special: bool) -> bytes:
+        size = 64
+        while True:
+            buffer = ctypes.create_string_buffer(size)
+            length = llama.llama_token_to_piece(self._vocab, token, buffer, size, 0, special)
+            if length >= 0:
+                return buffer.raw[:length]
+            size = -length
+
+    def detokenize(self, tokens: list[int]) -> str:
+        return b"".join(self.piece(t) for t in tokens).decode("utf-8", errors="replace")
+
+    def is_end_of_generation(self, token: int) -> bool:
+        return bool(llama.llama_vocab_is_eog(self._vocab, token))
+
+    def special_token(self, text: str) -> int | None:
+        """The id of a control token spelled `text` (such as "<end_of_turn>"), else None."""
+        tokens = self.tokenize(text, special=True)
+        if len(tokens) == 1 and self._token_bytes(tokens[0], special=False) == b"":
+            return tokens[0]
+        return None
+
+    def meta(self, key: str) -> str | None:
+        size = 256
+        while True:
+            buffer = ctypes.create_string_buffer(size)
+            length = llama.llama_model_meta_val_str(self._model, key.encode(), buffer, size)
+            if length < 0:
+                return None
+            if length < size:
+                return buffer.value.decode("utf-8", errors="replace")
+            size = length + 1
+
+    # -- generation ------------------------------------------------------------------------------
+
+    def new_sequence(self, seq_id: int = 0) -> Sequence:
+        """Sequence `seq_id`, emptied. There is one Sequence object per id, so that its token list
+        can never disagree with the KV cache behind it."""
+        if not 0 <= seq_id < self.options.sequences:
+            raise ValueError(f"sequence {seq_id} outside 0..{self.options.sequences - 1}")
+        sequence = self._sequences.setdefault(seq_id, Sequence(seq_id))
+        with self._lock:
+            llama.llama_memory_seq_rm(self._memory, seq_id, -1, -1)
+            sequence.tokens.clear()
+        return sequence
+
+    def generate(
+        self,
+        sequence: Sequence,
+        prompt: list[int],
+        sampling: Sampling,
+        *,
+        max_tokens: int = -1,
+        stop: tuple[str, ...] = (),
+        ignore_eos: bool = False,
+        cancelled: Callable[[], bool] | None = None,
+    ) -> Generation:
+        """Evaluate `prompt` on `sequence` (reusing its common prefix) and stream the reply.
+
+        Raises PromptTooLong at once if the prompt leaves no room for a reply.
+        """
+        if not prompt:
+            raise UserError("the prompt is empty")
+        if len(prompt) >= self.n_ctx_seq:
+            raise PromptTooLong(
+                f"the prompt is {len(prompt)} tokens, but the context holds {self.n_ctx_seq} "
+                "(raise -c, or shorten the prompt)"
+            )
+        stats = Stats(prompt_tokens=len(prompt))
+        tokens: list[int] = []
+        return Generation(
+            self._run(sequence, prompt, sampling, max_tokens, stop, ignore_eos, cancelled, stats, tokens),
+            stats,
+            tokens,
+        )
+
+    def _run(self, sequence: Sequence, prompt: list[int], sampling: Sampling, max_tokens: int,
+             stop: tuple[str, ...], ignore_eos: bool, cancelled: Callable[[], bool] | None,
+             stats: Stats, generated: list[int]) -> Iterator[str]:
+        sampler = self._sampler_chain(sampling, ignore_eos)
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        stop_guard = StopGuard(stop)
+        started = time.perf_counter()
+        try:
+            # Each step decodes and samples under one hold of the lock: the logits it samples
+            # from are those of its own sequence, whoever else shares the context.
+            with self._lock:
+                stats.reused_tokens = self._evaluate_prompt(sequence, prompt)
+                history = prompt[-sampling.repeat_last_n:] if sampling.repeat_last_n > 0 else []
+                for token in history:
+                    llama.llama_sampler_accept(sampler, token)
+                token = llama.llama_sampler_sample(sampler, self._ctx, -1)
+            stats.prompt_seconds = time.perf_counter() - started
+            started = time.perf_counter()
+            while True:
+                if not ignore_eos and self.is_end_of_generation(token):
+                    stats.finish_reason = "stop"
+                    break
+                generated.append(token)
+                stats.generated_tokens += 1
+                text, stopped = stop_guard.feed(decoder.decode(self.piece(token)))
+                if text:
+                    yield text
+                if stopped:
+                    stats.finish_reason = "stop"
+                    return
+                if stats.generated_tokens == max_tokens or len(sequence.tokens) + 1 >= self.n_ctx_seq:
+                    stats.finish_reason = "length"
+                    break
+                if cancelled is not None and cancelled():
+                    stats.finish_reason = "cancelled"
+                    break
+                with self._lock:
+                    self._decode(sequence, [token], len(sequence.tokens))
+                    token = llama.llama_sampler_sample(sampler, self._ctx, -1)
+            # What the stop guard held back (a possible start of a stop string) and an incomplete
+            # UTF-8 tail belong to the reply once it is over.
+            tail, _ = stop_guard.feed(decoder.decode(b"", final=True), final=True)
+            if tail:
+                yield tail
+        finally:
+            if stats.generated_tokens:
+                stats.generation_seconds = time.perf_counter() - started
+            llama.llama_sampler_free(sampler)
+
+    def _evaluate_prompt(self, sequence: Sequence, prompt: list[int]) -> int:
+        """Bring the KV cache of `sequence` to `prompt`; returns how many tokens were reused."""
+        keep = _common_prefix(sequence.tokens, prompt)
+        keep = min(keep, len(prompt) - 1)  # the last prompt token is evaluated for its logits
+        if keep < len(sequence.tokens) and not self._can_rewind_to(sequence, keep):
+            keep = 0
+        if not llama.llama_memory_seq_rm(self._memory, sequence.seq_id, keep, -1):
+            keep = 0
+            llama.llama_memory_seq_rm(self._memory, sequence.seq_id, -1, -1)
+        del sequence.tokens[keep:]
+        pending = prompt[keep:]
+        for start in range(0, len(pending), self.n_batch):
+            self._decode(sequence, pending[start:start + self.n_batch], len(sequence.tokens))
+        return keep
+
+    def _can_rewind_to(self, sequence: Sequence, position: int) -> bool:
+        # A sliding-window cache keeps only the last window of positions: after cutting back to
+        # `position`, the window before it must still be there, or we evaluate from scratch.
+        if position == 0 or self.n_swa <= 0:
+            return True
+        oldest = llama.llama_memory_seq_pos_min(self._memory, sequence.seq_id)
+        return oldest <= max(0, position - self.n_swa)
+
+    def _decode(self, sequence: Sequence, tokens: list[int], first_position: int) -> None:
+        batch = self._batch
+        for index, token in enumerate(tokens):
+            batch.token[index] = token
+            batch.pos[index] = first_position + index
+            batch.n_seq_id[index] = 1
+            batch.seq_id[index][0] = sequence.seq_id
+            batch.logits[index] = 0
+        batch.logits[len(tokens) - 1] = 1
+        batch.n_tokens = len(tokens)
+        status = llama.llama_decode(self._ctx, batch)
+        if status == 1:
+            raise PromptTooLong(f"the context of {self.n_ctx} tokens is full")
+        if status != 0:
+            raise RuntimeError(f"llama_decode failed with status {status}")
+        sequence.tokens.extend(tokens)
+
+    def _sampler_chain(self, sampling: Sampling, ignore_eos: bool) -> llama.llama_sampler_p:
+        # The same chain, in the same order, as llama.cpp's common_sampler with default settings,
+        # so that a seeded or greedy run gives llama-completion's tokens.
+        chain = llama.llama_sampler_chain_init(llama.llama_sampler_chain_default_params())
+        # User biases first, then llama.cpp's own: suppressed tokens, and with --ignore-eos every
+        # end-of-generation token, so that it is never sampled (as llama.cpp does).
+        biases = list(sampling.logit_bias) + [
+            (token, float("-inf")) for token in self._suppressed_tokens() + (self._eog() if ignore_eos else [])
+        ]
+        if biases:
+            array = (llama.llama_logit_bias * len(biases))(
+                *[llama.llama_logit_bias(token, bias) for token, bias in biases]
+            )
+            llama.llama_sampler_chain_add(
+                chain, llama.llama_sampler_init_logit_bias(llama.llama_vocab_n_tokens(self._vocab), len(biases), array)
+            )
+        add = lambda sampler: llama.llama_sampler_chain_add(chain, sampler)  # noqa: E731
+        add(llama.llama_sampler_init_penalties(
+            llama.llama_vocab_n_tokens(self._vocab), sampling.repeat_last_n, sampling.repeat_penalty,
+            sampling.frequency_penalty, sampling.presence_penalty,
+        ))
+        add(llama.llama_sampler_init_top_k(sampling.top_k))
+        add(llama.llama_sampler_init_top_p(sampling.top_p, 0))
+        add(llama.llama_sampler_init_min_p(sampling.min_p, 0))
+        add(llama.llama_sampler_init_temp_ext(sampling.temperature, 0.0, 1.0))
+        add(llama.llama_sampler_init_dist(sampling.seed))
+        return chain
+
+    def _suppressed_tokens(self) -> list[int]:
+        count = ctypes.c_int32(0)
+        pointer = llama.llama_vocab_get_suppress_tokens(self._vocab, ctypes.byref(count))
+        return [pointer[i] for i in range(count.value)] if pointer else []
+
+    def _eog(self) -> list[int]:
+        if self._eog_tokens is None:
+            self._eog_tokens = [
+                token for token in range(llama.llama_vocab_n_tokens(self._vocab))
+                if llama.llama_vocab_is_eog(self._vocab, token)
+            ]
+        return self._eog_tokens
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    length = min(len(a), len(b))
+    for index in range(length):
+        if a[index] != b[index]:
+            return index
+    return length
+
+
+class StopGuard:
+    """Finds stop strings in streamed text without rescanning the whole reply.
+
+    Text that might be the start of a stop string is held back until the next piece settles it,
+    so a stop string never reaches the user even when it spans several tokens.
+    """
+
+    def __init__(self, stops: tuple[str, ...]) -> None:
+        self.stops = stops
+        self.held = ""
+
+    def feed(self, text: str, final: bool = False) -> tuple[str, bool]:
+        """Returns (text safe to show, whether a stop string was reached)."""
+        if not self.stops:
+            return text, False
+        window = self.held + text
+        cut = min((i for i in (window.find(s) for s in self.stops) if i >= 0), default=-1)
+        if cut >= 0:
+            self.held = ""
+            return window[:cut], True
+        if final:
+            self.held = ""
+            return window, False
+        keep = max((self._partial_suffix(window, s) for s in self.stops), default=0)
+        self.held = window[len(window) - keep:] if keep else ""
+        return window[:len(window) - keep], False
+
+    @staticmethod
+    def _partial_suffix(text: str, stop: str) -> int:
+        for length in range(min(len(stop) - 1, len(text)), 0, -1):
+            if stop.startswith(text[-length:]):
+                return length
+        return 0
+
+
+def load_engine(settings: Settings, sequences: int = 1,
+                progress: Callable[[str], None] | None = None) -> Engine:
+    """Resolve, validate and load the model the settings name, quietly unless --verbose."""
+    from gemmachat.model_path import resolve_model
+
+    llama_log.install(settings.verbose)
+    path, info = resolve_model(settings.model, settings.environ, progress)
+    if settings.n_gpu_layers > 0 and not gpu_offload_supported():
+        print("gemma-chat: this llama.cpp build has no GPU support; running on the CPU",
+              file=sys.stderr)
+    return Engine(path, info, EngineOptions.from_settings(settings, sequences))

@@ -1,0 +1,54 @@
+"""Routes llama.cpp's log through us: silent by default, on stderr with --verbose.
+
+llama-cpp-python's own callback still prints some lines with verbose=False, so we replace it.
+The last error lines are kept either way, because when llama.cpp refuses a model the reason is
+only in its log (an unknown architecture, a tensor out of bounds), and the user deserves it.
+"""
+
+from __future__ import annotations
+
+import collections
+import ctypes
+import sys
+
+import llama_cpp
+
+# ggml.h's levels (llama_cpp/_logger.py still lists an older order).
+GGML_LOG_LEVEL_ERROR = 4
+GGML_LOG_LEVEL_CONT = 5
+
+_state = {"verbose": False, "last_level": 0}
+_recent_errors: collections.deque[str] = collections.deque(maxlen=8)
+
+
+@llama_cpp.llama_log_callback
+def _on_log(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
+    if level == GGML_LOG_LEVEL_CONT:
+        level = _state["last_level"]
+    _state["last_level"] = level
+    message = text.decode("utf-8", errors="replace") if text else ""
+    if level == GGML_LOG_LEVEL_ERROR and message.strip():
+        _recent_errors.append(message.strip())
+    if _state["verbose"]:
+        sys.stderr.write(message)
+        sys.stderr.flush()
+
+
+def install(verbose: bool) -> None:
+    _state["verbose"] = verbose
+    llama_cpp.llama_log_set(_on_log, ctypes.c_void_p(0))
+
+
+def last_error() -> str | None:
+    """The cause llama.cpp gave for its last failure, without its function-name prefix."""
+    for line in reversed(_recent_errors):
+        # Its last line is often a generic "failed to load model"; the cause is logged before.
+        if "failed to load model" in line:
+            continue
+        _, _, cause = line.rpartition("error loading model: ")
+        return cause or line.partition(": ")[2] or line
+    return None
+
+
+def clear_errors() -> None:
+    _recent_errors.clear()

@@ -1,0 +1,58 @@
+"""`--cli`: one completion for scripts. Only the completion goes to stdout, streamed."""
+
+from __future__ import annotations
+
+import sys
+
+from gemmachat.engine import load_engine
+from gemmachat.errors import UserError
+from gemmachat.settings import Settings
+from gemmachat.templates import Message, Segment, load_template, render, to_tokens
+
+
+def read_prompt(settings: Settings) -> str:
+    if settings.prompt is not None:
+        return settings.prompt
+    if settings.prompt_file is not None:
+        try:
+            data = settings.prompt_file.read_bytes()
+        except IsADirectoryError:
+            raise UserError(f"cannot read prompt file {settings.prompt_file}: it is a directory") from None
+        except OSError as error:
+            raise UserError(f"cannot read prompt file {settings.prompt_file}: {error.strerror}") from None
+    else:
+        data = sys.stdin.buffer.read()
+    # Bytes that are not UTF-8 become U+FFFD rather than an error: a prompt is text to the model.
+    return data.decode("utf-8", errors="replace")
+
+
+def run(settings: Settings) -> int:
+    template = load_template(settings.template)  # a bad --template is an error even unused
+    prompt = read_prompt(settings)
+    if not prompt:
+        raise UserError("the prompt is empty: give one with -p, -f or on stdin")
+    if settings.chat_turn:
+        segments = render(template, settings.system, [Message("user", prompt)])
+    else:
+        segments = [Segment(prompt, trusted=False)]
+    with load_engine(settings) as engine:
+        tokens = to_tokens(engine, segments, special=settings.special)
+        generation = engine.generate(
+            engine.new_sequence(), tokens, settings.sampling, max_tokens=settings.n_predict,
+            stop=settings.stop, ignore_eos=settings.ignore_eos,
+        )
+        out = sys.stdout
+        for piece in generation:
+            out.write(piece)
+            out.flush()
+        if out.isatty():
+            out.write("\n")
+        if settings.verbose:
+            stats = generation.stats
+            print(
+                f"gemma-chat: prompt {stats.prompt_tokens} tokens, "
+                f"{stats.prompt_tokens_per_second:.1f} tokens/s; generated {stats.generated_tokens} "
+                f"tokens, {stats.generation_tokens_per_second:.1f} tokens/s; {stats.finish_reason}",
+                file=sys.stderr,
+            )
+    return 0

@@ -1,0 +1,263 @@
+"""The one settings object, built from command-line flags and the environment.
+
+Every mode shares one argument parser: a flag that belongs to one mode is accepted (and ignored)
+in the others, so a script that adds `--port` to a `--cli` call keeps working (llamafile's users
+keep tripping over its two parsers).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Mapping, Sequence
+
+from gemmachat import __version__
+from gemmachat.errors import UserError
+
+DEFAULT_CTX_CAP = 8192
+# llama.cpp's own defaults (common/common.h), so that our sampling matches llama-completion's.
+LLAMA_DEFAULT_SEED = 0xFFFFFFFF
+
+
+@dataclass(frozen=True)
+class Sampling:
+    temperature: float = 0.8
+    top_k: int = 40
+    top_p: float = 0.95
+    min_p: float = 0.05
+    repeat_penalty: float = 1.0
+    repeat_last_n: int = 64
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    seed: int = LLAMA_DEFAULT_SEED
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token, bias) pairs, as OpenAI's logit_bias
+
+
+@dataclass(frozen=True)
+class Settings:
+    mode: str  # "chat" (with background server), "chat-only", "cli" or "server"
+    model: Path | None
+    prompt: str | None
+    prompt_file: Path | None
+    system: str | None
+    chat_turn: bool
+    template: str
+    jinja: bool
+    special: bool
+    ctx_size: int | None  # None: min(training context, 8192); 0: training context
+    n_gpu_layers: int
+    threads: int
+    batch_size: int
+    ubatch_size: int
+    flash_attn: str
+    mlock: bool
+    mmap: bool
+    n_predict: int
+    ignore_eos: bool
+    stop: tuple[str, ...]
+    sampling: Sampling
+    verbose: bool
+    nologo: bool
+    plain: bool
+    host: str
+    port: int
+    api_key: str | None
+    parallel: int
+    environ: Mapping[str, str] = field(repr=False, default_factory=dict)
+
+
+def default_threads() -> int:
+    # The CPUs this process may run on, not all of the machine's: containers and taskset narrow them.
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # macOS and Windows have no affinity call
+        return max(1, os.cpu_count() or 1)
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, not {text}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, not {text}")
+    return value
+
+
+def _port(text: str) -> int:
+    value = int(text)
+    if not 0 < value < 65536:
+        raise argparse.ArgumentTypeError(f"must be between 1 and 65535, not {text}")
+    return value
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        # argparse prints usage and exits; we want our one-line error and exit status 2.
+        raise UserError(f"{message} (see gemma-chat --help)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="gemma-chat",
+        description=(
+            "Chat with a local Gemma model in the terminal, run one-shot completions for scripts, "
+            "or serve an OpenAI-compatible API. With no mode flag: the chat, with the server in "
+            "the background."
+        ),
+        epilog=(
+            "Model: -m PATH, else $GEMMA_CHAT_MODEL, else the model inside this program, else the "
+            "default Gemma 3 270M. Examples: gemma-chat --cli -p 'The capital of France is' -n 24; "
+            "echo 'Why is the sky blue?' | gemma-chat --cli --chat-turn"
+        ),
+    )
+    parser.add_argument("--version", action="version", version=f"gemma-chat {__version__}")
+
+    modes = parser.add_argument_group("modes (pick at most one)").add_mutually_exclusive_group()
+    modes.add_argument("--cli", dest="mode", action="store_const", const="cli",
+                       help="one-shot completion: print only the completion to stdout and exit")
+    modes.add_argument("--chat", dest="mode", action="store_const", const="chat-only",
+                       help="the interactive chat without the background server")
+    modes.add_argument("--server", dest="mode", action="store_const", const="server",
+                       help="only the OpenAI-compatible HTTP server")
+
+    model = parser.add_argument_group("model and prompt")
+    model.add_argument("-m", "--model", type=Path, metavar="PATH", help="GGUF model file")
+    model.add_argument("-p", "--prompt", metavar="TEXT",
+                       help="--cli: the prompt (else -f, else stdin); chat: the system prompt")
+    model.add_argument("-f", "--file", dest="prompt_file", type=Path, metavar="FILE",
+                       help="read the prompt from FILE")
+    model.add_argument("--system", metavar="TEXT",
+                       help="system prompt for --cli --chat-turn (the chat takes it from -p)")
+    model.add_argument("--chat-turn", action="store_true",
+                       help="--cli: wrap the prompt as one user turn of the chat template, so "
+                            "the model answers it as the assistant")
+    model.add_argument("--template", default="gemma", metavar="NAME|PATH",
+                       help="prompt template: a name from templates/ (gemma, llamafile, "
+                            "llamafile-nosystem) or a .toml file (default: gemma, the official "
+                            "Gemma format)")
+    model.add_argument("--jinja", action="store_true",
+                       help="use the GGUF's own chat template, rendered in a sandbox")
+    model.add_argument("--special", action="store_true",
+                       help="parse special tokens such as <start_of_turn> in prompt text "
+                            "(off: they stay plain text)")
+
+    engine = parser.add_argument_group("llama.cpp")
+    engine.add_argument("-c", "--ctx-size", type=_non_negative_int, metavar="N",
+                        help="context size in tokens; 0 = the model's training context "
+                             f"(default: the training context, at most {DEFAULT_CTX_CAP})")
+    engine.add_argument("-ngl", "--n-gpu-layers", "--gpu-layers", dest="n_gpu_layers",
+                        type=_non_negative_int, default=0, metavar="N",
+                        help="layers to offload to the GPU; 999 = all (default 0)")
+    engine.add_argument("-t", "--threads", type=_positive_int, default=default_threads(),
+                        metavar="N", help="CPU threads (default: the CPUs this process may use)")
+    engine.add_argument("-b", "--batch-size", type=_positive_int, default=2048, metavar="N",
+                        help="logical batch size for prompt processing (default 2048)")
+    engine.add_argument("-ub", "--ubatch-size", type=_positive_int, default=512, metavar="N",
+                        help="physical batch size (default 512)")
+    engine.add_argument("-fa", "--flash-attn", choices=("on", "off", "auto"), default="auto",
+                        help="flash attention (default auto, as llama.cpp)")
+    engine.add_argument("--mlock", action="store_true", help="keep the model in RAM")
+    engine.add_argument("--no-mmap", action="store_true", help="read the model instead of mapping it")
+    engine.add_argument("--verbose", action="store_true", help="show llama.cpp's log on stderr")
+    engine.add_argument("--log-disable", action="store_true",
+                        help="accepted for llamafile compatibility (gemma-chat is quiet by default)")
+
+    sampling = parser.add_argument_group("generation")
+    sampling.add_argument("-n", "--n-predict", type=int, default=-1, metavar="N",
+                          help="tokens to generate; -1 = until a stop or the context is full")
+    sampling.add_argument("--temp", type=float, metavar="T",
+                          help="temperature; 0 = greedy (default 0 in the chat, 0.8 otherwise)")
+    sampling.add_argument("--top-k", type=int, default=40, metavar="K", help="(default 40)")
+    sampling.add_argument("--top-p", type=float, default=0.95, metavar="P", help="(default 0.95)")
+    sampling.add_argument("--min-p", type=float, default=0.05, metavar="P", help="(default 0.05)")
+    sampling.add_argument("--repeat-penalty", type=float, default=1.0, metavar="X",
+                          help="(default 1.0 = off)")
+    sampling.add_argument("--repeat-last-n", type=int, default=64, metavar="N",
+                          help="tokens the penalties look back on (default 64)")
+    sampling.add_argument("--presence-penalty", type=float, default=0.0, metavar="X")
+    sampling.add_argument("--frequency-penalty", type=float, default=0.0, metavar="X")
+    sampling.add_argument("--seed", type=int, default=-1, metavar="N",
+                          help="random seed; -1 = a new one each run")
+    sampling.add_argument("--ignore-eos", action="store_true",
+                          help="keep generating past the end-of-turn and end-of-text tokens")
+    sampling.add_argument("--stop", action="append", default=[], metavar="STR",
+                          help="stop when the output contains STR (repeatable)")
+
+    chat = parser.add_argument_group("chat")
+    chat.add_argument("--nologo", action="store_true", help="no banner")
+    chat.add_argument("--plain", action="store_true",
+                      help="plain text output, no colours or Markdown (also NO_COLOR)")
+
+    server = parser.add_argument_group("server")
+    server.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    server.add_argument("--port", type=_port, default=8080, help="port (default 8080)")
+    server.add_argument("--api-key", metavar="KEY",
+                        help="require 'Authorization: Bearer KEY' (also $GEMMA_CHAT_API_KEY)")
+    server.add_argument("-np", "--parallel", type=_positive_int, default=4, metavar="N",
+                        help="requests decoded at once (default 4)")
+    server.add_argument("--nobrowser", action="store_true",
+                        help="accepted for llamafile compatibility (no browser is opened)")
+    return parser
+
+
+def parse_settings(argv: Sequence[str], environ: Mapping[str, str] | None = None) -> Settings:
+    environ = dict(os.environ if environ is None else environ)
+    args = build_parser().parse_args(list(argv))
+    mode = args.mode or "chat"
+    in_chat = mode in ("chat", "chat-only")
+    temperature = args.temp if args.temp is not None else (0.0 if in_chat else 0.8)
+    model = args.model
+    if model is None and environ.get("GEMMA_CHAT_MODEL"):
+        model = Path(environ["GEMMA_CHAT_MODEL"])
+    if args.prompt is not None and args.prompt_file is not None:
+        raise UserError("give the prompt with -p or -f, not both")
+    if args.repeat_penalty <= 0:
+        raise UserError("--repeat-penalty must be greater than 0")
+    return Settings(
+        mode=mode,
+        model=model,
+        prompt=args.prompt,
+        prompt_file=args.prompt_file,
+        system=args.system,
+        chat_turn=args.chat_turn,
+        template=args.template,
+        jinja=args.jinja,
+        special=args.special,
+        ctx_size=args.ctx_size,
+        n_gpu_layers=args.n_gpu_layers,
+        threads=args.threads,
+        batch_size=args.batch_size,
+        ubatch_size=min(args.ubatch_size, args.batch_size),
+        flash_attn=args.flash_attn,
+        mlock=args.mlock,
+        mmap=not args.no_mmap,
+        n_predict=args.n_predict,
+        ignore_eos=args.ignore_eos,
+        stop=tuple(s for s in args.stop if s),
+        sampling=Sampling(
+            temperature=temperature,
+            top_k=args.top_k,
+            top_p=args.top_p,
+            min_p=args.min_p,
+            repeat_penalty=args.repeat_penalty,
+            repeat_last_n=args.repeat_last_n,
+            frequency_penalty=args.frequency_penalty,
+            presence_penalty=args.presence_penalty,
+            seed=LLAMA_DEFAULT_SEED if args.seed < 0 else args.seed,
+        ),
+        verbose=args.verbose,
+        nologo=args.nologo,
+        plain=args.plain or bool(environ.get("NO_COLOR")),
+        host=args.host,
+        port=args.port,
+        api_key=args.api_key or environ.get("GEMMA_CHAT_API_KEY") or None,
+        parallel=args.parallel,
+        environ=environ,
+    )

@@ -1,0 +1,177 @@
+"""Prompt templates: (system prompt, messages) to the exact text and tokens the model sees.
+
+Rendering keeps track of which text came from the template (trusted: its special tokens such as
+<start_of_turn> become control tokens) and which came from people (untrusted: the same strings
+stay plain text, unless --special). Without that split, a user could close their own turn and
+write the model's.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Protocol, Sequence
+
+from gemmachat.errors import UserError
+
+ROLE_NAMES = {"user": "user", "assistant": "model", "model": "model", "system": "system"}
+_PLACEHOLDER = re.compile(r"\{\{(\w+)\}\}")
+# Candidates for special tokens in template text; the vocabulary decides which really are.
+_SPECIAL_CANDIDATE = re.compile(r"<[^<>\s]{1,64}>")
+
+
+@dataclass(frozen=True)
+class Message:
+    role: str  # "user", "assistant" or "system"
+    content: str
+
+
+@dataclass(frozen=True)
+class Segment:
+    text: str
+    trusted: bool  # written by the template, so its special-token strings are tokens
+
+
+@dataclass(frozen=True)
+class Template:
+    name: str
+    prompt: str
+    history: str
+    first_user: str | None = None  # how the system prompt joins the first user message
+    trim: bool = False
+    description: str = ""
+
+
+class Tokenizer(Protocol):
+    bos: int
+    add_bos: bool
+
+    def tokenize(self, text: str, *, special: bool = False, add_bos: bool = False) -> list[int]: ...
+
+    def special_token(self, text: str) -> int | None: ...
+
+
+def builtin_names() -> list[str]:
+    folder = resources.files("gemmachat.builtin_templates")
+    return sorted(entry.name.removesuffix(".toml") for entry in folder.iterdir()
+                  if entry.name.endswith(".toml"))
+
+
+def load_template(name_or_path: str) -> Template:
+    """A built-in template by name, or a .toml file by path."""
+    if name_or_path.endswith(".toml") or "/" in name_or_path:
+        path = Path(name_or_path)
+        try:
+            source = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as error:
+            raise UserError(f"cannot read template {path}: {getattr(error, 'strerror', None) or error}") from None
+        name = path.stem
+    else:
+        if name_or_path not in builtin_names():
+            raise UserError(f"unknown template {name_or_path!r}; built in: {', '.join(builtin_names())}")
+        source = resources.files("gemmachat.builtin_templates").joinpath(f"{name_or_path}.toml").read_text("utf-8")
+        name = name_or_path
+    try:
+        fields = tomllib.loads(source)
+        template = Template(
+            name=name,
+            prompt=str(fields["prompt"]),
+            history=str(fields["history"]),
+            first_user=str(fields["first_user"]) if "first_user" in fields else None,
+            trim=bool(fields.get("trim", False)),
+            description=str(fields.get("description", "")),
+        )
+    except (tomllib.TOMLDecodeError, KeyError) as error:
+        raise UserError(f"template {name_or_path} is malformed: {error}") from None
+    if "{{history}}" not in template.prompt:
+        raise UserError(f"template {name_or_path}: `prompt` must contain {{{{history}}}}")
+    return template
+
+
+def render(template: Template, system: str | None, messages: Sequence[Message],
+           add_generation_prompt: bool = True) -> list[Segment]:
+    """The prompt as segments; their texts joined are the exact prompt text (without <bos>)."""
+    history: list[Segment] = []
+    pending_system = system if template.first_user is not None else None
+    for message in messages:
+        content = message.content.strip() if template.trim else message.content
+        name = ROLE_NAMES.get(message.role)
+        if name is None:
+            raise UserError(f"unknown role {message.role!r} (use user, assistant or system)")
+        if pending_system and message.role == "user":
+            assert template.first_user is not None
+            content_segments = _fill(template.first_user, {"prompt": pending_system, "message": content})
+            pending_system = None
+        else:
+            content_segments = [Segment(content, False)]
+        history += _fill(template.history, {"name": name, "message": content_segments})
+    if not add_generation_prompt:
+        return _merge(history)
+    values: dict[str, str | list[Segment]] = {"history": history, "char": "model"}
+    values["prompt"] = (system or "") if template.first_user is None else ""
+    return _merge(_fill(template.prompt, values))
+
+
+def _fill(text: str, values: dict[str, str | list[Segment]]) -> list[Segment]:
+    # Template text is trusted; what fills a placeholder keeps its own trust (a role name we
+    # chose is trusted, people's text is not).
+    trusted_values = {"name", "char"}
+    segments: list[Segment] = []
+    position = 0
+    for match in _PLACEHOLDER.finditer(text):
+        segments.append(Segment(text[position:match.start()], True))
+        value = values.get(match.group(1), "")
+        if isinstance(value, list):
+            segments += value
+        else:
+            segments.append(Segment(value, match.group(1) in trusted_values))
+        position = match.end()
+    segments.append(Segment(text[position:], True))
+    return [segment for segment in segments if segment.text]
+
+
+def _merge(segments: list[Segment]) -> list[Segment]:
+    merged: list[Segment] = []
+    for segment in segments:
+        if merged and merged[-1].trusted == segment.trusted:
+            merged[-1] = Segment(merged[-1].text + segment.text, segment.trusted)
+        else:
+            merged.append(segment)
+    return merged
+
+
+def prompt_text(segments: Sequence[Segment]) -> str:
+    return "".join(segment.text for segment in segments)
+
+
+def to_tokens(tokenizer: Tokenizer, segments: Sequence[Segment], special: bool = False,
+              add_bos: bool = True) -> list[int]:
+    """Tokens for rendered segments: exactly one <bos>, special tokens only where trusted.
+
+    Text between special tokens is tokenized as one piece whatever its trust, as llama.cpp does
+    for a whole prompt, so that our tokens equal llama.cpp's for the same text.
+    """
+    tokens = [tokenizer.bos] if add_bos and tokenizer.add_bos else []
+    raw = ""
+    for segment in segments:
+        if not (segment.trusted or special):
+            raw += segment.text
+            continue
+        position = 0
+        for match in _SPECIAL_CANDIDATE.finditer(segment.text):
+            token = tokenizer.special_token(match.group(0))
+            if token is None:
+                continue
+            raw += segment.text[position:match.start()]
+            if raw:
+                tokens += tokenizer.tokenize(raw)
+                raw = ""
+            tokens.append(token)
+            position = match.end()
+        raw += segment.text[position:]
+    if raw:
+        tokens += tokenizer.tokenize(raw)
+    return tokens

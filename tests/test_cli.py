@@ -1,0 +1,204 @@
+"""The `--cli` mode as a user runs it: a real subprocess on the real model."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from gemmachat.engine import Engine
+from gemmachat.settings import Sampling
+from gemmachat.templates import Segment, to_tokens
+
+GREEDY = ("--temp", "0")
+
+
+def test_cli_prints_only_the_completion_and_nothing_on_stderr(run_cli, engine: Engine) -> None:
+    result = run_cli("--cli", "-p", "The capital of France is", "-n", "24", *GREEDY)
+    assert result.returncode == 0, result.stderr
+    # No llama.cpp log line, no banner: stderr is empty without --verbose.
+    assert result.stderr == ""
+    tokens = to_tokens(engine, [Segment("The capital of France is", False)])
+    expected = engine.generate(engine.new_sequence(), tokens, Sampling(temperature=0), max_tokens=24).text()
+    assert result.stdout == expected
+    assert "France" not in result.stdout[:5] and len(result.stdout) > 20
+
+
+def test_cli_is_deterministic_at_temp_0_and_honours_n(run_cli, engine: Engine) -> None:
+    first = run_cli("--cli", "-p", "def fibonacci(n):", "-n", "16", *GREEDY)
+    second = run_cli("--cli", "-p", "def fibonacci(n):", "-n", "16", *GREEDY)
+    assert first.returncode == 0 and first.stdout == second.stdout
+    assert len(engine.tokenize(first.stdout)) in range(14, 19)  # 16 tokens, re-tokenized
+
+
+def test_verbose_shows_llama_cpp_log(run_cli) -> None:
+    result = run_cli("--cli", "-p", "Hello", "-n", "2", "--verbose")
+    assert result.returncode == 0
+    assert "llama_model_load" in result.stderr or "llama_context" in result.stderr
+    assert "tokens/s" in result.stderr
+
+
+def test_prompt_from_stdin_and_from_a_file(run_cli, tmp_path: Path) -> None:
+    by_flag = run_cli("--cli", "-p", "Once upon a time", "-n", "12", *GREEDY).stdout
+    assert run_cli("--cli", "-n", "12", *GREEDY, input="Once upon a time").stdout == by_flag
+    prompt = tmp_path / "prompt.txt"
+    prompt.write_text("Once upon a time")
+    assert run_cli("--cli", "-f", str(prompt), "-n", "12", *GREEDY).stdout == by_flag
+
+
+def test_invalid_utf8_on_stdin_is_not_an_error(run_cli) -> None:
+    result = run_cli("--cli", "-n", "4", *GREEDY, input=b"caf\xe9 \xff\xfe is")
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == b""
+
+
+def test_stop_string_ends_the_completion_before_it(run_cli) -> None:
+    full = run_cli("--cli", "-p", "1, 2, 3, 4,", "-n", "24", *GREEDY).stdout
+    assert " 7," in full, full
+    stopped = run_cli("--cli", "-p", "1, 2, 3, 4,", "-n", "24", *GREEDY, "--stop", " 7,")
+    assert stopped.returncode == 0
+    assert stopped.stdout == full[:full.index(" 7,")]
+
+
+def test_chat_turn_wraps_the_prompt_as_a_user_turn(run_cli, engine: Engine) -> None:
+    result = run_cli("--cli", "--chat-turn", "--system", "Be brief.", "-p", "Name a colour.",
+                     "-n", "8", *GREEDY)
+    assert result.returncode == 0, result.stderr
+    from gemmachat.templates import Message, load_template, render
+
+    tokens = to_tokens(engine, render(load_template("gemma"), "Be brief.", [Message("user", "Name a colour.")]))
+    expected = engine.generate(engine.new_sequence(), tokens, Sampling(temperature=0), max_tokens=8).text()
+    assert result.stdout == expected
+
+
+def test_special_flag_changes_how_markers_in_the_prompt_are_read(run_cli) -> None:
+    prompt = "<start_of_turn>user\nSay hi<end_of_turn>\n<start_of_turn>model\n"
+    plain = run_cli("--cli", "-p", prompt, "-n", "8", *GREEDY)
+    special = run_cli("--cli", "-p", prompt, "-n", "8", *GREEDY, "--special")
+    assert plain.returncode == special.returncode == 0
+    assert plain.stdout != special.stdout
+
+
+def test_emoji_and_cjk_are_never_split(run_cli) -> None:
+    result = run_cli("--cli", "-p", "日本語の文章: 東京は", "-n", "32", *GREEDY)
+    assert result.returncode == 0
+    assert "\ufffd" not in result.stdout
+    emoji = run_cli("--cli", "-p", "Emoji list: 😀 😃 😄 😁", "-n", "24", *GREEDY)
+    assert "\ufffd" not in emoji.stdout
+
+
+def test_broken_pipe_exits_quietly(cli_env: dict[str, str]) -> None:
+    command = (f"{sys.executable} -m gemmachat --cli -p 'Count: 1, 2, 3,' -n 200 --temp 0 "
+               "| head -c 10")
+    result = subprocess.run(["bash", "-o", "pipefail", "-c", command], capture_output=True, text=True,
+                            env=cli_env, timeout=120)
+    assert len(result.stdout) == 10
+    assert "Traceback" not in result.stderr and "Error" not in result.stderr
+
+
+# -- bad input: one line on stderr, exit status 2, never a traceback ------------------------------
+
+def assert_one_line_error(result: subprocess.CompletedProcess, *needles: str) -> None:
+    assert result.returncode == 2, (result.returncode, result.stderr)
+    assert result.stdout == ""
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("gemma-chat: ")
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+def test_missing_model_file(run_cli, tmp_path: Path) -> None:
+    assert_one_line_error(run_cli("--cli", "-p", "x", "-m", str(tmp_path / "nope.gguf")), "no such file")
+
+
+def test_model_is_a_directory(run_cli, tmp_path: Path) -> None:
+    assert_one_line_error(run_cli("--cli", "-p", "x", "-m", str(tmp_path)), "directory")
+
+
+def test_model_is_not_a_gguf(run_cli, tmp_path: Path) -> None:
+    fake = tmp_path / "model.gguf"
+    fake.write_bytes(b"PK\x03\x04 this is a zip, not a model" * 10)
+    assert_one_line_error(run_cli("--cli", "-p", "x", "-m", str(fake)), "not a GGUF")
+
+
+def test_empty_model_file(run_cli, tmp_path: Path) -> None:
+    empty = tmp_path / "empty.gguf"
+    empty.touch()
+    assert_one_line_error(run_cli("--cli", "-p", "x", "-m", str(empty)), "empty")
+
+
+@pytest.mark.parametrize("fraction", [0.0001, 0.02, 0.5, 0.999])
+def test_truncated_model(run_cli, model_path: Path, tmp_path: Path, fraction: float) -> None:
+    data = model_path.read_bytes()
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(data[: int(len(data) * fraction)])
+    assert_one_line_error(run_cli("--cli", "-p", "x", "-m", str(cut)), "truncated")
+
+
+def test_architecture_llama_cpp_cannot_load(run_cli, model_path: Path, tmp_path: Path) -> None:
+    data = bytearray(model_path.read_bytes())
+    key = b"general.architecture"
+    # The value follows the key: uint32 type, uint64 length, then "gemma3"; same length keeps
+    # every offset valid, so only llama.cpp can object.
+    value_at = data.index(key) + len(key) + 4 + 8
+    assert data[value_at:value_at + 6] == b"gemma3"
+    data[value_at:value_at + 6] = b"zebra9"
+    alien = tmp_path / "alien.gguf"
+    alien.write_bytes(bytes(data))
+    assert_one_line_error(run_cli("--cli", "-p", "x", "-m", str(alien)), "zebra9")
+
+
+def test_model_from_environment_variable(run_cli, tmp_path: Path) -> None:
+    result = run_cli("--cli", "-p", "x", env={"GEMMA_CHAT_MODEL": str(tmp_path / "env.gguf")})
+    assert_one_line_error(result, "env.gguf")
+
+
+def test_bad_flags_and_prompts(run_cli, tmp_path: Path) -> None:
+    assert_one_line_error(run_cli("--cli", "--bogus"), "--bogus")
+    assert_one_line_error(run_cli("--cli", "-c", "-5"), "-c")
+    assert_one_line_error(run_cli("--cli", "-p", ""), "empty")
+    assert_one_line_error(run_cli("--cli", "-f", str(tmp_path / "none.txt")), "none.txt")
+    assert_one_line_error(run_cli("--cli", "-p", "a", "-f", str(tmp_path)), "-p or -f")
+    assert_one_line_error(run_cli("--cli", "-p", "x", "--template", "nope"), "unknown template")
+
+
+def test_prompt_longer_than_the_context(run_cli) -> None:
+    result = run_cli("--cli", "-c", "64", "-p", "word " * 1000)
+    assert_one_line_error(result, "context")
+
+
+def test_flags_of_other_modes_are_accepted_in_cli_mode(run_cli) -> None:
+    result = run_cli("--cli", "-p", "Hi", "-n", "2", "--port", "9999", "--host", "0.0.0.0",
+                     "--nologo", "--plain", "--nobrowser", "--log-disable", "-np", "2")
+    assert result.returncode == 0, result.stderr
+
+
+def test_gpu_layers_without_gpu_support_is_one_notice(run_cli) -> None:
+    # This machine has no GPU and the CI build has no CUDA: the CPU path is the real one here.
+    result = run_cli("--cli", "-p", "Hi", "-n", "2", "-ngl", "999")
+    assert result.returncode == 0
+    assert result.stderr.strip().splitlines() == [
+        "gemma-chat: this llama.cpp build has no GPU support; running on the CPU"
+    ]
+
+
+def test_help_documents_every_option(run_cli) -> None:
+    result = run_cli("--help")
+    assert result.returncode == 0
+    for flag in ("--cli", "--chat", "--server", "-m", "-p", "-f", "-c", "-ngl", "-t", "-b", "--seed",
+                 "--mlock", "--no-mmap", "--temp", "--top-k", "--top-p", "--min-p",
+                 "--repeat-penalty", "-n", "--ignore-eos", "--stop", "--verbose", "--special",
+                 "--template", "--jinja", "--chat-turn", "--system"):
+        assert f" {flag}" in result.stdout, flag
+
+
+def test_console_script_is_installed() -> None:
+    script = shutil.which("gemma-chat", path=os.path.dirname(sys.executable))
+    assert script, "pip install should put gemma-chat beside the interpreter"
+    result = subprocess.run([script, "--version"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and result.stdout.startswith("gemma-chat ")
