@@ -1,0 +1,290 @@
+"""Build native llama.cpp tools from the exact source llama-cpp-python vendors.
+
+The benchmarks and the fidelity check compare gemma-chat with llama.cpp's own
+programs. That comparison is only fair when both sides run the same llama.cpp
+commit compiled the same way, so instead of any system or prebuilt llama.cpp
+we build `vendor/llama.cpp` from the llama-cpp-python sdist that gemma-chat
+pins, keeping every GGML option at the default that pip's build also uses
+(GGML_NATIVE=ON, OpenMP, llamafile sgemm, shared libs).
+
+Usage:
+    python bench/native.py            # build if needed, print the binary paths
+    from bench.native import native_bin; native_bin("llama-completion")
+
+Environment:
+    GEMMA_CHAT_BENCH_CACHE  cache root (default ~/.cache/gemma-chat-bench)
+    GEMMA_CHAT_BENCH_JOBS   parallel compile jobs (default: usable CPUs)
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import pathlib
+import re
+import shutil
+import subprocess
+import sys
+import tarfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+DEFAULT_VERSION = "0.3.36"
+TOOLS = ("llama-completion", "llama-bench", "llama-server")
+REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+# Only options that differ from llama.cpp's standalone defaults or that keep
+# the build offline. GGML_* are deliberately absent: pip builds
+# llama-cpp-python with GGML defaults, and matching them keeps the arithmetic
+# (SIMD paths, sgemm, repack) identical to what the Python side runs.
+CMAKE_OPTIONS = (
+    "-DCMAKE_BUILD_TYPE=Release",
+    # LLAMA_CURL is deprecated and ignored in this llama.cpp; kept so an
+    # older vendored tree does not try to find libcurl.
+    "-DLLAMA_CURL=OFF",
+    "-DLLAMA_BUILD_TESTS=OFF",
+    "-DLLAMA_BUILD_EXAMPLES=OFF",
+    # Tools and server default ON only for a standalone build; be explicit.
+    "-DLLAMA_BUILD_TOOLS=ON",
+    "-DLLAMA_BUILD_SERVER=ON",
+    # llama-server's web UI would otherwise be downloaded from Hugging Face at
+    # build time; there is no network here and the benches need no UI.
+    "-DLLAMA_USE_PREBUILT_UI=OFF",
+    "-DLLAMA_BUILD_UI=OFF",
+)
+
+
+class NativeBuildError(RuntimeError):
+    """Raised when the native tools cannot be obtained; the message says why."""
+
+
+def log(msg: str) -> None:
+    print(f"[native] {msg}", file=sys.stderr, flush=True)
+
+
+def pinned_version() -> str:
+    """llama-cpp-python version pinned in the project, else DEFAULT_VERSION.
+
+    Read from pyproject.toml so the native tools follow the pin automatically
+    when the project upgrades llama-cpp-python.
+    """
+    pyproject = REPO_ROOT / "pyproject.toml"
+    if not pyproject.is_file():
+        return DEFAULT_VERSION
+    try:
+        import tomllib
+
+        data = tomllib.loads(pyproject.read_text(encoding="utf-8"))
+        deps: list[str] = list(data.get("project", {}).get("dependencies", []))
+    except Exception as exc:  # a broken pyproject should not block benches
+        log(f"could not parse {pyproject} ({exc}); using {DEFAULT_VERSION}")
+        return DEFAULT_VERSION
+    for dep in deps:
+        m = re.match(r"\s*llama[-_.]cpp[-_.]python\s*==\s*([0-9][^;,\s]*)", dep, re.I)
+        if m:
+            return m.group(1)
+    return DEFAULT_VERSION
+
+
+def cache_dir(version: str | None = None) -> pathlib.Path:
+    root = os.environ.get("GEMMA_CHAT_BENCH_CACHE")
+    base = pathlib.Path(root).expanduser() if root else pathlib.Path.home() / ".cache" / "gemma-chat-bench"
+    return base / f"llama.cpp-{version or pinned_version()}"
+
+
+def _bin_dir(version: str) -> pathlib.Path:
+    # llama.cpp sets CMAKE_RUNTIME_OUTPUT_DIRECTORY to <build>/bin.
+    return cache_dir(version) / "build" / "bin"
+
+
+def _jobs() -> int:
+    env = os.environ.get("GEMMA_CHAT_BENCH_JOBS")
+    if env:
+        return max(1, int(env))
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+@contextmanager
+def _locked(path: pathlib.Path) -> Iterator[None]:
+    # Several benches may call native_bin() at once; only one may build.
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _run(cmd: list[str], logfile: pathlib.Path, what: str, cwd: pathlib.Path | None = None) -> None:
+    """Run cmd with output to logfile; on failure show its tail and raise.
+
+    Compiler output is thousands of lines, so only cmake's "Built target"
+    milestones are echoed as progress.
+    """
+    log(f"{what}: {' '.join(cmd)}")
+    with open(logfile, "a", encoding="utf-8", errors="replace") as out:
+        out.write(f"\n$ {' '.join(cmd)}\n")
+        out.flush()
+        try:
+            proc = subprocess.Popen(
+                cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                text=True, errors="replace",
+            )
+        except OSError as exc:
+            raise NativeBuildError(f"{what} failed to start: {exc}") from exc
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            out.write(line)
+            if "Built target" in line:
+                log(line.strip())
+        rc = proc.wait()
+    if rc != 0:
+        tail = logfile.read_text(encoding="utf-8", errors="replace").splitlines()[-40:]
+        raise NativeBuildError(
+            f"{what} failed with exit code {rc}. Last lines of {logfile}:\n" + "\n".join(tail)
+        )
+
+
+def _download_sdist(version: str, dl: pathlib.Path, logfile: pathlib.Path) -> pathlib.Path:
+    sdist = dl / f"llama_cpp_python-{version}.tar.gz"
+    if sdist.is_file():
+        return sdist
+    dl.mkdir(parents=True, exist_ok=True)
+    # --no-binary forces the sdist (the wheel has no sources); pip still builds
+    # metadata in an isolated env, which costs about a minute.
+    _run(
+        [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
+         f"llama-cpp-python=={version}", "-d", str(dl)],
+        logfile, "pip download",
+    )
+    if not sdist.is_file():
+        found = sorted(p.name for p in dl.iterdir())
+        raise NativeBuildError(f"pip download did not produce {sdist.name} (found: {found})")
+    return sdist
+
+
+def _extract_vendor(sdist: pathlib.Path, dest: pathlib.Path) -> pathlib.Path:
+    """Extract only vendor/llama.cpp (plus its git metadata) from the sdist.
+
+    The sdist carries `.git/modules/vendor/llama.cpp`; keeping it lets
+    llama.cpp's build-info.cmake find the commit, so `--version` names it.
+    """
+    top = sdist.name.removesuffix(".tar.gz")
+    keep = (f"{top}/vendor/llama.cpp/", f"{top}/.git/modules/vendor/llama.cpp/")
+    src = dest / top / "vendor" / "llama.cpp"
+    if (src / "CMakeLists.txt").is_file():
+        return src
+    tmp = dest.with_name(dest.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    log(f"extracting vendor/llama.cpp from {sdist.name}")
+    with tarfile.open(sdist, "r:gz") as tar:
+        members = [m for m in tar.getmembers() if m.name.startswith(keep) or m.name == keep[0].rstrip("/")]
+        if not any(m.name.endswith("vendor/llama.cpp/CMakeLists.txt") for m in members):
+            raise NativeBuildError(f"{sdist} has no vendor/llama.cpp/CMakeLists.txt")
+        try:
+            # "data" refuses absolute paths and links leaving the tree.
+            tar.extractall(tmp, members=members, filter="data")
+        except TypeError:  # Python < 3.11.4 has no extraction filters
+            tar.extractall(tmp, members=members)
+    # Rename last so an interrupted extraction is never mistaken for a good one.
+    shutil.rmtree(dest, ignore_errors=True)
+    tmp.rename(dest)
+    return src
+
+
+def llama_cpp_commit(version: str | None = None) -> str | None:
+    """Full commit hash of the vendored llama.cpp, from the sdist's git metadata."""
+    version = version or pinned_version()
+    head = cache_dir(version) / "src" / f"llama_cpp_python-{version}" / ".git" / "modules" / "vendor" / "llama.cpp" / "HEAD"
+    try:
+        text = head.read_text().strip()
+    except OSError:
+        return None
+    return text if re.fullmatch(r"[0-9a-f]{40}", text) else None
+
+
+def build_info(version: str | None = None) -> dict:
+    """What was built and how (written after a successful build)."""
+    path = cache_dir(version) / "build-info.json"
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _built(version: str) -> bool:
+    return all(os.access(_bin_dir(version) / t, os.X_OK) for t in TOOLS) and (
+        cache_dir(version) / "build-info.json"
+    ).is_file()
+
+
+def ensure_built(version: str | None = None) -> pathlib.Path:
+    """Build the tools if needed; return the bin directory."""
+    version = version or pinned_version()
+    root = cache_dir(version)
+    if _built(version):  # fast path without the lock: the common case
+        return _bin_dir(version)
+    for tool in ("cmake", "c++"):
+        if shutil.which(tool) is None:
+            raise NativeBuildError(f"'{tool}' not found on PATH; it is needed to build llama.cpp")
+    with _locked(root.parent / f".llama.cpp-{version}.lock"):
+        if _built(version):  # someone else finished while we waited
+            return _bin_dir(version)
+        root.mkdir(parents=True, exist_ok=True)
+        logfile = root / "build.log"
+        log(f"building llama.cpp tools for llama-cpp-python {version} in {root} (log: {logfile})")
+        t0 = time.monotonic()
+        sdist = _download_sdist(version, root / "dl", logfile)
+        src = _extract_vendor(sdist, root / "src")
+        build = root / "build"
+        _run(["cmake", "-S", str(src), "-B", str(build), *CMAKE_OPTIONS], logfile, "cmake configure")
+        t1 = time.monotonic()
+        _run(
+            ["cmake", "--build", str(build), "--config", "Release", "--target", *TOOLS, "-j", str(_jobs())],
+            logfile, "cmake build",
+        )
+        t2 = time.monotonic()
+        missing = [t for t in TOOLS if not os.access(_bin_dir(version) / t, os.X_OK)]
+        if missing:
+            raise NativeBuildError(f"build finished but {missing} are missing from {_bin_dir(version)}")
+        info = {
+            "llama_cpp_python_version": version,
+            "llama_cpp_commit": llama_cpp_commit(version),
+            "cmake_options": list(CMAKE_OPTIONS),
+            "jobs": _jobs(),
+            "compile_seconds": round(t2 - t1, 1),
+            "total_seconds": round(t2 - t0, 1),
+            "bin_dir": str(_bin_dir(version)),
+        }
+        (root / "build-info.json").write_text(json.dumps(info, indent=2) + "\n")
+        log(f"built in {t2 - t0:.0f} s (compile {t2 - t1:.0f} s)")
+    return _bin_dir(version)
+
+
+def native_bin(name: str) -> pathlib.Path:
+    """Path to a native llama.cpp tool (building all of them on first use)."""
+    if name not in TOOLS:
+        raise ValueError(f"unknown native tool {name!r}; expected one of {TOOLS}")
+    return ensure_built() / name
+
+
+def main() -> int:
+    try:
+        bin_dir = ensure_built()
+    except NativeBuildError as exc:
+        print(f"error: could not build native llama.cpp tools: {exc}", file=sys.stderr)
+        return 1
+    for tool in TOOLS:
+        print(bin_dir / tool)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
