@@ -23,6 +23,7 @@ from gemmachat import llama_log
 from gemmachat.errors import UserError
 from gemmachat.gguf import GGUFInfo
 from gemmachat.settings import DEFAULT_CTX_CAP, Sampling, Settings
+from gemmachat.templates import Renderer, Template, make_renderer
 
 ALL_LAYERS = 999
 
@@ -138,6 +139,7 @@ class Engine:
         self._batch = llama.llama_batch_init(self.n_batch, 0, 1)
         self.bos = int(llama.llama_vocab_bos(self._vocab))
         self.add_bos = bool(llama.llama_vocab_get_add_bos(self._vocab))
+        self.eos = int(llama.llama_vocab_eos(self._vocab))
         self._pieces: dict[int, bytes] = {}
         self._eog_tokens: list[int] | None = None
         self._sequences: dict[int, Sequence] = {}
@@ -170,6 +172,10 @@ class Engine:
         params.n_threads_batch = options.threads
         params.flash_attn_type = _FLASH_ATTN[options.flash_attn]
         params.no_perf = True
+        # llama.cpp's own defaults, which llama-cpp-python's differ from: a sliding-window cache
+        # of window size (we check before rewinding into it) and one KV buffer per sequence.
+        params.swa_full = False
+        params.kv_unified = options.sequences > 1
         llama_log.clear_errors()
         ctx = llama.llama_init_from_model(self._model, params)
         if not ctx:
@@ -478,6 +484,17 @@ class StopGuard:
         return 0
 
 
+def warn(message: str) -> None:
+    print(f"gemma-chat: {message}", file=sys.stderr)
+
+
+def renderer_for(engine: Engine, settings: Settings, template: Template) -> Renderer:
+    """The prompt renderer the settings ask for, bound to this model's tokens and template."""
+    return make_renderer(template, settings.jinja, engine.info.chat_template,
+                         bos_token=engine.token_text(engine.bos), eos_token=engine.token_text(engine.eos),
+                         warn=warn)
+
+
 def load_engine(settings: Settings, sequences: int = 1,
                 progress: Callable[[str], None] | None = None) -> Engine:
     """Resolve, validate and load the model the settings name, quietly unless --verbose."""
@@ -486,6 +503,5 @@ def load_engine(settings: Settings, sequences: int = 1,
     llama_log.install(settings.verbose)
     path, info = resolve_model(settings.model, settings.environ, progress)
     if settings.n_gpu_layers > 0 and not gpu_offload_supported():
-        print("gemma-chat: this llama.cpp build has no GPU support; running on the CPU",
-              file=sys.stderr)
+        warn("this llama.cpp build has no GPU support; running on the CPU")
     return Engine(path, info, EngineOptions.from_settings(settings, sequences))

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import sys
 
-from gemmachat.engine import load_engine
+from gemmachat.engine import load_engine, renderer_for
 from gemmachat.errors import UserError
 from gemmachat.settings import Settings
-from gemmachat.templates import Message, Segment, load_template, render, to_tokens
+from gemmachat.templates import Message, Segment, load_template, to_tokens
 
 
 def read_prompt(settings: Settings) -> str:
@@ -31,11 +31,11 @@ def run(settings: Settings) -> int:
     prompt = read_prompt(settings)
     if not prompt:
         raise UserError("the prompt is empty: give one with -p, -f or on stdin")
-    if settings.chat_turn:
-        segments = render(template, settings.system, [Message("user", prompt)])
-    else:
-        segments = [Segment(prompt, trusted=False)]
     with load_engine(settings) as engine:
+        if settings.chat_turn:
+            segments = renderer_for(engine, settings, template)(settings.system, [Message("user", prompt)], True)
+        else:
+            segments = [Segment(prompt, trusted=False)]
         tokens = to_tokens(engine, segments, special=settings.special)
         generation = engine.generate(
             engine.new_sequence(), tokens, settings.sampling, max_tokens=settings.n_predict,

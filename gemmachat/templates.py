@@ -13,7 +13,7 @@ import tomllib
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Protocol, Sequence
+from typing import Callable, Protocol, Sequence
 
 from gemmachat.errors import UserError
 
@@ -27,12 +27,17 @@ _SPECIAL_CANDIDATE = re.compile(r"<[^<>\s]{1,64}>")
 class Message:
     role: str  # "user", "assistant" or "system"
     content: str
+    # The tokens the model generated for this message, when it wrote it: replaying them keeps
+    # the prompt identical to what the KV cache holds, where re-tokenizing the text may not.
+    tokens: tuple[int, ...] | None = None
+    interrupted: bool = False  # a reply cut short by the user
 
 
 @dataclass(frozen=True)
 class Segment:
     text: str
     trusted: bool  # written by the template, so its special-token strings are tokens
+    tokens: tuple[int, ...] | None = None  # known tokens for this text (a generated reply)
 
 
 @dataclass(frozen=True)
@@ -43,6 +48,10 @@ class Template:
     first_user: str | None = None  # how the system prompt joins the first user message
     trim: bool = False
     description: str = ""
+
+
+# (system prompt, messages, add_generation_prompt) -> segments
+Renderer = Callable[[str | None, Sequence[Message], bool], list[Segment]]
 
 
 class Tokenizer(Protocol):
@@ -105,14 +114,16 @@ def render(template: Template, system: str | None, messages: Sequence[Message],
             assert template.first_user is not None
             content_segments = _fill(template.first_user, {"prompt": pending_system, "message": content})
             pending_system = None
+        elif message.tokens is not None:
+            content_segments = [Segment(message.content, False, message.tokens)]
         else:
             content_segments = [Segment(content, False)]
         history += _fill(template.history, {"name": name, "message": content_segments})
-    if not add_generation_prompt:
-        return _merge(history)
+    # Without the generation prompt, the conversation stops where the history does.
+    layout = template.prompt if add_generation_prompt else template.prompt.partition("{{history}}")[0] + "{{history}}"
     values: dict[str, str | list[Segment]] = {"history": history, "char": "model"}
     values["prompt"] = (system or "") if template.first_user is None else ""
-    return _merge(_fill(template.prompt, values))
+    return _merge(_fill(layout, values))
 
 
 def _fill(text: str, values: dict[str, str | list[Segment]]) -> list[Segment]:
@@ -136,7 +147,8 @@ def _fill(text: str, values: dict[str, str | list[Segment]]) -> list[Segment]:
 def _merge(segments: list[Segment]) -> list[Segment]:
     merged: list[Segment] = []
     for segment in segments:
-        if merged and merged[-1].trusted == segment.trusted:
+        mergeable = merged and merged[-1].tokens is None and segment.tokens is None
+        if mergeable and merged[-1].trusted == segment.trusted:
             merged[-1] = Segment(merged[-1].text + segment.text, segment.trusted)
         else:
             merged.append(segment)
@@ -157,6 +169,12 @@ def to_tokens(tokenizer: Tokenizer, segments: Sequence[Segment], special: bool =
     tokens = [tokenizer.bos] if add_bos and tokenizer.add_bos else []
     raw = ""
     for segment in segments:
+        if segment.tokens is not None:
+            if raw:
+                tokens += tokenizer.tokenize(raw)
+                raw = ""
+            tokens += segment.tokens
+            continue
         if not (segment.trusted or special):
             raw += segment.text
             continue
@@ -175,3 +193,33 @@ def to_tokens(tokenizer: Tokenizer, segments: Sequence[Segment], special: bool =
     if raw:
         tokens += tokenizer.tokenize(raw)
     return tokens
+
+
+def make_renderer(template: Template, jinja: bool, model_template: str | None, *, bos_token: str,
+                  eos_token: str, warn: Callable[[str], None]) -> Renderer:
+    """The renderer the settings ask for: ours, or with --jinja the model's own template.
+
+    A model template that is missing or refused falls back to ours, with one warning.
+    """
+    def ours(system: str | None, messages: Sequence[Message], add_generation_prompt: bool = True) -> list[Segment]:
+        return render(template, system, messages, add_generation_prompt)
+
+    if not jinja:
+        return ours
+    if not model_template:
+        warn(f"the model has no chat template of its own; using the {template.name} template")
+        return ours
+    from gemmachat.jinja_template import TemplateRefused, render_jinja
+
+    def theirs(system: str | None, messages: Sequence[Message], add_generation_prompt: bool = True) -> list[Segment]:
+        nonlocal model_template
+        if model_template is not None:
+            try:
+                return render_jinja(model_template, system, messages, bos_token=bos_token,
+                                    eos_token=eos_token, add_generation_prompt=add_generation_prompt)
+            except TemplateRefused as refusal:
+                warn(f"the model's chat template was refused ({refusal}); using the {template.name} template")
+                model_template = None
+        return ours(system, messages, add_generation_prompt)
+
+    return theirs
