@@ -15,7 +15,9 @@ def run(settings: Settings) -> int:
         from gemmachat import oneshot
 
         return oneshot.run(settings)
-    raise UserError(f"the {settings.mode} mode is not built yet; use --cli")
+    from gemmachat import repl
+
+    return repl.run_chat(settings)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,0 +1,341 @@
+"""The chat's slash commands: llamafile's set, plus what Ollama and llm users expect.
+
+Each command is a function taking the chat and the text after the command name, registered with
+its usage and help. `/help COMMAND` shows that help; an unknown command suggests the closest.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import shlex
+import subprocess
+import tempfile
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable
+
+from gemmachat.conversation import Conversation
+from gemmachat.errors import UserError
+from gemmachat.templates import Message
+
+if TYPE_CHECKING:
+    from gemmachat.repl import Chat
+
+UPLOAD_LIMIT_BYTES = 1 << 20
+
+
+class ExitChat(Exception):
+    """Raised by /exit: leave the chat with status 0."""
+
+
+@dataclass(frozen=True)
+class Command:
+    name: str
+    usage: str
+    summary: str
+    details: str
+    run: Callable[[Chat, str], None]
+    aliases: tuple[str, ...] = ()
+    takes_path: bool = False
+
+
+COMMANDS: dict[str, Command] = {}
+
+
+def command(name: str, usage: str, summary: str, details: str = "", aliases: tuple[str, ...] = (),
+            takes_path: bool = False) -> Callable[[Callable[[Chat, str], None]], Callable[[Chat, str], None]]:
+    def register(function: Callable[[Chat, str], None]) -> Callable[[Chat, str], None]:
+        entry = Command(name, usage, summary, details, function, aliases, takes_path)
+        for key in (name, *aliases):
+            COMMANDS[key] = entry
+        return function
+
+    return register
+
+
+def find(name: str) -> Command:
+    if name in COMMANDS:
+        return COMMANDS[name]
+    close = difflib.get_close_matches(name, list(COMMANDS), n=1, cutoff=0.5)
+    hint = f"; did you mean /{close[0]}?" if close else "; /help lists the commands"
+    raise UserError(f"unknown command /{name}{hint}")
+
+
+def dispatch(chat: Chat, line: str) -> None:
+    name, _, argument = line[1:].partition(" ")
+    find(name.strip()).run(chat, argument.strip())
+
+
+def unique_commands() -> list[Command]:
+    return sorted({id(c): c for c in COMMANDS.values()}.values(), key=lambda c: c.name)
+
+
+# -- help and leaving ------------------------------------------------------------------------------
+
+@command("help", "/help [COMMAND]", "list the commands, or explain one", aliases=("?",))
+def _help(chat: Chat, argument: str) -> None:
+    if argument:
+        entry = find(argument.lstrip("/"))
+        names = ", ".join(f"/{n}" for n in (entry.name, *entry.aliases))
+        chat.printer.text(f"{entry.usage}\n  {entry.summary}" + (f"\n  {entry.details}" if entry.details else "")
+                          + (f"\n  also: {names}" if entry.aliases else ""))
+        return
+    lines = [f"  {c.usage:<22} {c.summary}" for c in unique_commands()]
+    lines += [
+        "",
+        '  """                    start or end a multi-line message',
+        "  ctrl-j                 new line in a message",
+        "  ctrl-c                 stop the reply; on an empty prompt, leave",
+        "  ctrl-d                 leave",
+    ]
+    chat.printer.text("\n".join(lines))
+
+
+@command("exit", "/exit", "leave the chat", aliases=("quit", "bye"))
+def _exit(chat: Chat, argument: str) -> None:
+    raise ExitChat()
+
+
+# -- the conversation ------------------------------------------------------------------------------
+
+@command("clear", "/clear", "restart the conversation (the system prompt stays)",
+         "Checkpoints made with /push are dropped too.")
+def _clear(chat: Chat, argument: str) -> None:
+    chat.session.conversation.clear()
+    chat.printer.info("conversation cleared")
+
+
+@command("undo", "/undo", "drop the last exchange", "In manual mode, the last message.")
+def _undo(chat: Chat, argument: str) -> None:
+    dropped = chat.session.conversation.undo(one_message=chat.manual)
+    chat.printer.info(f"dropped {len(dropped)} message(s)" if dropped else "nothing to undo")
+
+
+@command("forget", "/forget", "drop the oldest message (the system prompt stays)")
+def _forget(chat: Chat, argument: str) -> None:
+    message = chat.session.conversation.forget()
+    chat.printer.info(f"forgot the oldest {message.role} message" if message else "nothing to forget")
+
+
+@command("push", "/push", "save a checkpoint of the conversation")
+def _push(chat: Chat, argument: str) -> None:
+    depth = chat.session.conversation.push()
+    chat.printer.info(f"checkpoint {depth} saved")
+
+
+@command("pop", "/pop", "go back to the last checkpoint")
+def _pop(chat: Chat, argument: str) -> None:
+    conversation = chat.session.conversation
+    if conversation.pop():
+        chat.printer.info(f"back to checkpoint {len(conversation.checkpoints) + 1} "
+                          f"({len(conversation.messages)} messages)")
+    else:
+        chat.printer.info("no checkpoint to go back to (/push makes one)")
+
+
+@command("stack", "/stack", "list the checkpoints")
+def _stack(chat: Chat, argument: str) -> None:
+    checkpoints = chat.session.conversation.checkpoints
+    if not checkpoints:
+        chat.printer.info("no checkpoints")
+    for index, (_, messages) in enumerate(checkpoints, 1):
+        last = next((m.content for m in reversed(messages) if m.role == "user"), "")
+        chat.printer.text(f"  {index}: {len(messages)} messages  {last[:50]!r}")
+
+
+@command("system", "/system [TEXT]", "show or replace the system prompt")
+def _system(chat: Chat, argument: str) -> None:
+    conversation = chat.session.conversation
+    if argument:
+        conversation.system = argument
+        chat.printer.info("system prompt replaced")
+    else:
+        chat.printer.text(conversation.system or "(no system prompt)")
+
+
+@command("retry", "/retry", "write the last reply again")
+def _retry(chat: Chat, argument: str) -> None:
+    messages = chat.session.conversation.messages
+    if not messages or messages[-1].role != "assistant":
+        raise UserError("there is no reply to retry")
+    messages.pop()
+    chat.respond()
+
+
+@command("manual", "/manual [on|off]", "type messages as user, assistant or system",
+         "In manual mode an empty line cycles the role; only user messages get a reply.")
+def _manual(chat: Chat, argument: str) -> None:
+    if argument not in ("", "on", "off"):
+        raise UserError("usage: /manual [on|off]")
+    chat.manual = (not chat.manual) if not argument else argument == "on"
+    chat.role = "user"
+    chat.printer.info(f"manual mode {'on: an empty line cycles the role' if chat.manual else 'off'}")
+
+
+@command("edit", "/edit", "write the next message in $EDITOR")
+def _edit(chat: Chat, argument: str) -> None:
+    editor = os.environ.get("VISUAL") or os.environ.get("EDITOR") or "vi"
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "message.md"
+        path.write_text(argument)
+        try:
+            status = subprocess.call([*shlex.split(editor), str(path)])
+        except OSError as error:
+            raise UserError(f"cannot run the editor {editor!r}: {error.strerror}") from None
+        text = path.read_text(errors="replace")
+    if status != 0 or not text.strip():
+        chat.printer.info("nothing sent")
+        return
+    chat.send(text.rstrip("\n"))
+
+
+# -- files -----------------------------------------------------------------------------------------
+
+@command("upload", "/upload FILE", "share a text file with the model", takes_path=True)
+def _upload(chat: Chat, argument: str) -> None:
+    path = _path_argument(argument, "/upload FILE")
+    try:
+        data = path.read_bytes()
+    except OSError as error:
+        raise UserError(f"cannot read {path}: {error.strerror}") from None
+    if len(data) > UPLOAD_LIMIT_BYTES:
+        raise UserError(f"{path} is {len(data) // 1024} KiB; /upload takes text files up to "
+                        f"{UPLOAD_LIMIT_BYTES // 1024} KiB")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        text = ""
+    if not text.strip() or "\x00" in text:
+        raise UserError(f"{path} is not a text file (or it is empty)")
+    content = f"{path.name}:\n```\n{text.rstrip()}\n```"
+    needed = len(chat.session.engine.tokenize(content))
+    if needed >= chat.session.context_size:
+        raise UserError(f"{path} is {needed} tokens; the context holds {chat.session.context_size}")
+    chat.session.say(content)
+    chat.printer.info(f"uploaded {path.name} ({needed} tokens)")
+
+
+@command("save", "/save FILE", "save the conversation as JSON", takes_path=True)
+def _save(chat: Chat, argument: str) -> None:
+    path = _path_argument(argument, "/save FILE")
+    chat.session.conversation.save(path)
+    chat.printer.info(f"saved {len(chat.session.conversation.messages)} messages to {path}")
+
+
+@command("load", "/load FILE", "load a conversation saved with /save", takes_path=True)
+def _load(chat: Chat, argument: str) -> None:
+    loaded = Conversation.load(_path_argument(argument, "/load FILE"))
+    chat.session.conversation = loaded
+    chat.printer.info(f"loaded {len(loaded.messages)} messages")
+
+
+@command("dump", "/dump [FILE]", "the raw prompt the model sees, special tokens included",
+         takes_path=True)
+def _dump(chat: Chat, argument: str) -> None:
+    text = chat.session.dump()
+    if argument:
+        from gemmachat.atomic import write_atomic
+
+        path = Path(argument).expanduser()
+        write_atomic(path, text.encode("utf-8"))
+        chat.printer.info(f"wrote {len(text)} characters to {path}")
+    else:
+        chat.printer.text(text)
+
+
+def _path_argument(argument: str, usage: str) -> Path:
+    if not argument:
+        raise UserError(f"usage: {usage}")
+    return Path(argument).expanduser()
+
+
+# -- numbers ---------------------------------------------------------------------------------------
+
+@command("context", "/context", "how much of the context window is used")
+def _context(chat: Chat, argument: str) -> None:
+    used = chat.session.context_used()
+    total = chat.session.context_size
+    width = 30
+    filled = min(width, round(width * used / total))
+    bar = "#" * filled + "." * (width - filled)
+    chat.printer.text(f"context: {used} tokens used, {total - used} free, {total} total "
+                      f"[{bar}] {100 * used / total:.0f}%")
+
+
+@command("stats", "/stats", "speed of the last reply and of the session")
+def _stats(chat: Chat, argument: str) -> None:
+    last, totals = chat.session.last_stats, chat.session.totals
+    if last is None:
+        chat.printer.info("no reply yet")
+        return
+    prefill = totals.evaluated_tokens / totals.prompt_seconds if totals.prompt_seconds else 0.0
+    generation = totals.generated_tokens / totals.generation_seconds if totals.generation_seconds else 0.0
+    chat.printer.text(
+        f"last reply: prompt {last.evaluated_tokens} tokens evaluated ({last.reused_tokens} reused "
+        f"from the cache) at {last.prompt_tokens_per_second:.1f} tokens/s; "
+        f"{last.generated_tokens} tokens generated at {last.generation_tokens_per_second:.1f} tokens/s\n"
+        f"session: {totals.replies} replies; prefill {totals.evaluated_tokens} tokens at "
+        f"{prefill:.1f} tokens/s; generation {totals.generated_tokens} tokens at {generation:.1f} tokens/s"
+    )
+
+
+SETTABLE = {"temperature": "temperature", "temp": "temperature", "top_k": "top_k", "top_p": "top_p",
+            "min_p": "min_p", "repeat_penalty": "repeat_penalty", "repeat_last_n": "repeat_last_n",
+            "presence_penalty": "presence_penalty", "frequency_penalty": "frequency_penalty",
+            "seed": "seed"}
+
+
+@command("set", "/set PARAM VALUE", "change a setting: temp, top_k, top_p, min_p, repeat_penalty, "
+         "seed, n_predict, system",
+         "Ollama's spellings work too: /set parameter temperature 0.7, /set system TEXT.")
+def _set(chat: Chat, argument: str) -> None:
+    words = argument.split(None, 1)
+    if words and words[0] == "parameter":
+        words = words[1].split(None, 1) if len(words) > 1 else []
+    if len(words) != 2:
+        raise UserError("usage: /set PARAM VALUE (/show settings lists them)")
+    name, value = words[0].replace("-", "_").lower(), words[1]
+    if name == "system":
+        _system(chat, value)
+        return
+    try:
+        if name in ("n_predict", "num_predict", "max_tokens"):
+            chat.session.n_predict = int(value)
+        elif name in SETTABLE:
+            field = SETTABLE[name]
+            kind = {f.name: f.type for f in fields(chat.session.sampling)}[field]
+            number = int(value) if kind == "int" else float(value)
+            if field == "repeat_penalty" and number <= 0:
+                raise ValueError
+            chat.session.sampling = replace(chat.session.sampling, **{field: number})
+        else:
+            raise UserError(f"unknown setting {name!r}; settable: {', '.join(sorted(SETTABLE))}, n_predict, system")
+    except ValueError:
+        raise UserError(f"{value!r} is not a valid value for {name}") from None
+    chat.printer.info(f"{name} = {value}")
+
+
+@command("show", "/show [settings|model|system|template]", "show settings, model details, "
+         "the system prompt or the template")
+def _show(chat: Chat, argument: str) -> None:
+    what = argument or "settings"
+    session = chat.session
+    if what in ("settings", "parameters"):
+        sampling = session.sampling
+        rows = [(f.name, getattr(sampling, f.name)) for f in fields(sampling) if f.name != "logit_bias"]
+        rows.append(("n_predict", session.n_predict))
+        chat.printer.text("\n".join(f"  {name:<18} {value}" for name, value in rows))
+    elif what in ("model", "info"):
+        engine = session.engine
+        info = engine.info
+        rows = [("file", engine.path), ("architecture", info.architecture), ("name", info.name),
+                ("training context", engine.n_ctx_train), ("context", session.context_size),
+                ("layers", engine.n_layer), ("chat template", "yes" if info.chat_template else "no (base model)")]
+        chat.printer.text("\n".join(f"  {name:<18} {value}" for name, value in rows))
+    elif what == "system":
+        _system(chat, "")
+    elif what == "template":
+        chat.printer.text(chat.template_description)
+    else:
+        raise UserError("usage: /show [settings|model|system|template]")

@@ -1,0 +1,87 @@
+"""What the chat prints: replies streamed as Markdown with rich, or plain text for pipes.
+
+A reply is rendered while it streams. Only the block still being written lives in rich's Live
+region; finished blocks are printed above it for good. Re-rendering the whole reply at every token
+would cost more as it grows, and a Live region taller than the terminal leaves copies behind.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from typing import Iterable, TextIO
+
+from rich.console import Console
+from rich.live import Live
+from rich.markdown import Markdown
+from rich.text import Text
+
+_FENCE = re.compile(r"^\s*(```|~~~)", re.MULTILINE)
+
+
+class Printer:
+    def __init__(self, plain: bool, stream: TextIO | None = None) -> None:
+        self.stream = stream or sys.stdout
+        self.plain = plain
+        self.console = Console(file=self.stream, no_color=plain, highlight=False,
+                               force_terminal=None if not plain else False, soft_wrap=plain)
+
+    def info(self, text: str) -> None:
+        if self.plain:
+            self._plain_line(text)
+        else:
+            self.console.print(Text(text, style="dim"))
+
+    def error(self, text: str) -> None:
+        if self.plain:
+            self._plain_line(text)
+        else:
+            self.console.print(Text(text, style="bold red"))
+
+    def text(self, text: str) -> None:
+        """Text shown as it is (a dump, a file): never interpreted as markup."""
+        if self.plain:
+            self._plain_line(text)
+        else:
+            self.console.print(Text(text))
+
+    def _plain_line(self, text: str) -> None:
+        self.stream.write(text + "\n")
+        self.stream.flush()
+
+    def reply(self, pieces: Iterable[str]) -> None:
+        """Shows a reply as it streams. A KeyboardInterrupt or error leaves what came so far."""
+        if self.plain:
+            try:
+                for piece in pieces:
+                    self.stream.write(piece)
+                    self.stream.flush()
+            finally:
+                self.stream.write("\n")
+                self.stream.flush()
+            return
+        written = ""
+        committed = 0
+        with Live(console=self.console, refresh_per_second=15, vertical_overflow="visible",
+                  transient=False) as live:
+            try:
+                for piece in pieces:
+                    written += piece
+                    cut = _settled_prefix(written, committed)
+                    if cut > committed:
+                        live.console.print(Markdown(written[committed:cut]))
+                        committed = cut
+                    live.update(Markdown(written[committed:]), refresh=True)
+            finally:
+                live.update(Markdown(written[committed:]))
+
+
+def _settled_prefix(text: str, start: int) -> int:
+    """Where the finished blocks of `text` end: the last blank line outside a code fence."""
+    end = text.rfind("\n\n", start)
+    while end > start:
+        inside_fence = len(_FENCE.findall(text, start, end)) % 2 == 1
+        if not inside_fence:
+            return end + 2
+        end = text.rfind("\n\n", start, end)
+    return start

@@ -1,0 +1,258 @@
+"""The interactive chat: the prompt_toolkit input loop, the banner, and the scripted (piped) loop."""
+
+from __future__ import annotations
+
+import signal
+import sys
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, TextIO
+
+import platformdirs
+from prompt_toolkit import PromptSession
+from prompt_toolkit.completion import CompleteEvent, Completer, Completion, PathCompleter
+from prompt_toolkit.document import Document
+from prompt_toolkit.history import FileHistory, History, InMemoryHistory
+from prompt_toolkit.key_binding import KeyBindings
+
+from gemmachat import __version__, commands
+from gemmachat.commands import ExitChat
+from gemmachat.device import cpu_name, gpu_names
+from gemmachat.engine import Engine
+from gemmachat.errors import UserError
+from gemmachat.output import Printer
+from gemmachat.session import ChatSession
+from gemmachat.settings import Settings
+from gemmachat.templates import Message
+
+DEFAULT_SYSTEM_PROMPT = (
+    "You are a helpful, concise assistant. Answer the user's questions accurately, and say so "
+    "when you do not know."
+)
+# A base model (no chat template in its GGUF) rarely ends a turn by itself: without a cap, each
+# reply would run until the context is full.
+BASE_MODEL_REPLY_CAP = 256
+ROLES = ("user", "assistant", "system")
+
+
+@dataclass
+class Chat:
+    session: ChatSession
+    printer: Printer
+    template_description: str
+    manual: bool = False
+    role: str = "user"
+
+    def handle(self, line: str) -> None:
+        """One line of input: a command or a message. User errors are shown, never fatal."""
+        try:
+            if line.startswith("/") and not line.startswith("//"):
+                commands.dispatch(self, line)
+            else:
+                self.send(line[1:] if line.startswith("//") else line)
+        except UserError as error:
+            self.printer.error(str(error))
+
+    def send(self, text: str) -> None:
+        role = self.role if self.manual else "user"
+        self.session.say(text, role)
+        if role == "user":
+            self.respond()
+
+    def respond(self) -> None:
+        cancel = threading.Event()
+        # ctrl-c during a reply stops it at the next token and keeps what was written; the
+        # handler only sets a flag, so llama.cpp is never interrupted half-way through a step.
+        previous = signal.signal(signal.SIGINT, lambda *_: cancel.set())
+        try:
+            self.printer.reply(self.session.respond(cancel.is_set, self._dropped))
+        finally:
+            signal.signal(signal.SIGINT, previous)
+        stats = self.session.last_stats
+        if stats and stats.finish_reason == "cancelled":
+            self.printer.info("(reply interrupted; it stays in the conversation, /undo drops it)")
+
+    def _dropped(self, messages: list[Message]) -> None:
+        self.printer.info(f"(context full: dropped the {len(messages)} oldest message(s); "
+                          "the system prompt stays)")
+
+    def cycle_role(self) -> None:
+        self.role = ROLES[(ROLES.index(self.role) + 1) % len(ROLES)]
+        self.printer.info(f"now typing as {self.role}")
+
+
+class ChatCompleter(Completer):
+    """Tab completes command names, and file paths for the commands that take one."""
+
+    def __init__(self) -> None:
+        self.paths = PathCompleter(expanduser=True)
+
+    def get_completions(self, document: Document, complete_event: CompleteEvent) -> Iterable[Completion]:
+        text = document.text_before_cursor
+        if not text.startswith("/"):
+            return
+        name, space, argument = text[1:].partition(" ")
+        if not space:
+            for key in sorted(commands.COMMANDS):
+                if key.startswith(name):
+                    yield Completion("/" + key, start_position=-len(text))
+            return
+        entry = commands.COMMANDS.get(name)
+        if entry and entry.takes_path:
+            yield from self.paths.get_completions(Document(argument, len(argument)), complete_event)
+
+
+def _key_bindings() -> KeyBindings:
+    bindings = KeyBindings()
+
+    @bindings.add("c-j")
+    def _(event) -> None:  # type: ignore[no-untyped-def]
+        event.current_buffer.insert_text("\n")
+
+    @bindings.add("c-c")
+    def _(event) -> None:  # type: ignore[no-untyped-def]
+        # With text typed, ctrl-c clears it; on an empty prompt it leaves, as llamafile.
+        if event.current_buffer.text:
+            event.current_buffer.reset()
+        else:
+            event.app.exit(exception=EOFError())
+
+    return bindings
+
+
+def input_history(environ: dict[str, str] | None = None) -> tuple[History, str | None]:
+    """The persistent input history, or an in-memory one and a warning if it cannot be kept."""
+    folder = Path(platformdirs.user_data_dir("gemma-chat"))
+    path = folder / "history"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        path.touch()
+        path.read_bytes().decode("utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        if isinstance(error, UnicodeDecodeError):
+            # A damaged history is set aside, not deleted and not fatal.
+            aside = path.with_name("history.corrupt")
+            path.replace(aside)
+            return FileHistory(str(path)), f"the input history was damaged; moved it to {aside}"
+        return InMemoryHistory(), f"input history not kept: {getattr(error, 'strerror', error)}"
+    return FileHistory(str(path)), None
+
+
+def read_message(prompt: Callable[[str], str], first: str) -> str | None:
+    """Completes a `\"\"\"` block: lines up to the one that ends with `\"\"\"`. None if cancelled."""
+    if not first.startswith('"""'):
+        return first
+    body = first[3:]
+    if body.endswith('"""') and body:
+        return body[:-3]
+    lines = [body] if body else []
+    while True:
+        try:
+            line = prompt("... ")
+        except (EOFError, KeyboardInterrupt):
+            return None
+        if line.endswith('"""'):
+            lines.append(line[:-3])
+            return "\n".join(lines).strip("\n")
+        lines.append(line)
+
+
+def banner(engine: Engine, settings: Settings, server_line: str | None, session: ChatSession) -> str:
+    gpus = gpu_names() if settings.n_gpu_layers > 0 else []
+    if gpus:
+        offloaded = min(settings.n_gpu_layers, engine.n_layer)
+        device = f"{', '.join(gpus)} ({offloaded}/{engine.n_layer} layers offloaded)"
+    else:
+        device = f"{cpu_name()} (CPU, {settings.threads} threads)"
+    kind = "" if engine.info.chat_template else (
+        f" · base model (no chat template): replies capped at {session.n_predict} tokens")
+    lines = [
+        f"gemma-chat {__version__} · {engine.path.name}{kind}",
+        f"device: {device} · context: {engine.n_ctx_seq} tokens",
+    ]
+    if server_line:
+        lines.append(server_line)
+    lines.append("type /help for commands, ctrl-d or /exit to leave")
+    return "\n".join(lines)
+
+
+def interactive(chat: Chat, printer: Printer) -> int:
+    history, warning = input_history()
+    if warning:
+        printer.info(warning)
+    prompt_session: PromptSession[str] = PromptSession(
+        history=history, completer=ChatCompleter(), key_bindings=_key_bindings(),
+        complete_while_typing=False, enable_history_search=False,
+    )
+    while True:
+        label = f"{chat.role} >>> " if chat.manual else ">>> "
+        try:
+            first = prompt_session.prompt(label)
+        except EOFError:
+            return 0
+        text = read_message(prompt_session.prompt, first)
+        if text is None:
+            continue
+        if not text.strip():
+            if chat.manual:
+                chat.cycle_role()
+            continue
+        try:
+            chat.handle(text)
+        except ExitChat:
+            return 0
+
+
+def scripted(chat: Chat, lines: Iterable[str]) -> int:
+    """Input that is not a terminal: each line is a message (or a command); exit 0 at the end."""
+    for raw in lines:
+        line = raw.rstrip("\r\n")
+        if not line.strip():
+            continue
+        try:
+            chat.handle(line)
+        except ExitChat:
+            break
+    return 0
+
+
+def system_prompt(settings: Settings) -> str:
+    if settings.prompt is not None:
+        return settings.prompt
+    if settings.prompt_file is not None:
+        from gemmachat.oneshot import read_prompt
+
+        return read_prompt(settings)
+    return DEFAULT_SYSTEM_PROMPT
+
+
+def run_chat(settings: Settings, stdin: TextIO | None = None, stdout: TextIO | None = None) -> int:
+    from gemmachat.engine import load_engine, renderer_for
+    from gemmachat.templates import load_template
+
+    stdin = stdin or sys.stdin
+    stdout = stdout or sys.stdout
+    is_terminal = stdin.isatty() and stdout.isatty()
+    printer = Printer(plain=settings.plain or not stdout.isatty(), stream=stdout)
+    template = load_template(settings.template)
+    if is_terminal and not printer.plain:
+        with printer.console.status("loading model…"):
+            engine = load_engine(settings)
+    else:
+        engine = load_engine(settings)
+    with engine:
+        n_predict = settings.n_predict
+        if n_predict < 0 and not engine.info.chat_template:
+            n_predict = BASE_MODEL_REPLY_CAP
+        session = ChatSession(engine, renderer_for(engine, settings, template), settings.sampling,
+                              n_predict=n_predict, special=settings.special)
+        session.conversation.system = system_prompt(settings)
+        chat = Chat(session, printer, template_description=f"{template.name}: {template.description}")
+        if is_terminal:
+            if not settings.nologo:
+                printer.info(banner(engine, settings, None, session))
+            return interactive(chat, printer)
+        # Piped input: the raw bytes decoded leniently, so one bad byte cannot end the session.
+        lines = (line.decode("utf-8", errors="replace") for line in stdin.buffer) if hasattr(stdin, "buffer") else stdin
+        return scripted(chat, lines)

@@ -1,0 +1,125 @@
+"""A chat session: one conversation on its own KV sequence, kept inside the context.
+
+Each turn renders the whole conversation, but the engine reuses the tokens its sequence already
+holds, and replies are replayed as the tokens that were generated: so turn N evaluates only what
+is new since turn N-1. When the next turn would not fit, the oldest exchanges are dropped (never
+the system prompt) and the caller is told.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+from gemmachat.conversation import Conversation
+from gemmachat.engine import Engine, Generation, PromptTooLong, Stats
+from gemmachat.errors import UserError
+from gemmachat.settings import Sampling
+from gemmachat.templates import Message, Renderer, Segment, prompt_text, to_tokens
+
+
+@dataclass
+class Totals:
+    replies: int = 0
+    evaluated_tokens: int = 0
+    reused_tokens: int = 0
+    generated_tokens: int = 0
+    prompt_seconds: float = 0.0
+    generation_seconds: float = 0.0
+
+    def add(self, stats: Stats) -> None:
+        self.replies += 1
+        self.evaluated_tokens += stats.evaluated_tokens
+        self.reused_tokens += stats.reused_tokens
+        self.generated_tokens += stats.generated_tokens
+        self.prompt_seconds += stats.prompt_seconds
+        self.generation_seconds += stats.generation_seconds
+
+
+@dataclass
+class ChatSession:
+    engine: Engine
+    render: Renderer
+    sampling: Sampling
+    n_predict: int = -1
+    special: bool = False
+    seq_id: int = 0
+    conversation: Conversation = field(default_factory=Conversation)
+    last_stats: Stats | None = None
+    totals: Totals = field(default_factory=Totals)
+
+    def __post_init__(self) -> None:
+        self.sequence = self.engine.new_sequence(self.seq_id)
+
+    # -- what the model sees ---------------------------------------------------------------------
+
+    def segments(self, add_generation_prompt: bool = True) -> list[Segment]:
+        return self.render(self.conversation.system, self.conversation.messages, add_generation_prompt)
+
+    def tokens(self, add_generation_prompt: bool = True) -> list[int]:
+        return to_tokens(self.engine, self.segments(add_generation_prompt), special=self.special)
+
+    def dump(self) -> str:
+        """The exact text of the conversation as the model sees it, special tokens spelled out."""
+        bos = self.engine.token_text(self.engine.bos) if self.engine.add_bos else ""
+        return bos + prompt_text(self.segments(add_generation_prompt=False))
+
+    def context_used(self) -> int:
+        return len(self.tokens(add_generation_prompt=False))
+
+    @property
+    def context_size(self) -> int:
+        return self.engine.n_ctx_seq
+
+    # -- turns -----------------------------------------------------------------------------------
+
+    def reply_room(self) -> int:
+        """Tokens kept free for the reply when fitting the conversation into the context."""
+        wanted = self.n_predict if self.n_predict > 0 else 512
+        return min(wanted, self.context_size // 4)
+
+    def fit(self) -> tuple[list[int], list[Message]]:
+        """The prompt tokens for the next reply, dropping the oldest exchanges until they fit."""
+        dropped: list[Message] = []
+        while True:
+            tokens = self.tokens()
+            if len(tokens) + self.reply_room() <= self.context_size:
+                return tokens, dropped
+            if len(self.conversation.messages) <= 1:
+                if len(tokens) < self.context_size:
+                    return tokens, dropped  # little room for the reply, but some
+                self.conversation.messages[-1:] = []
+                raise PromptTooLong(
+                    f"that message needs {len(tokens)} tokens with the system prompt, but the "
+                    f"context holds {self.context_size} (start with a larger -c)"
+                )
+            dropped += self.conversation.drop_oldest_exchange()
+
+    def respond(self, cancelled: Callable[[], bool] | None = None,
+                on_drop: Callable[[list[Message]], None] | None = None) -> Iterator[str]:
+        """Streams the model's reply to the conversation and adds it (interrupted or not)."""
+        tokens, dropped = self.fit()
+        if dropped and on_drop:
+            on_drop(dropped)
+        generation = self.engine.generate(self.sequence, tokens, self.sampling,
+                                          max_tokens=self.n_predict, cancelled=cancelled)
+        text = []
+        try:
+            for piece in generation:
+                text.append(piece)
+                yield piece
+        finally:
+            self._finish(generation, "".join(text))
+
+    def _finish(self, generation: Generation, text: str) -> None:
+        stats = generation.stats
+        interrupted = stats.finish_reason in ("cancelled", "")
+        self.conversation.add(Message("assistant", text, tokens=tuple(generation.tokens),
+                                      interrupted=interrupted))
+        self.last_stats = stats
+        self.totals.add(stats)
+
+    def say(self, text: str, role: str = "user") -> None:
+        if not text.strip():
+            raise UserError("the message is empty")
+        self.conversation.add(Message(role, text))
