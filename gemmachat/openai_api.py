@@ -1,0 +1,302 @@
+"""OpenAI's API as data: request models (validated), response bodies, and the error object.
+
+The request models are strict (a string where a number belongs is an error, not a coercion) and
+ignore fields they do not know, as OpenAI's own API does for harmless additions. Parameters we
+cannot honour (n > 1, logprobs, tools) are errors that say so rather than being silently dropped.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic_core import ErrorDetails
+
+MAX_STOPS = 16
+
+# Fields whose numbers must be finite: JSON parsers in Python accept NaN and Infinity.
+_finite = {"allow_inf_nan": False}
+
+
+class ApiError(Exception):
+    """An error answered with OpenAI's error object and an HTTP status."""
+
+    def __init__(self, status: int, message: str, *, type: str | None = None, code: str | None = None,
+                 param: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.type = type or ("server_error" if status >= 500 else "invalid_request_error")
+        self.code = code
+        self.param = param
+
+    def body(self) -> dict[str, Any]:
+        return error_body(self.message, self.type, self.code, self.param)
+
+
+def error_body(message: str, type: str = "invalid_request_error", code: str | None = None,
+               param: str | None = None) -> dict[str, Any]:
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
+def validation_error(errors: list[ErrorDetails] | list[dict[str, Any]]) -> ApiError:
+    """FastAPI's validation errors (422) as one OpenAI-style 400 with a one-line message."""
+    if not errors:
+        return ApiError(400, "invalid request body")
+    first = errors[0]
+    kind = str(first.get("type", ""))
+    location = [str(part) for part in first.get("loc", ()) if part != "body"]
+    if kind == "json_invalid":
+        detail = (first.get("ctx") or {}).get("error", "")
+        return ApiError(400, f"the request body is not valid JSON{': ' + str(detail) if detail else ''}",
+                        code="invalid_json")
+    # Union members show up in the location ("stop.str", "stop.list[str]"): keep the field path.
+    path = ".".join(part for part in location if not _is_union_tag(part))
+    param = location[0] if location else None
+    if kind == "missing":
+        return ApiError(400, f"missing required parameter: '{path}'", code="missing_required_parameter",
+                        param=param)
+    if not path:
+        return ApiError(400, f"the request body must be a JSON object ({first.get('msg', 'invalid')})",
+                        code="invalid_value")
+    return ApiError(400, f"invalid value for '{path}': {first.get('msg', 'invalid')}", code="invalid_value",
+                    param=param)
+
+
+def _is_union_tag(part: str) -> bool:
+    return part in {"str", "int", "float", "bool", "list[str]", "list[int]", "list[ContentPart]"} or (
+        part.startswith(("list[", "dict[")) or part[:1].isupper()
+    )
+
+
+# -- requests --------------------------------------------------------------------------------------
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+
+class ContentPart(_Strict):
+    type: str
+    text: str | None = None
+
+
+class ChatMessage(_Strict):
+    role: str = Field(description="system, developer, user or assistant")
+    content: str | list[ContentPart] | None = None
+    name: str | None = None
+
+    def text(self) -> str:
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        pieces = []
+        for part in self.content:
+            if part.type != "text" or part.text is None:
+                raise ApiError(400, f"content parts of type {part.type!r} are not supported (text only)",
+                               code="unsupported_value", param="messages")
+            pieces.append(part.text)
+        return "".join(pieces)
+
+
+class StreamOptions(_Strict):
+    include_usage: bool = False
+
+
+class _Generation(_Strict):
+    model: str | None = Field(None, description="accepted and ignored: the loaded model answers")
+    temperature: float | None = Field(None, ge=0, le=2, **_finite)
+    top_p: float | None = Field(None, ge=0, le=1, **_finite)
+    n: int | None = Field(None, ge=1, description="only 1 is supported")
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    stop: str | list[str] | None = Field(None, description=f"up to {MAX_STOPS} strings")
+    seed: int | None = None
+    presence_penalty: float | None = Field(None, ge=-2, le=2, **_finite)
+    frequency_penalty: float | None = Field(None, ge=-2, le=2, **_finite)
+    logit_bias: dict[str, float] | None = None
+    user: str | None = None
+    # llama.cpp's extensions
+    top_k: int | None = Field(None, ge=0)
+    min_p: float | None = Field(None, ge=0, le=1, **_finite)
+    repeat_penalty: float | None = Field(None, gt=0, le=10, **_finite)
+    cache_prompt: bool = Field(True, description=(
+        "reuse what the slot's KV cache holds of this prompt (llama.cpp's option); false evaluates the "
+        "prompt from scratch, which makes temperature-0 output independent of earlier requests"))
+
+    def stops(self) -> tuple[str, ...]:
+        stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        if len(stops) > MAX_STOPS:
+            raise ApiError(400, f"at most {MAX_STOPS} stop strings", code="invalid_value", param="stop")
+        return tuple(stop for stop in stops if stop)
+
+    def check_common(self) -> None:
+        if self.n is not None and self.n > 1:
+            raise ApiError(400, "n > 1 is not supported: this server returns one choice per request",
+                           code="unsupported_value", param="n")
+
+
+class ChatCompletionRequest(_Generation):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
+    tools: list[Any] | None = None
+    tool_choice: Any = None
+    response_format: dict[str, Any] | None = None
+
+    def check(self) -> None:
+        self.check_common()
+        if self.logprobs:
+            raise ApiError(400, "logprobs are not supported", code="unsupported_value", param="logprobs")
+        if self.tools:
+            raise ApiError(400, "tools are not supported", code="unsupported_value", param="tools")
+        if self.response_format and self.response_format.get("type", "text") != "text":
+            raise ApiError(400, "only the text response_format is supported", code="unsupported_value",
+                           param="response_format")
+
+    def token_limit(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+
+class CompletionRequest(_Generation):
+    prompt: str | list[str] | list[int] = Field(description="one string (or a list of one), or token ids")
+    max_tokens: int | None = Field(16, ge=1)
+    echo: bool = False
+    suffix: str | None = None
+    best_of: int | None = Field(None, ge=1)
+    logprobs: int | None = None
+
+    def check(self) -> None:
+        self.check_common()
+        if self.best_of is not None and self.best_of > 1:
+            raise ApiError(400, "best_of > 1 is not supported", code="unsupported_value", param="best_of")
+        if self.logprobs is not None:
+            raise ApiError(400, "logprobs are not supported", code="unsupported_value", param="logprobs")
+        if self.suffix:
+            raise ApiError(400, "suffix is not supported", code="unsupported_value", param="suffix")
+        if isinstance(self.prompt, list):
+            if not self.prompt:
+                raise ApiError(400, "the prompt is an empty list", code="invalid_value", param="prompt")
+            if isinstance(self.prompt[0], str) and len(self.prompt) > 1:
+                raise ApiError(400, "several prompts in one request are not supported: send one",
+                               code="unsupported_value", param="prompt")
+
+
+class TokenizeRequest(_Strict):
+    content: str
+    add_special: bool = False
+    parse_special: bool = True
+    with_pieces: bool = False
+
+
+class DetokenizeRequest(_Strict):
+    tokens: list[int]
+
+
+# -- responses -------------------------------------------------------------------------------------
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: AssistantMessage
+    finish_reason: str
+    logprobs: None = None
+
+
+class ChatCompletion(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    system_fingerprint: str | None = None
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    finish_reason: str
+    logprobs: None = None
+
+
+class Completion(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    system_fingerprint: str | None = None
+    choices: list[CompletionChoice]
+    usage: Usage
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class TokenPiece(BaseModel):
+    id: int
+    piece: str | list[int]
+
+
+class TokenizeResponse(BaseModel):
+    tokens: list[int] | list[TokenPiece]
+
+
+class DetokenizeResponse(BaseModel):
+    content: str
+
+
+class Health(BaseModel):
+    status: str
+    slots_idle: int
+    slots_processing: int
+    requests_waiting: int
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:24]}"
+
+
+def now() -> int:
+    return int(time.time())
