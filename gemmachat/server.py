@@ -74,6 +74,14 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
     return length
 
 
+def _reusable(cached: list[int], prompt: list[int]) -> int:
+    """How much of `prompt` a slot holding `cached` saves, when that is most of it (a client going
+    on with its conversation); else 0, so that the emptiest slot is taken and the others keep their
+    caches for their own clients."""
+    common = _common_prefix(cached, prompt)
+    return common if common * 2 >= len(prompt) else 0
+
+
 # -- the fair queue --------------------------------------------------------------------------------
 
 
@@ -98,9 +106,7 @@ class SlotQueue:
         if self._closed:
             raise ServerClosing()
         if self._free and not self._waiters:
-            # The slot that already holds most of this prompt; else the emptiest one, which keeps
-            # the other slots' caches for their clients.
-            best = max(self._free, key=lambda s: (_common_prefix(s.tokens, prompt), -len(s.tokens)))
+            best = max(self._free, key=lambda s: (_reusable(s.tokens, prompt), -len(s.tokens)))
             self._free.remove(best)
             return best
         waiter: asyncio.Future[Sequence] = asyncio.get_running_loop().create_future()
@@ -331,48 +337,52 @@ class ServerCore:
             except RuntimeError:  # the loop is gone: the server stopped
                 pass
 
+        final: tuple[str, Any]
         try:
-            if job.cancel.is_set():
-                put(("done", Stats(prompt_tokens=len(job.prompt), finish_reason="cancelled")))
-                return
-            if not job.cache_prompt:
-                self.engine.new_sequence(sequence.seq_id)
-            self._make_room(sequence, job)
-            generation = self.engine.generate(sequence, job.prompt, job.sampling, max_tokens=job.max_tokens,
-                                              stop=job.stop, cancelled=job.cancel.is_set)
-            job.stats = generation.stats
-            pieces = iter(generation)
-            try:
-                for piece in pieces:
-                    put(("text", piece))
-                    if job.cancel.is_set():
-                        generation.stats.finish_reason = "cancelled"
-                        break
-            except PromptTooLong:
-                # The context is shared by every slot (and the chat): it filled up.
-                if generation.stats.generated_tokens == 0:
-                    put(("error", api.ApiError(503, "the context is full with other requests; try again",
-                                               code="context_full")))
-                    return
-                generation.stats.finish_reason = "length"
-            finally:
-                generation.pieces.close()  # type: ignore[attr-defined]
-            put(("done", generation.stats))
+            final = self._generate(job, sequence, put)
         except PromptTooLong as error:
-            put(("error", api.ApiError(400, str(error), code="context_length_exceeded")))
+            final = ("error", api.ApiError(400, str(error), code="context_length_exceeded"))
         except UserError as error:
-            put(("error", api.ApiError(400, str(error))))
+            final = ("error", api.ApiError(400, str(error)))
         except BaseException as error:  # noqa: BLE001 - reported to the client, and logged
             self.log(f"gemma-chat: generation failed on slot {sequence.seq_id}: {type(error).__name__}: {error}")
-            put(("error", api.ApiError(500, f"generation failed: {error}")))
+            final = ("error", api.ApiError(500, f"generation failed: {error}"))
+        # The slot is free before the client hears the end, so that /health and the next request
+        # already see it free.
+        with self._lock:
+            self._busy.discard(sequence.seq_id)
+            self._jobs.discard(job)
+        try:
+            loop.call_soon_threadsafe(self.slots.release, sequence)
+        except RuntimeError:
+            pass
+        put(final)
+
+    def _generate(self, job: Job, sequence: Sequence, put: Callable[[tuple[str, Any]], None]) -> tuple[str, Any]:
+        if job.cancel.is_set():
+            return ("done", Stats(prompt_tokens=len(job.prompt), finish_reason="cancelled"))
+        if not job.cache_prompt:
+            self.engine.new_sequence(sequence.seq_id)
+        self._make_room(sequence, job)
+        generation = self.engine.generate(sequence, job.prompt, job.sampling, max_tokens=job.max_tokens,
+                                          stop=job.stop, cancelled=job.cancel.is_set)
+        job.stats = generation.stats
+        pieces = iter(generation)
+        try:
+            for piece in pieces:
+                put(("text", piece))
+                if job.cancel.is_set():
+                    generation.stats.finish_reason = "cancelled"
+                    break
+        except PromptTooLong:
+            # The context is shared by every slot (and the chat): it filled up.
+            if generation.stats.generated_tokens == 0:
+                return ("error", api.ApiError(503, "the context is full with other requests; try again",
+                                              code="context_full"))
+            generation.stats.finish_reason = "length"
         finally:
-            with self._lock:
-                self._busy.discard(sequence.seq_id)
-                self._jobs.discard(job)
-            try:
-                loop.call_soon_threadsafe(self.slots.release, sequence)
-            except RuntimeError:
-                pass
+            generation.pieces.close()  # type: ignore[attr-defined]
+        return ("done", generation.stats)
 
     def _make_room(self, sequence: Sequence, job: Job) -> None:
         """Forget idle slots' caches when this job would not fit beside them.

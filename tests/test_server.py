@@ -450,3 +450,56 @@ def test_background_server_shares_the_engine_with_the_chat(shared_engine: Engine
     assert not background.running
     # Stopped means the port is free again.
     bind_socket("127.0.0.1", port).close()
+
+
+def test_idle_slots_give_up_their_cache_for_a_prompt_that_needs_the_room(shared_engine: Engine) -> None:
+    # One KV pool of 2048 cells for every sequence: a slot that keeps 1100 tokens of an old prompt
+    # must not make the next 1100-token prompt on the other slot fail.
+    settings = parse_settings(["--port", str(free_port())], environ={})
+    background = start_background(shared_engine, settings, [1, 2], log=lambda line: None)
+    try:
+        client = openai.OpenAI(base_url=background.url + "/v1", api_key="x", max_retries=0, timeout=120)
+        for word in ("apple", "river"):
+            reply = client.completions.create(model="m", prompt=f"{word} " * 1100, max_tokens=2, temperature=0)
+            assert reply.usage.prompt_tokens > 1100
+        status, health = raw_request(int(background.url.rsplit(":", 1)[1]), "GET", "/health")
+        assert status == 200 and json.loads(health)["slots_processing"] == 0
+    finally:
+        background.stop()
+
+
+def test_the_slot_queue_is_first_come_first_served() -> None:
+    import asyncio
+
+    from gemmachat.engine import Sequence
+    from gemmachat.server import ServerClosing, SlotQueue
+
+    async def scenario() -> list[str]:
+        queue = SlotQueue([Sequence(1)])
+        order: list[str] = []
+        held = await queue.acquire([2, 5])
+
+        async def client(name: str) -> None:
+            try:
+                sequence = await queue.acquire([2, 7])
+            except ServerClosing:
+                order.append(f"{name} refused")
+                return
+            order.append(name)
+            await asyncio.sleep(0.01)
+            queue.release(sequence)
+
+        tasks = [asyncio.create_task(client(name)) for name in ("first", "second", "gives up", "third")]
+        await asyncio.sleep(0.01)
+        assert queue.waiting == 4
+        tasks[2].cancel()  # a client that hangs up while waiting loses its place, not the slot
+        queue.release(held)
+        await asyncio.gather(*tasks, return_exceptions=True)
+        assert queue.idle == 1
+        late = [asyncio.create_task(client("late")) for _ in range(1)]
+        held = await queue.acquire([2])
+        queue.close()
+        await asyncio.gather(*late)
+        return order
+
+    assert asyncio.run(scenario()) == ["first", "second", "third", "late refused"]
