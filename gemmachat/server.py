@@ -748,6 +748,8 @@ def create_app(core: ServerCore) -> FastAPI:
     async def completions(body: api.CompletionRequest, request: Request) -> Any:
         body.check()
         max_tokens = core.check_max_tokens(body.max_tokens)
+        if "max_tokens" not in body.model_fields_set and settings.n_predict > 0:
+            max_tokens = settings.n_predict  # -n on the command line, else OpenAI's 16
         job = Job([], core.sampling_for(body), max_tokens, body.stops(), body.cache_prompt)
         job.prompt, echoed = await run_in_threadpool(core.completion_prompt, body)
         core.check_fits(job.prompt, "prompt")
