@@ -401,6 +401,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="extra argument for ours only, repeatable (e.g. --ours-arg=--special)")
     ap.add_argument("--prompt", action="append", help="prompt to check (repeatable; default: a built-in set)")
     ap.add_argument("--timeout", type=float, default=300.0, help="seconds per process")
+    ap.add_argument("--no-write", action="store_true", help="print the table only; leave bench/results/ alone")
     ap.add_argument("--native-only", action="store_true", help="run only the native side (to check this script)")
     args = ap.parse_args(argv)
 
@@ -479,8 +480,10 @@ def main(argv: list[str] | None = None) -> int:
         "ok": not failed,
     }
     print_table(cases)
-    mpath, jpath = write_results(meta, cases)
-    print(f"\n{summary}\nwrote {mpath} and {jpath}")
+    print(f"\n{summary}")
+    if not args.no_write:
+        mpath, jpath = write_results(meta, cases)
+        print(f"wrote {mpath} and {jpath}")
     return 0 if not failed else 1
 
 

@@ -1,0 +1,29 @@
+"""Greedy output equals native llama.cpp's, token for token (bench/fidelity.py, for real).
+
+The native `llama-completion` is built once from the llama.cpp source that the pinned
+llama-cpp-python vendors (bench/native.py; several minutes the first time, cached after).
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_cli_matches_native_llama_completion(model_path: Path, cli_env: dict[str, str]) -> None:
+    build = subprocess.run([sys.executable, str(REPO / "bench" / "native.py")], capture_output=True,
+                           text=True, env=cli_env, timeout=3600)
+    assert build.returncode == 0, build.stderr[-2000:]
+    prompts = ["The capital of France is", "def fibonacci(n):",
+               "日本の首都は東京です。Translation:", "Q: What is 2 + 2?\nA:"]
+    command = [sys.executable, str(REPO / "bench" / "fidelity.py"), "--model", str(model_path),
+               "-n", "24", "--flash-attn", "auto", "--no-write",
+               "--ours", f"{sys.executable} -m gemmachat"]
+    for prompt in prompts:
+        command += ["--prompt", prompt]
+    result = subprocess.run(command, capture_output=True, text=True, env=cli_env, timeout=600, cwd=REPO)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "4/4 match" in result.stdout + result.stderr
