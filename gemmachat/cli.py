@@ -15,6 +15,10 @@ def run(settings: Settings) -> int:
         from gemmachat import oneshot
 
         return oneshot.run(settings)
+    if settings.mode == "server":
+        from gemmachat import server
+
+        return server.serve(settings)
     from gemmachat import repl
 
     return repl.run_chat(settings)

@@ -19,12 +19,12 @@ from prompt_toolkit.key_binding import KeyBindings
 from gemmachat import __version__, commands
 from gemmachat.commands import ExitChat
 from gemmachat.device import cpu_name, gpu_names
-from gemmachat.engine import Engine
+from gemmachat.engine import Engine, load_engine, renderer_for
 from gemmachat.errors import UserError
 from gemmachat.output import Printer
 from gemmachat.session import ChatSession
 from gemmachat.settings import Settings
-from gemmachat.templates import Message
+from gemmachat.templates import Message, Template, load_template
 
 DEFAULT_SYSTEM_PROMPT = (
     "You are a helpful, concise assistant. Answer the user's questions accurately, and say so "
@@ -228,31 +228,72 @@ def system_prompt(settings: Settings) -> str:
 
 
 def run_chat(settings: Settings, stdin: TextIO | None = None, stdout: TextIO | None = None) -> int:
-    from gemmachat.engine import load_engine, renderer_for
-    from gemmachat.templates import load_template
-
     stdin = stdin or sys.stdin
     stdout = stdout or sys.stdout
     is_terminal = stdin.isatty() and stdout.isatty()
     printer = Printer(plain=settings.plain or not stdout.isatty(), stream=stdout)
     template = load_template(settings.template)
+    with_server = settings.mode == "chat"
+    sequences = 1 + settings.parallel if with_server else 1
     if is_terminal and not printer.plain:
         with printer.console.status("loading model…"):
-            engine = load_engine(settings)
+            engine = load_engine(settings, sequences)
     else:
-        engine = load_engine(settings)
+        engine = load_engine(settings, sequences)
     with engine:
-        n_predict = settings.n_predict
-        if n_predict < 0 and not engine.info.chat_template:
-            n_predict = BASE_MODEL_REPLY_CAP
-        session = ChatSession(engine, renderer_for(engine, settings, template), settings.sampling,
-                              n_predict=n_predict, special=settings.special)
-        session.conversation.system = system_prompt(settings)
-        chat = Chat(session, printer, template_description=f"{template.name}: {template.description}")
-        if is_terminal:
-            if not settings.nologo:
-                printer.info(banner(engine, settings, None, session))
-            return interactive(chat, printer)
-        # Piped input: the raw bytes decoded leniently, so one bad byte cannot end the session.
-        lines = (line.decode("utf-8", errors="replace") for line in stdin.buffer) if hasattr(stdin, "buffer") else stdin
-        return scripted(chat, lines)
+        server, server_line = start_server(engine, settings) if with_server else (None, None)
+        try:
+            return converse(engine, settings, template, printer, server_line, stdin, is_terminal)
+        finally:
+            if server is not None:
+                server.stop()
+
+
+def start_server(engine: Engine, settings: Settings) -> tuple[object | None, str]:
+    """The OpenAI-compatible server beside the chat, on the same weights (sequences 1..N)."""
+    from dataclasses import replace
+
+    from gemmachat.server import start_background
+
+    # The chat defaults to temperature 0, as llamafile; API clients get llama.cpp's 0.8 unless
+    # --temp was given.
+    server_settings = settings
+    if not settings.temp_given:
+        server_settings = replace(settings, sampling=replace(settings.sampling, temperature=0.8))
+    log_path = Path(platformdirs.user_log_dir("gemma-chat")) / "server.log"
+    try:
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        log_file = log_path.open("a", encoding="utf-8", buffering=1)
+    except OSError:
+        log_file = None
+
+    def log(line: str) -> None:
+        # Access lines go to a file: printed, they would garble the chat's terminal.
+        if log_file is not None:
+            log_file.write(line.rstrip("\n") + "\n")
+
+    try:
+        server = start_background(engine, server_settings, list(range(1, 1 + settings.parallel)), log=log)
+    except UserError as error:
+        return None, f"server: off ({error})"
+    return server, f"server: {server.url} (OpenAI-compatible; log in {log_path})"
+
+
+def converse(engine: Engine, settings: Settings, template: Template, printer: Printer,
+             server_line: str | None, stdin: TextIO, is_terminal: bool) -> int:
+    n_predict = settings.n_predict
+    if n_predict < 0 and not engine.info.chat_template:
+        n_predict = BASE_MODEL_REPLY_CAP
+    session = ChatSession(engine, renderer_for(engine, settings, template), settings.sampling,
+                          n_predict=n_predict, special=settings.special)
+    session.conversation.system = system_prompt(settings)
+    chat = Chat(session, printer, template_description=f"{template.name}: {template.description}")
+    if is_terminal:
+        if not settings.nologo:
+            printer.info(banner(engine, settings, server_line, session))
+        return interactive(chat, printer)
+    if server_line and not settings.nologo:
+        print(f"gemma-chat: {server_line}", file=sys.stderr)
+    # Piped input: the raw bytes decoded leniently, so one bad byte cannot end the session.
+    lines = (line.decode("utf-8", errors="replace") for line in stdin.buffer) if hasattr(stdin, "buffer") else stdin
+    return scripted(chat, lines)

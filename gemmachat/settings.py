@@ -65,6 +65,7 @@ class Settings:
     port: int
     api_key: str | None
     parallel: int
+    temp_given: bool = False  # --temp on the command line, so no mode picks its own default
     environ: Mapping[str, str] = field(repr=False, default_factory=dict)
 
 
@@ -259,5 +260,6 @@ def parse_settings(argv: Sequence[str], environ: Mapping[str, str] | None = None
         port=args.port,
         api_key=args.api_key or environ.get("GEMMA_CHAT_API_KEY") or None,
         parallel=args.parallel,
+        temp_given=args.temp is not None,
         environ=environ,
     )

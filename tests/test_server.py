@@ -27,8 +27,8 @@ from gemmachat.settings import Sampling, parse_settings
 from gemmachat.templates import Message, Segment, load_template, render, to_tokens
 
 REPO = Path(__file__).resolve().parent.parent
-# `python -m gemmachat.server ARGS` is `gemma-chat --server ARGS`, the same parser and error handling.
-SERVER = [sys.executable, "-m", "gemmachat.server"]
+# The server as users start it: `gemma-chat --server ARGS`.
+SERVER = [sys.executable, "-m", "gemmachat", "--server"]
 # Prompts evaluated from scratch: a reused KV prefix was computed in a batch of another size, and
 # this small model's near-ties can tip either way on such rounding differences.
 GREEDY: dict[str, Any] = {"temperature": 0.0, "seed": 42, "extra_body": {"cache_prompt": False}}
