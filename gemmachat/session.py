@@ -79,20 +79,26 @@ class ChatSession:
         return min(wanted, self.context_size // 4)
 
     def fit(self) -> tuple[list[int], list[Message]]:
-        """The prompt tokens for the next reply, dropping the oldest exchanges until they fit."""
+        """The prompt tokens for the next reply, dropping the oldest exchanges until they fit.
+
+        A last message that cannot fit even alone is refused (and removed) before anything
+        older is dropped, so an oversized paste never costs the conversation.
+        """
+        messages = self.conversation.messages
+        if messages:
+            alone = to_tokens(self.engine, self.render(self.conversation.system, messages[-1:], True),
+                              special=self.special)
+            if len(alone) >= self.context_size:
+                messages.pop()
+                raise PromptTooLong(
+                    f"that message needs {len(alone)} tokens with the system prompt, but the "
+                    f"context holds {self.context_size} (start with a larger -c)"
+                )
         dropped: list[Message] = []
         while True:
             tokens = self.tokens()
-            if len(tokens) + self.reply_room() <= self.context_size:
+            if len(tokens) + self.reply_room() <= self.context_size or len(messages) <= 1:
                 return tokens, dropped
-            if len(self.conversation.messages) <= 1:
-                if len(tokens) < self.context_size:
-                    return tokens, dropped  # little room for the reply, but some
-                self.conversation.messages[-1:] = []
-                raise PromptTooLong(
-                    f"that message needs {len(tokens)} tokens with the system prompt, but the "
-                    f"context holds {self.context_size} (start with a larger -c)"
-                )
             dropped += self.conversation.drop_oldest_exchange()
 
     def respond(self, cancelled: Callable[[], bool] | None = None,

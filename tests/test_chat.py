@@ -1,0 +1,174 @@
+"""The chat: its session logic on the real engine, piped use, and a real terminal (pexpect)."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import pexpect
+import pytest
+
+from gemmachat.conversation import Conversation
+from gemmachat.engine import Engine, EngineOptions, PromptTooLong
+from gemmachat.errors import UserError
+from gemmachat.gguf import read_gguf
+from gemmachat.session import ChatSession
+from gemmachat.settings import Sampling
+from gemmachat.templates import Message, load_template, render
+
+GREEDY = Sampling(temperature=0)
+
+
+def gemma_renderer():
+    template = load_template("gemma")
+    return lambda system, messages, generation=True: render(template, system, messages, generation)
+
+
+def test_each_turn_evaluates_only_the_new_tokens(engine: Engine) -> None:
+    session = ChatSession(engine, gemma_renderer(), GREEDY, n_predict=12)
+    session.conversation.system = "Be brief."
+    session.say("Hello, who are you?")
+    first = "".join(session.respond())
+    assert first and session.last_stats.reused_tokens == 0
+    for turn in range(2, 5):
+        before = len(session.sequence.tokens)
+        session.say(f"Question number {turn}?")
+        "".join(session.respond())
+        stats = session.last_stats
+        # Everything the sequence held is reused; only the closing of the last reply and the new
+        # user turn are evaluated.
+        assert stats.reused_tokens == before, (turn, stats)
+        assert stats.evaluated_tokens < 20
+    assert [m.role for m in session.conversation.messages] == ["user", "assistant"] * 4
+
+
+def test_thirty_turns_in_a_small_context_never_crash(model_path: Path) -> None:
+    with Engine(model_path, read_gguf(model_path), EngineOptions(ctx_size=512)) as small:
+        session = ChatSession(small, gemma_renderer(), GREEDY, n_predict=24)
+        session.conversation.system = "You are a patient assistant."
+        dropped: list[int] = []
+        for turn in range(30):
+            session.say(f"Turn {turn}: tell me one more fact about the sea, please.")
+            "".join(session.respond(on_drop=lambda messages: dropped.append(len(messages))))
+            assert session.context_used() <= session.context_size
+        assert dropped, "the oldest exchanges were dropped along the way"
+        assert session.conversation.system == "You are a patient assistant."
+        assert session.conversation.messages[-1].role == "assistant"
+        with pytest.raises(PromptTooLong):
+            session.say("word " * 2000)
+            "".join(session.respond())
+        assert session.conversation.messages[-1].role == "assistant", "the refused message is not kept"
+
+
+def test_interrupted_reply_is_kept_and_marked(engine: Engine) -> None:
+    session = ChatSession(engine, gemma_renderer(), GREEDY, n_predict=200)
+    session.say("Count to a hundred.")
+    count = 0
+
+    def cancelled() -> bool:
+        return count >= 5
+
+    for _ in session.respond(cancelled):
+        count += 1
+    last = session.conversation.messages[-1]
+    assert last.role == "assistant" and last.interrupted and last.content
+
+
+def test_save_and_load_round_trip_and_bad_files(tmp_path: Path) -> None:
+    conversation = Conversation("sys", [Message("user", "hi 😀"), Message("assistant", "yo", interrupted=True)])
+    path = tmp_path / "chat.json"
+    conversation.save(path)
+    loaded = Conversation.load(path)
+    assert loaded.system == "sys" and loaded.messages == [Message("user", "hi 😀"),
+                                                           Message("assistant", "yo", interrupted=True)]
+    assert json.loads(path.read_text())["version"] == 1
+    for bad in ("{not json", json.dumps({"format": "other"}), json.dumps(
+            {"format": "gemma-chat conversation", "version": 1, "messages": [{"role": "wizard", "content": "x"}]}),
+            json.dumps({"format": "gemma-chat conversation", "version": 99, "messages": []})):
+        path.write_text(bad)
+        with pytest.raises(UserError, match="cannot load"):
+            Conversation.load(path)
+
+
+def run_chat(run_cli, lines: str, *args: str):
+    return run_cli("--chat", "-n", "8", *args, input=lines)
+
+
+def test_piped_chat_is_scriptable(run_cli, tmp_path: Path) -> None:
+    saved = tmp_path / "saved.json"
+    result = run_chat(run_cli, f"Hello there\n/context\n/save {saved}\n/undo\n/bogus\nWhat next?\n")
+    assert result.returncode == 0, result.stderr
+    assert "\x1b[" not in result.stdout
+    assert "context: " in result.stdout and "tokens used" in result.stdout
+    assert "dropped 2 message(s)" in result.stdout
+    assert "unknown command /bogus" in result.stdout
+    document = json.loads(saved.read_text())
+    assert [m["role"] for m in document["messages"]] == ["user", "assistant"]
+    assert document["messages"][0]["content"] == "Hello there"
+    loaded = run_chat(run_cli, f"/load {saved}\n/dump\n")
+    assert "<start_of_turn>user" in loaded.stdout and "Hello there" in loaded.stdout
+
+
+def test_load_of_a_bad_file_keeps_the_conversation(run_cli, tmp_path: Path) -> None:
+    bad = tmp_path / "bad.json"
+    bad.write_text("{]")
+    result = run_chat(run_cli, f"Hi\n/load {bad}\n/context\n/dump\n")
+    assert "cannot load" in result.stdout
+    assert result.stdout.count("<start_of_turn>user\n") == 1 and "Hi" in result.stdout
+
+
+class Terminal(pexpect.spawn):
+    def send_line(self, text: str) -> None:
+        # A terminal's Enter is a carriage return; pexpect's sendline sends ctrl-j, which the
+        # chat (as llamafile's) takes as a line break inside the message.
+        time.sleep(0.3)  # let the prompt take the terminal into raw mode before typing
+        self.send(text + "\r")
+
+
+def test_real_terminal_session(cli_env: dict[str, str], tmp_path: Path) -> None:
+    saved = tmp_path / "term.json"
+    child = Terminal(sys.executable, ["-m", "gemmachat", "--chat", "-n", "400", "-c", "2048"],
+                          env={**cli_env, "PROMPT_TOOLKIT_NO_CPR": "1"}, encoding="utf-8", timeout=60,
+                          dimensions=(40, 120))
+    child.expect("gemma-chat ")
+    child.expect("context: 2048 tokens")
+    child.expect(">>>")
+    child.send_line("/help")
+    child.expect("/upload FILE")
+    child.expect(">>>")
+    # A long reply, stopped with ctrl-c after it started streaming: the chat stays.
+    child.send_line("Write a very long story about the sea.")
+    child.expect("sea.")
+    time.sleep(3)  # 400 tokens take about 8 s here: this lands mid-reply
+    child.sendintr()
+    child.expect("interrupted", timeout=10)
+    child.expect(">>>")
+    child.send_line("/set n_predict 6")
+    child.expect(">>>")
+    child.send_line("And then?")
+    child.expect("And then?")
+    child.expect(">>>", timeout=30)
+    child.send_line("/undo")
+    child.expect("dropped 2 message")
+    child.send_line(f"/save {saved}")
+    child.expect("saved 2 messages")
+    child.send_line("/exit")
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0
+    document = json.loads(saved.read_text())
+    assert document["messages"][1]["interrupted"] is True
+    # A new process loads it back.
+    child = Terminal(sys.executable, ["-m", "gemmachat", "--chat", "--nologo"],
+                     env={**cli_env, "PROMPT_TOOLKIT_NO_CPR": "1"}, encoding="utf-8", timeout=60)
+    child.expect(">>>")
+    child.send_line(f"/load {saved}")
+    child.expect("loaded 2 messages")
+    child.expect(">>>")
+    time.sleep(0.3)
+    child.sendcontrol("d")
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0
