@@ -361,7 +361,7 @@ class Engine:
 
     def _evaluate_prompt(self, sequence: Sequence, prompt: list[int]) -> int:
         """Bring the KV cache of `sequence` to `prompt`; returns how many tokens were reused."""
-        keep = _common_prefix(sequence.tokens, prompt)
+        keep = common_prefix(sequence.tokens, prompt)
         keep = min(keep, len(prompt) - 1)  # the last prompt token is evaluated for its logits
         if keep < len(sequence.tokens) and not self._can_rewind_to(sequence, keep):
             keep = 0
@@ -441,7 +441,7 @@ class Engine:
         return self._eog_tokens
 
 
-def _common_prefix(a: list[int], b: list[int]) -> int:
+def common_prefix(a: list[int], b: list[int]) -> int:
     length = min(len(a), len(b))
     for index in range(length):
         if a[index] != b[index]:

@@ -34,7 +34,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message as AsgiMessage, Receive, Scope, Send
 
 from gemmachat import __version__, openai_api as api
-from gemmachat.engine import Engine, PromptTooLong, Sequence, Stats, load_engine, renderer_for
+from gemmachat.engine import Engine, PromptTooLong, common_prefix, Sequence, Stats, load_engine, renderer_for
 from gemmachat.errors import UserError
 from gemmachat.settings import LLAMA_DEFAULT_SEED, Sampling, Settings
 from gemmachat.templates import Message, Segment, load_template, to_tokens
@@ -66,19 +66,11 @@ def _stderr(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
 
 
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    length = min(len(a), len(b))
-    for index in range(length):
-        if a[index] != b[index]:
-            return index
-    return length
-
-
 def _reusable(cached: list[int], prompt: list[int]) -> int:
     """How much of `prompt` a slot holding `cached` saves, when that is most of it (a client going
     on with its conversation); else 0, so that the emptiest slot is taken and the others keep their
     caches for their own clients."""
-    common = _common_prefix(cached, prompt)
+    common = common_prefix(cached, prompt)
     return common if common * 2 >= len(prompt) else 0
 
 
