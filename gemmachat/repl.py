@@ -5,9 +5,15 @@ from __future__ import annotations
 import signal
 import sys
 import threading
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, TextIO
+from typing import Callable, Iterable, Iterator, TextIO
+
+try:
+    import termios
+except ImportError:  # Windows: its console keeps typed-ahead keys as typed
+    termios = None  # type: ignore[assignment]
 
 import platformdirs
 from prompt_toolkit import PromptSession
@@ -66,7 +72,8 @@ class Chat:
         # handler only sets a flag, so llama.cpp is never interrupted half-way through a step.
         previous = signal.signal(signal.SIGINT, lambda *_: cancel.set())
         try:
-            self.printer.reply(self.session.respond(cancel.is_set, self._dropped))
+            with typeahead_kept(sys.stdin):
+                self.printer.reply(self.session.respond(cancel.is_set, self._dropped))
         finally:
             signal.signal(signal.SIGINT, previous)
         stats = self.session.last_stats
@@ -80,6 +87,30 @@ class Chat:
     def cycle_role(self) -> None:
         self.role = ROLES[(ROLES.index(self.role) + 1) % len(ROLES)]
         self.printer.info(f"now typing as {self.role}")
+
+
+@contextmanager
+def typeahead_kept(stream: TextIO) -> Iterator[None]:
+    """While a reply streams, keys typed ahead wait for the next prompt as they were typed.
+
+    Between prompts the terminal is in cooked mode: it would echo the keys over the reply and turn
+    Enter into ctrl-j, which the prompt takes as a line break, so a message typed ahead and sent
+    with Enter would sit unsent in the next prompt.
+    """
+    try:
+        fd = stream.fileno()
+        saved = termios.tcgetattr(fd)
+    except (AttributeError, OSError, ValueError) + ((termios.error,) if termios else ()):
+        yield
+        return
+    changed = list(saved)
+    changed[0] &= ~termios.ICRNL  # input flags
+    changed[3] &= ~termios.ECHO  # local flags
+    termios.tcsetattr(fd, termios.TCSANOW, changed)
+    try:
+        yield
+    finally:
+        termios.tcsetattr(fd, termios.TCSANOW, saved)
 
 
 class ChatCompleter(Completer):
