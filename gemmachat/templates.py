@@ -45,7 +45,7 @@ class Template:
     name: str
     prompt: str
     history: str
-    first_user: str | None = None  # how the system prompt joins the first user message
+    first_user: str | None = None  # how the system prompt joins the first message
     trim: bool = False
     description: str = ""
 
@@ -110,7 +110,9 @@ def render(template: Template, system: str | None, messages: Sequence[Message],
         name = ROLE_NAMES.get(message.role)
         if name is None:
             raise UserError(f"unknown role {message.role!r} (use user, assistant or system)")
-        if pending_system and message.role == "user":
+        # The official template joins the system prompt to the first message whatever its role
+        # (`loop.first`), so it survives /forget or manual mode opening with another role.
+        if pending_system:
             assert template.first_user is not None
             content_segments = _fill(template.first_user, {"prompt": pending_system, "message": content})
             pending_system = None

@@ -56,6 +56,15 @@ def test_default_template_tokens_equal_official_tokens(engine, turns: int) -> No
     assert ours == theirs
 
 
+def test_system_prompt_survives_a_conversation_that_opens_with_a_reply() -> None:
+    # After /forget drops the first user message, or in /manual mode, the first message can be
+    # the model's: the system prompt opens it, as the official template's `loop.first` does.
+    text = prompt_text(render(load_template("gemma"), "Be a pirate.", [Message("assistant", "Arr."),
+                                                                       Message("user", "Hi")]))
+    assert text == ("<start_of_turn>model\nBe a pirate.\n\nArr.<end_of_turn>\n"
+                    "<start_of_turn>user\nHi<end_of_turn>\n<start_of_turn>model\n")
+
+
 def test_llamafile_template_has_a_system_turn() -> None:
     text = prompt_text(render(load_template("llamafile"), "Be kind.", [Message("user", "Hi")]))
     assert text == ("<start_of_turn>system\nBe kind.<end_of_turn>\n"
