@@ -1,13 +1,10 @@
-"""The chat: its session logic on the real engine, piped use, and a real terminal (pexpect)."""
+"""The chat: its session logic on the real engine, and piped use (the terminal: test_chat_terminal.py)."""
 
 from __future__ import annotations
 
 import json
-import sys
-import time
 from pathlib import Path
 
-import pexpect
 import pytest
 
 from gemmachat.conversation import Conversation
@@ -117,58 +114,3 @@ def test_load_of_a_bad_file_keeps_the_conversation(run_cli, tmp_path: Path) -> N
     result = run_chat(run_cli, f"Hi\n/load {bad}\n/context\n/dump\n")
     assert "cannot load" in result.stdout
     assert result.stdout.count("<start_of_turn>user\n") == 1 and "Hi" in result.stdout
-
-
-class Terminal(pexpect.spawn):
-    def send_line(self, text: str) -> None:
-        # A terminal's Enter is a carriage return; pexpect's sendline sends ctrl-j, which the
-        # chat (as llamafile's) takes as a line break inside the message.
-        time.sleep(0.3)  # let the prompt take the terminal into raw mode before typing
-        self.send(text + "\r")
-
-
-def test_real_terminal_session(cli_env: dict[str, str], tmp_path: Path) -> None:
-    saved = tmp_path / "term.json"
-    child = Terminal(sys.executable, ["-m", "gemmachat", "--chat", "-n", "400", "-c", "2048"],
-                          env={**cli_env, "PROMPT_TOOLKIT_NO_CPR": "1"}, encoding="utf-8", timeout=60,
-                          dimensions=(40, 120))
-    child.expect("gemma-chat ")
-    child.expect("context: 2048 tokens")
-    child.expect(">>>")
-    child.send_line("/help")
-    child.expect("/upload FILE")
-    child.expect(">>>")
-    # A long reply, stopped with ctrl-c after it started streaming: the chat stays.
-    child.send_line("Write a very long story about the sea.")
-    child.expect("sea.")
-    time.sleep(3)  # 400 tokens take about 8 s here: this lands mid-reply
-    child.sendintr()
-    child.expect("interrupted", timeout=10)
-    child.expect(">>>")
-    child.send_line("/set n_predict 6")
-    child.expect(">>>")
-    child.send_line("And then?")
-    child.expect("And then?")
-    child.expect(">>>", timeout=30)
-    child.send_line("/undo")
-    child.expect("dropped 2 message")
-    child.send_line(f"/save {saved}")
-    child.expect("saved 2 messages")
-    child.send_line("/exit")
-    child.expect(pexpect.EOF)
-    child.close()
-    assert child.exitstatus == 0
-    document = json.loads(saved.read_text())
-    assert document["messages"][1]["interrupted"] is True
-    # A new process loads it back.
-    child = Terminal(sys.executable, ["-m", "gemmachat", "--chat", "--nologo"],
-                     env={**cli_env, "PROMPT_TOOLKIT_NO_CPR": "1"}, encoding="utf-8", timeout=60)
-    child.expect(">>>")
-    child.send_line(f"/load {saved}")
-    child.expect("loaded 2 messages")
-    child.expect(">>>")
-    time.sleep(0.3)
-    child.sendcontrol("d")
-    child.expect(pexpect.EOF)
-    child.close()
-    assert child.exitstatus == 0

@@ -1,0 +1,204 @@
+"""The chat in a real terminal (pexpect drives a pseudo-terminal), with the real model.
+
+PROMPT_TOOLKIT_NO_CPR=1 keeps prompt_toolkit from asking the terminal for its cursor position,
+which pexpect would have to answer.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import sys
+import time
+from pathlib import Path
+
+import openai
+import pexpect
+
+BRACKETED_PASTE = ("\x1b[200~", "\x1b[201~")
+
+
+class Terminal(pexpect.spawn):
+    def send_line(self, text: str) -> None:
+        # A terminal's Enter is a carriage return; pexpect's sendline sends ctrl-j, which the
+        # chat (as llamafile's) takes as a line break inside the message.
+        time.sleep(0.3)  # let the prompt take the terminal into raw mode before typing
+        self.send(text + "\r")
+
+
+def open_chat(cli_env: dict[str, str], *args: str, env: dict[str, str] | None = None) -> Terminal:
+    return Terminal(sys.executable, ["-m", "gemmachat", *args],
+                    env={**cli_env, "PROMPT_TOOLKIT_NO_CPR": "1", **(env or {})}, encoding="utf-8",
+                    timeout=60, dimensions=(40, 120))
+
+
+def leave(child: Terminal) -> None:
+    child.send_line("/exit")
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0
+
+
+def turns(dump: Path) -> list[str]:
+    text = dump.read_text(encoding="utf-8")
+    return [part.split("<end_of_turn>")[0].strip() for part in text.split("<start_of_turn>")[1:]]
+
+
+def test_real_terminal_session(cli_env: dict[str, str], tmp_path: Path) -> None:
+    saved = tmp_path / "term.json"
+    child = open_chat(cli_env, "--chat", "-n", "400", "-c", "2048")
+    child.expect("gemma-chat ")
+    child.expect("context: 2048 tokens")
+    child.expect(">>>")
+    child.send_line("/help")
+    child.expect("/upload FILE")
+    child.expect(">>>")
+    # A long reply, stopped with ctrl-c after it started streaming: the chat stays.
+    child.send_line("Write a very long story about the sea.")
+    child.expect("sea.")
+    time.sleep(3)  # 400 tokens take about 8 s here: this lands mid-reply
+    child.sendintr()
+    child.expect("interrupted", timeout=10)
+    child.expect(">>>")
+    child.send_line("/set n_predict 6")
+    child.expect(">>>")
+    child.send_line("And then?")
+    child.expect("And then?")
+    child.expect(">>>", timeout=30)
+    child.send_line("/undo")
+    child.expect("dropped 2 message")
+    child.send_line(f"/save {saved}")
+    child.expect("saved 2 messages")
+    leave(child)
+    document = json.loads(saved.read_text())
+    assert document["messages"][1]["interrupted"] is True
+    # A new process loads it back.
+    child = open_chat(cli_env, "--chat", "--nologo")
+    child.expect(">>>")
+    child.send_line(f"/load {saved}")
+    child.expect("loaded 2 messages")
+    child.expect(">>>")
+    time.sleep(0.3)
+    child.sendcontrol("d")
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0
+
+
+def test_multi_line_input_paste_completion_and_manual_mode(cli_env: dict[str, str], tmp_path: Path) -> None:
+    data_home = tmp_path / "data"
+    (data_home / "gemma-chat").mkdir(parents=True)
+    # A damaged input history: set aside with a warning, and the chat starts anyway.
+    (data_home / "gemma-chat" / "history").write_bytes(b"\n# 2026\n+\xff\xfe broken\n")
+    dump = tmp_path / "dump.txt"
+    child = open_chat(cli_env, "--chat", "-n", "3", "--nologo", env={"XDG_DATA_HOME": str(data_home)})
+    child.expect("input history was damaged")
+    child.expect(">>>")
+    assert (data_home / "gemma-chat" / "history.corrupt").read_bytes().endswith(b"\xff\xfe broken\n")
+
+    # Tab completes a command name ("/he" alone would be an unknown command, not the help).
+    time.sleep(0.3)
+    child.send("/he\t")
+    child.expect("lp")
+    child.send("\r")
+    child.expect("/upload FILE")
+    child.expect(">>>")
+    # /context before any message, to compare with after.
+    child.send_line("/context")
+    child.expect(r"context: (\d+) tokens used")
+    used_before = int(child.match.group(1))
+    child.expect(">>>")
+
+    # ctrl-j breaks the line inside one message.
+    time.sleep(0.3)
+    child.send("first line")
+    child.sendcontrol("j")
+    child.send("second line\r")
+    child.expect("second line")
+    child.expect(">>>", timeout=30)
+    # A \"\"\" block: everything up to the closing quotes is one message.
+    child.send_line('"""')
+    child.expect(r"\.\.\.")
+    child.send_line("alpha")
+    child.expect(r"\.\.\.")
+    child.send_line('beta"""')
+    child.expect('beta"""')
+    child.expect(">>>", timeout=30)
+    # A bracketed paste of several lines is one message, sent only with Enter.
+    time.sleep(0.3)
+    child.send(BRACKETED_PASTE[0] + "pasted one\npasted two\r\npasted three" + BRACKETED_PASTE[1])
+    child.expect("pasted three")
+    time.sleep(0.5)
+    child.send("\r")
+    # Typed ahead while the reply streams: Enter must still send it, not break the line.
+    child.send("/context\r")
+    child.expect(r"context: (\d+) tokens used", timeout=30)
+    assert int(child.match.group(1)) > used_before + 20
+    child.expect(">>>")
+
+    # Manual mode: an empty line cycles the role; only a user message gets a reply.
+    child.send_line("/manual on")
+    child.expect("manual mode on")
+    child.expect("user >>>")
+    child.send_line("")
+    child.expect("now typing as assistant")
+    child.expect("assistant >>>")
+    child.send_line("I was typed as the assistant.")
+    child.expect("assistant >>>")
+    child.send_line("/manual off")
+    child.expect("manual mode off")
+    child.expect(">>>")
+    child.send_line(f"/dump {dump}")
+    child.expect("wrote")
+    leave(child)
+
+    conversation = turns(dump)
+    users = [turn for turn in conversation if turn.startswith("user\n")]
+    assert users[0].endswith("first line\nsecond line")
+    assert users[1] == "user\nalpha\nbeta"
+    assert users[2] == "user\npasted one\npasted two\npasted three"
+    assert conversation[-1] == "model\nI was typed as the assistant."
+    assert len(conversation) == 7, conversation  # three exchanges and the manual assistant turn
+    # The history kept what was typed, in a fresh file.
+    history = (data_home / "gemma-chat" / "history").read_text(encoding="utf-8")
+    assert "+first line\n+second line" in history and "+/manual on" in history
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_background_server_answers_while_the_chat_runs(cli_env: dict[str, str]) -> None:
+    port = free_port()
+    child = open_chat(cli_env, "-n", "4", "--port", str(port))
+    child.expect(f"server: http://127.0.0.1:{port}")
+    child.expect(">>>")
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=60)
+    answer = client.chat.completions.create(
+        model="any", messages=[{"role": "user", "content": "Say hello."}], max_tokens=5, temperature=0)
+    assert answer.choices[0].message.content and answer.usage.completion_tokens <= 5
+    # The chat in the foreground still answers, and the server still answers after it.
+    child.send_line("Hello from the terminal.")
+    child.expect(">>>", timeout=30)
+    child.send_line("/context")
+    child.expect(r"context: (\d+) tokens used")
+    assert int(child.match.group(1)) > 0
+    streamed = client.completions.create(model="any", prompt="The sky is", max_tokens=4, stream=True)
+    assert "".join(chunk.choices[0].text for chunk in streamed)
+    leave(child)
+
+
+def test_a_taken_port_leaves_the_chat_running_without_server(cli_env: dict[str, str]) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        child = open_chat(cli_env, "-n", "3", "--port", str(port))
+        child.expect(r"server: off \(")
+        child.expect(str(port))
+        child.expect(">>>")
+        child.send_line("Still here?")
+        child.expect(">>>", timeout=30)
+        leave(child)
