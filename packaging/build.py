@@ -113,10 +113,20 @@ def pack(launcher: Path, app: Path, model: Path, model_name: str, output: Path, 
     partial.chmod(0o755)
     os.replace(partial, output)
     if external_model:
-        beside = output.parent / model_name
-        if not beside.exists() or not os.path.samefile(beside, model):
-            shutil.copyfile(model, beside)
+        _place_beside(model, output.parent / model_name)
     return output
+
+
+def _place_beside(model: Path, beside: Path) -> None:
+    """Put the GGUF where the program looks for it: a hard link when possible, else a copy."""
+    if beside.exists():
+        if os.path.samefile(beside, model):
+            return
+        beside.unlink()
+    try:
+        os.link(model, beside)
+    except OSError:
+        shutil.copyfile(model, beside)
 
 
 def main(argv: list[str] | None = None) -> int:

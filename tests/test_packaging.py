@@ -178,3 +178,11 @@ def test_external_model_runs_beside_its_gguf(built: Built, tmp_path: Path, model
     assert not (home / ".cache" / "gemma-chat" / "models").exists(), "loaded in place, not copied"
     (dist / "gemma.gguf").unlink()
     assert_one_line_error(run_bare(small, *PROMPT, home=home, cwd=tmp_path), "gemma.gguf", "-m")
+
+
+def test_a_truncated_download_is_one_line(built: Built, home: Path, tmp_path: Path) -> None:
+    partial = tmp_path / "gemma-chat"
+    with built.file.open("rb") as source:
+        partial.write_bytes(source.read(2 * MB))
+    partial.chmod(0o755)
+    assert_one_line_error(run_bare(partial, "--help", home=home, cwd=tmp_path), "truncated")
