@@ -118,14 +118,9 @@ def pack(launcher: Path, app: Path, model: Path, model_name: str, output: Path, 
 
 
 def _place_beside(model: Path, beside: Path) -> None:
-    """Put the GGUF where the program looks for it: a hard link when possible, else a copy."""
-    if beside.exists():
-        if os.path.samefile(beside, model):
-            return
-        beside.unlink()
-    try:
-        os.link(model, beside)
-    except OSError:
+    """Put the GGUF where the program looks for it: a copy (a hard link would share the cache
+    file's private permissions with the file you distribute)."""
+    if not beside.exists() or not os.path.samefile(beside, model):
         shutil.copyfile(model, beside)
 
 
