@@ -144,6 +144,10 @@ def test_killed_extractions_are_never_used_and_are_redone(built: Built, tmp_path
     assert (app / "gemma-chat").stat().st_size > 0
     assert (models / name).stat().st_size == trailer.model_size
     assert [p.name for p in models.iterdir()] == [name], "no temporary files left behind"
+    # A program folder damaged by hand (its program deleted) is set aside and unpacked again.
+    (app / "gemma-chat").unlink()
+    assert run_bare(built.file, "--help", home=tmp_path, cwd=tmp_path, extra=extra).returncode == 0
+    assert (app / "gemma-chat").is_file() and list(app.parent.glob(app.name + ".damaged-*"))
 
 
 def test_an_unwritable_cache_names_the_variable(built: Built, home: Path, tmp_path: Path) -> None:

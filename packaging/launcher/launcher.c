@@ -345,9 +345,14 @@ int main(int argc, char **argv) {
             fail("cannot write the cache folder", partial, CACHE_HINT);
         if (attended()) fprintf(stderr, "gemma-chat: unpacking the program into %s (first start only)\n", folder);
         unpack(self, le64(trailer), le64(trailer + 8), partial);
-        /* Another start may have finished first; then its folder is as good as ours. */
-        if (rename_dir(partial, folder) != 0 && !is_file(program))
-            fail("cannot write the cache folder", folder, CACHE_HINT);
+        /* Another start may have finished first; then its folder is as good as ours. A folder
+         * there without the program was damaged by hand: set it aside and put ours in place. */
+        if (rename_dir(partial, folder) != 0 && !is_file(program)) {
+            char aside[PATH_SIZE];
+            if (snprintf(aside, PATH_SIZE, "%s.damaged-%ld-%ld", folder, process_id(), (long)time(NULL)) >= PATH_SIZE ||
+                rename_dir(folder, aside) != 0 || rename_dir(partial, folder) != 0)
+                fail("cannot write the cache folder", folder, CACHE_HINT);
+        }
     }
     fclose(self);
     set_bundle_variable();
