@@ -20,6 +20,7 @@ import datetime as _dt
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -55,6 +56,13 @@ def main() -> int:
         return 2
 
     work = Path(tempfile.mkdtemp(prefix="startup-bench-"))
+    try:
+        return measure(args, work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)  # two unpacked programs and model copies
+
+
+def measure(args: argparse.Namespace, work: Path) -> int:
     home = work / "home"
     home.mkdir()
     # The source install runs with the venv's python and the default model already in a cache,
