@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
@@ -34,14 +36,15 @@ def build_module():
 
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory: pytest.TempPathFactory, cli_env_base: dict[str, str]) -> Built:
+def built(tmp_path_factory: pytest.TempPathFactory, cli_env_base: dict[str, str]) -> Iterator[Built]:
     # The default model, as a user's build gets it: from the package, via the session's cache.
     root = tmp_path_factory.mktemp("pkg")
     output = root / "dist" / "gemma-chat"
     result = subprocess.run([sys.executable, str(BUILD), "-o", str(output), "--work-dir", str(root / "work")],
                             capture_output=True, text=True, env=cli_env_base, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
-    return Built(output, root / "work", result.stdout)
+    yield Built(output, root / "work", result.stdout)
+    shutil.rmtree(root, ignore_errors=True)  # about 1 GB that pytest would otherwise keep
 
 
 @pytest.fixture(scope="module")
@@ -62,9 +65,18 @@ def expected(cli_env_base: dict[str, str], tmp_path_factory: pytest.TempPathFact
 
 
 @pytest.fixture(scope="module")
-def home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """One fresh HOME for the module, so the program and the model are unpacked once, not per test."""
-    return tmp_path_factory.mktemp("home")
+    home = tmp_path_factory.mktemp("home")
+    yield home
+    shutil.rmtree(home, ignore_errors=True)
+
+
+@pytest.fixture(autouse=True)
+def tidy(tmp_path: Path) -> Iterator[None]:
+    """Each test unpacks a program or copies a model (hundreds of MB): leave none behind."""
+    yield
+    shutil.rmtree(tmp_path, ignore_errors=True)
 
 
 def run_bare(file: Path, *args: str, home: Path, cwd: Path, extra: dict[str, str] | None = None,
