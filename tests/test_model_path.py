@@ -17,7 +17,7 @@ def test_default_model_is_assembled_once_and_reused(tmp_path: Path) -> None:
     messages: list[str] = []
     first = default_model(env, messages.append)
     assert first.is_file() and first.parent == tmp_path / "models"
-    assert len(messages) == 1 and "assembling" in messages[0]
+    assert len(messages) == 1 and "copying the model" in messages[0]
     stamp = first.stat()
     # A later start finds it by name and size: no second assembly, the same file untouched.
     second = default_model(env, messages.append)

