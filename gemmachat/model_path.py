@@ -17,6 +17,7 @@ import platformdirs
 
 from gemmachat.errors import UserError
 from gemmachat.gguf import GGUFError, GGUFInfo, read_gguf
+from gemmachat.hparams import check_hyperparameters
 
 APP_NAME = "gemma-chat"
 
@@ -94,6 +95,7 @@ def resolve_model(model: Path | None, environ: Mapping[str, str],
     path = model or embedded_model(environ) or default_model(environ, progress)
     try:
         info = read_gguf(path)
+        check_hyperparameters(info)
     except GGUFError as error:
         raise UserError(f"cannot use model {path}: {error}") from None
     return path, info
