@@ -9,12 +9,14 @@ for real (with zero weights) without copying 250 MB per case.
 from __future__ import annotations
 
 import ctypes
+import hashlib
 import os
 import random
 import struct
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
+from importlib.metadata import version
 from pathlib import Path
 
 import pytest
@@ -207,3 +209,50 @@ def test_a_file_without_read_permission(model_path: Path, head: bytes, cli_env: 
     result = run_cli(cli_env, model, **as_user)
     assert_one_line_error(result, "unreadable")
     assert "permission denied" in result.stderr
+
+
+# -- a chat template that attacks the host -------------------------------------------------------
+
+ATTACK = "{{ cycler.__init__.__globals__.os.popen('touch PWNED').read() }}"
+OFFICIAL_TEMPLATE = (REPO / "tests" / "fixtures" / "gemma3-chat-template.jinja")
+
+
+@pytest.fixture(scope="session")
+def hostile_model(model_path: Path) -> Path:
+    """The default model with ATTACK in front of the official chat template, written by the `gguf`
+    package's own gguf-new-metadata. Building it takes about 40 s (the tool parses the 262k-token
+    vocabulary in Python), so the result is kept, named by what went into it."""
+    import platformdirs
+
+    template = ATTACK + OFFICIAL_TEMPLATE.read_text()
+    key = hashlib.sha256(f"{model_path.name}\0{version('gguf')}\0{template}".encode()).hexdigest()[:16]
+    folder = Path(platformdirs.user_cache_dir("gemma-chat-tests"))
+    target = folder / f"hostile-template-{key}.gguf"
+    if not target.exists():
+        folder.mkdir(parents=True, exist_ok=True)
+        partial = target.with_suffix(".partial")
+        tool = Path(sys.executable).parent / "gguf-new-metadata"
+        subprocess.run([str(tool), "--force", "--chat-template", template, str(model_path), str(partial)],
+                       check=True, capture_output=True, timeout=600)
+        partial.replace(target)
+    assert read_gguf(target).chat_template == template
+    return target
+
+
+def test_a_template_that_reaches_python_objects_is_refused_and_ours_used(
+        hostile_model: Path, model_path: Path, cli_env: dict[str, str], tmp_path: Path) -> None:
+    args = ["--cli", "--chat-turn", "-p", "Say hi", "-n", "6", "--temp", "0", "-c", "256", "-t", "2"]
+
+    def run(model: Path, *extra: str) -> subprocess.CompletedProcess:
+        # In an empty folder: the attack would create PWNED in the working directory.
+        return subprocess.run([sys.executable, "-m", "gemmachat", *args, "-m", str(model), *extra],
+                              env=cli_env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+
+    attacked = run(hostile_model, "--jinja")
+    assert attacked.returncode == 0, attacked.stderr
+    assert attacked.stderr.count("\n") == 1
+    assert "chat template was refused" in attacked.stderr and "gemma template" in attacked.stderr
+    assert not (tmp_path / "PWNED").exists()
+    assert not list(tmp_path.iterdir())
+    # The built-in template was used: the same reply as the same weights without --jinja.
+    assert attacked.stdout == run(model_path).stdout
