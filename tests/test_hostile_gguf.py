@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import json
 import os
 import random
 import struct
@@ -143,24 +144,61 @@ def head(model_path: Path) -> bytes:
         return model.read(read_gguf(model_path).data_offset)
 
 
+# Runs the CLI's main() on each model named after the first two arguments (the log, the CLI
+# arguments as JSON), in one process, with fds 1 and 2 sent to MODEL.out and MODEL.err, and a log
+# line before and after each: starting Python and importing llama.cpp is most of a refusal's cost.
+BATCH = """
+import json, os, sys
+from gemmachat.cli import main
+log = open(sys.argv[1], "a", buffering=1)
+for model in sys.argv[3:]:
+    log.write("start " + model + "\\n")
+    for fd, suffix in ((1, ".out"), (2, ".err")):
+        sys.stdout.flush(); sys.stderr.flush()
+        target = os.open(model + suffix, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+        os.dup2(target, fd); os.close(target)
+    code = main(json.loads(sys.argv[2]) + ["-m", model])
+    sys.stdout.flush(); sys.stderr.flush()
+    log.write(f"end {code} {model}\\n")
+"""
+
+
+def run_in_batches(env: dict[str, str], models: list[Path], log: Path) -> dict[Path, subprocess.CompletedProcess]:
+    """Each model's (exit status, stdout, stderr). A process that dies (a signal, or the abort
+    hook ending it) is blamed on the model it was running, and the rest go on in a new one."""
+    codes: dict[Path, int] = {}
+    while pending := [model for model in models if model not in codes]:
+        log.write_text("")
+        process = subprocess.run([sys.executable, "-c", BATCH, str(log), json.dumps(CLI), *map(str, pending)],
+                                 env=env, cwd=REPO, capture_output=True, timeout=300)
+        started = None
+        for line in log.read_text().splitlines():
+            kind, _, rest = line.partition(" ")
+            if kind == "start":
+                started = Path(rest)
+            else:
+                code, _, model = rest.partition(" ")
+                codes[Path(model)] = int(code)
+        if started is not None and started not in codes:
+            codes[started] = process.returncode
+        assert started is not None, process.stderr
+    return {model: subprocess.CompletedProcess([], codes[model], Path(f"{model}.out").read_text(),
+                                               Path(f"{model}.err").read_text()) for model in models}
+
+
 def test_corrupted_copies_of_the_real_model_never_crash_or_hang(model_path: Path, head: bytes,
                                                                 cli_env: dict[str, str], tmp_path: Path) -> None:
     info = read_gguf(model_path)
     refused, loadable = variants(head, info, model_path.stat().st_size)
     cases = {**{name: True for name in refused}, **{name: False for name in loadable}}
     data = {**refused, **loadable}
-
-    def run(index_name: tuple[int, str]) -> tuple[str, subprocess.CompletedProcess]:
-        index, name = index_name
-        path = write_variant(tmp_path / f"variant{index}.gguf", *data[name])
-        try:
-            return name, run_cli(cli_env, path)
-        finally:
-            path.unlink()
-
-    # Two at a time: each process is mostly start-up (importing llama.cpp) on a small machine.
+    # Sparse files: the disk holds only their first 6.5 MB each.
+    paths = {name: write_variant(tmp_path / f"variant{index}.gguf", *data[name]) for index, name in enumerate(cases)}
+    halves = [list(paths.values())[0::2], list(paths.values())[1::2]]
     with ThreadPoolExecutor(2) as pool:
-        results = dict(pool.map(run, enumerate(cases)))
+        done = pool.map(lambda half: run_in_batches(cli_env, half[1], tmp_path / f"log{half[0]}"), enumerate(halves))
+        by_path = {path: result for results in done for path, result in results.items()}
+    results = {name: by_path[path] for name, path in paths.items()}
     problems, loaded = [], []
     for name, result in results.items():
         if result.returncode < 0:
