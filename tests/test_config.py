@@ -92,21 +92,27 @@ def test_the_cli_reports_a_bad_key_in_one_line_with_exit_2(run_cli, tmp_path: Pa
 
 
 @pytest.mark.parametrize("content", [b"temp = = 0.2\n", b"model = \"\xff\xfe\"\n", b"[unclosed\n"])
-def test_a_corrupt_config_is_set_aside_with_a_warning_and_the_program_starts(
-        run_cli, tmp_path: Path, content: bytes) -> None:
-    # The default location, found through HOME as a user's would be.
+def test_a_corrupt_config_is_set_aside_with_one_warning(tmp_path: Path, content: bytes) -> None:
+    config = tmp_path / "config.toml"
+    config.write_bytes(content)
+    settings, warnings = settings_with(config, "--cli")
+    assert settings.port == 8080  # the defaults
+    assert len(warnings) == 1 and str(config) in warnings[0] and "moved it to" in warnings[0]
+    assert not config.exists() and (tmp_path / "config.toml.corrupt").read_bytes() == content
+
+
+def test_the_program_starts_past_a_corrupt_config_in_the_default_place(run_cli, tmp_path: Path) -> None:
     home = tmp_path / "home"
     config = home / ".config" / "gemma-chat" / "config.toml"
     config.parent.mkdir(parents=True)
-    config.write_bytes(content)
-    result = run_cli("--cli", "-p", "The capital of France is", "-n", "2", "--temp", "0",
+    config.write_bytes(b"temp = = 0.2\n")
+    result = run_cli("--cli", "-p", "The capital of France is", "-n", "2", "--temp", "0", "-t", "1",
                      env={"HOME": str(home), "XDG_CONFIG_HOME": str(home / ".config")})
     assert result.returncode == 0, result.stderr
     assert result.stdout  # it ran the model
     lines = result.stderr.splitlines()
     assert len(lines) == 1 and str(config) in lines[0] and "moved it to" in lines[0], lines
-    assert not config.exists()
-    assert (config.parent / "config.toml.corrupt").read_bytes() == content
+    assert (config.parent / "config.toml.corrupt").read_bytes() == b"temp = = 0.2\n"
 
 
 def test_help_documents_the_config_file(run_cli) -> None:
