@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from typing import Sequence
 
@@ -24,7 +25,15 @@ def run(settings: Settings) -> int:
     return repl.run_chat(settings)
 
 
+def _interrupted(signum: int, frame: object) -> None:
+    # SIGTERM ends the CLI and the chat as ctrl-c does: through KeyboardInterrupt, so every
+    # `with` and `finally` on the way out runs (the model is freed, no file is left half-written).
+    # The server replaces this with its own graceful shutdown.
+    raise KeyboardInterrupt
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    signal.signal(signal.SIGTERM, _interrupted)
     try:
         return run(parse_settings(sys.argv[1:] if argv is None else argv))
     except UserError as error:

@@ -3,15 +3,21 @@
 llama-cpp-python's own callback still prints some lines with verbose=False, so we replace it.
 The last error lines are kept either way, because when llama.cpp refuses a model the reason is
 only in its log (an unknown architecture, a tensor out of bounds), and the user deserves it.
+
+llama.cpp's last words go through here too: a GGML_ASSERT (reachable from a hostile model file)
+calls abort(), which would print a C backtrace and kill us with SIGABRT. Our hook prints one line
+and ends the process with status 2 instead; nothing can be resumed after a failed assertion.
 """
 
 from __future__ import annotations
 
 import collections
 import ctypes
+import os
 import sys
 
 import llama_cpp
+from llama_cpp._ggml import libggml
 
 # ggml.h's levels (llama_cpp/_logger.py still lists an older order).
 GGML_LOG_LEVEL_ERROR = 4
@@ -34,9 +40,29 @@ def _on_log(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
         sys.stderr.flush()
 
 
+@ctypes.CFUNCTYPE(None, ctypes.c_char_p)
+def _on_abort(message: bytes) -> None:
+    text = message.decode("utf-8", errors="replace") if message else "unknown error"
+    # "/long/build/path/llama-model.cpp:1328: GGML_ASSERT(...) failed": the file and line stay
+    # (they identify the check), the build folder goes.
+    where, colon, what = text.partition(": ")
+    text = " ".join((os.path.basename(where) + colon + what).split())
+    try:
+        sys.stdout.flush()  # what was generated before stays
+    except (OSError, ValueError):
+        pass
+    os.write(2, f"gemma-chat: llama.cpp stopped on an internal check: {text}\n".encode())
+    os._exit(2)
+
+
+libggml.ggml_set_abort_callback.argtypes = [type(_on_abort)]
+libggml.ggml_set_abort_callback.restype = ctypes.c_void_p
+
+
 def install(verbose: bool) -> None:
     _state["verbose"] = verbose
     llama_cpp.llama_log_set(_on_log, ctypes.c_void_p(0))
+    libggml.ggml_set_abort_callback(_on_abort)
 
 
 def last_error() -> str | None:

@@ -20,6 +20,7 @@ import platformdirs
 from gemmachat.bundle import BUNDLE_VARIABLE, read_trailer
 from gemmachat.errors import UserError
 from gemmachat.gguf import GGUFError, GGUFInfo, read_gguf
+from gemmachat.hparams import check_hyperparameters
 
 APP_NAME = "gemma-chat"
 
@@ -141,6 +142,7 @@ def resolve_model(model: Path | None, environ: Mapping[str, str],
     path = model or embedded_model(environ, progress) or default_model(environ, progress)
     try:
         info = read_gguf(path)
+        check_hyperparameters(info)
     except GGUFError as error:
         raise UserError(f"cannot use model {path}: {error}") from None
     return path, info

@@ -25,6 +25,7 @@ class ApiError(Exception):
 
     def __init__(self, status: int, message: str, *, type: str | None = None, code: str | None = None,
                  param: str | None = None) -> None:
+        message = one_line(message)
         super().__init__(message)
         self.status = status
         self.message = message
@@ -34,6 +35,12 @@ class ApiError(Exception):
 
     def body(self) -> dict[str, Any]:
         return error_body(self.message, self.type, self.code, self.param)
+
+
+def one_line(text: str, limit: int = 500) -> str:
+    """A message that quotes request text (a field name, say) stays one printable line."""
+    text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+    return text if len(text) <= limit else text[:limit] + "…"
 
 
 def error_body(message: str, type: str = "invalid_request_error", code: str | None = None,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import signal
 import sys
 import threading
@@ -23,6 +24,7 @@ from prompt_toolkit.history import FileHistory, History, InMemoryHistory
 from prompt_toolkit.key_binding import KeyBindings
 
 from gemmachat import __version__, commands
+from gemmachat.atomic import write_atomic
 from gemmachat.commands import ExitChat
 from gemmachat.device import cpu_name, gpu_names
 from gemmachat.engine import Engine, load_engine, renderer_for
@@ -152,6 +154,33 @@ def _key_bindings() -> KeyBindings:
     return bindings
 
 
+class AtomicFileHistory(FileHistory):
+    """prompt_toolkit's FileHistory appends in place, so a kill or a full disk mid-write leaves a
+    torn entry; this one rewrites the (small) file atomically. A failed write keeps the entry in
+    memory and is reported once, through `problem`, instead of ending the chat."""
+
+    def __init__(self, filename: str) -> None:
+        super().__init__(filename)
+        self.problem: str | None = None
+        self._reported = False
+
+    def store_string(self, string: str) -> None:
+        path = Path(self.filename)
+        entry = f"\n# {datetime.datetime.now()}\n" + "".join(f"+{line}\n" for line in string.split("\n"))
+        try:
+            old = path.read_bytes() if path.exists() else b""
+            write_atomic(path, old + entry.encode("utf-8", errors="replace"))
+        except (OSError, UserError) as error:
+            if not self._reported:
+                self.problem = f"input history not saved: {getattr(error, 'strerror', None) or error}"
+
+    def take_problem(self) -> str | None:
+        problem, self.problem = self.problem, None
+        if problem:
+            self._reported = True
+        return problem
+
+
 def input_history(environ: dict[str, str] | None = None) -> tuple[History, str | None]:
     """The persistent input history, or an in-memory one and a warning if it cannot be kept."""
     folder = Path(platformdirs.user_data_dir("gemma-chat"))
@@ -160,14 +189,17 @@ def input_history(environ: dict[str, str] | None = None) -> tuple[History, str |
         folder.mkdir(parents=True, exist_ok=True)
         path.touch()
         path.read_bytes().decode("utf-8")
-    except (OSError, UnicodeDecodeError) as error:
-        if isinstance(error, UnicodeDecodeError):
-            # A damaged history is set aside, not deleted and not fatal.
-            aside = path.with_name("history.corrupt")
+    except UnicodeDecodeError:
+        # A damaged history is set aside, not deleted and not fatal.
+        aside = path.with_name("history.corrupt")
+        try:
             path.replace(aside)
-            return FileHistory(str(path)), f"the input history was damaged; moved it to {aside}"
-        return InMemoryHistory(), f"input history not kept: {getattr(error, 'strerror', error)}"
-    return FileHistory(str(path)), None
+        except OSError as error:
+            return InMemoryHistory(), f"input history not kept: it is damaged ({error.strerror})"
+        return AtomicFileHistory(str(path)), f"the input history was damaged; moved it to {aside}"
+    except OSError as error:
+        return InMemoryHistory(), f"input history not kept: {error.strerror or error}"
+    return AtomicFileHistory(str(path)), None
 
 
 def read_message(prompt: Callable[[str], str], first: str) -> str | None:
@@ -222,6 +254,8 @@ def interactive(chat: Chat, printer: Printer) -> int:
             first = prompt_session.prompt(label)
         except EOFError:
             return 0
+        if isinstance(history, AtomicFileHistory) and (problem := history.take_problem()):
+            printer.info(problem)
         text = read_message(prompt_session.prompt, first)
         if text is None:
             continue

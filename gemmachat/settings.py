@@ -1,4 +1,4 @@
-"""The one settings object, built from command-line flags and the environment.
+"""The one settings object, built from command-line flags, the environment and the config file.
 
 Every mode shares one argument parser: a flag that belongs to one mode is accepted (and ignored)
 in the others, so a script that adds `--port` to a `--cli` call keeps working (llamafile's users
@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 from gemmachat import __version__
+from gemmachat.config import CONFIG_ENV, apply_config, config_path, read_config
 from gemmachat.errors import UserError
 
 DEFAULT_CTX_CAP = 8192
@@ -115,7 +117,11 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=(
             "Model: -m PATH, else $GEMMA_CHAT_MODEL, else the model inside this program, else the "
             "default Gemma 3 270M. Examples: gemma-chat --cli -p 'The capital of France is' -n 24; "
-            "echo 'Why is the sky blue?' | gemma-chat --cli --chat-turn"
+            "echo 'Why is the sky blue?' | gemma-chat --cli --chat-turn. "
+            "Config file: $GEMMA_CHAT_CONFIG, else config.toml in the user config folder "
+            f"({config_path({})}); TOML keys are the long flag names, e.g. ctx-size = 4096, "
+            "temp = 0.2, model = \"/path/model.gguf\", stop = [\"###\"]. Flags beat the "
+            "environment ($GEMMA_CHAT_MODEL, $GEMMA_CHAT_API_KEY), which beats the config file."
         ),
     )
     parser.add_argument("--version", action="version", version=f"gemma-chat {__version__}")
@@ -208,22 +214,32 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def parse_settings(argv: Sequence[str], environ: Mapping[str, str] | None = None) -> Settings:
+def _warn(message: str) -> None:
+    print(f"gemma-chat: {message}", file=sys.stderr)
+
+
+def parse_settings(argv: Sequence[str], environ: Mapping[str, str] | None = None,
+                   warn: Callable[[str], None] = _warn) -> Settings:
     environ = dict(os.environ if environ is None else environ)
-    args = build_parser().parse_args(list(argv))
+    parser = build_parser()
+    # Each source replaces the parser's defaults in turn, so the flags parsed last win.
+    path = config_path(environ)
+    apply_config(parser, read_config(path, required=bool(environ.get(CONFIG_ENV)), warn=warn), path)
+    if environ.get("GEMMA_CHAT_MODEL"):
+        parser.set_defaults(model=Path(environ["GEMMA_CHAT_MODEL"]))
+    if environ.get("GEMMA_CHAT_API_KEY"):
+        parser.set_defaults(api_key=environ["GEMMA_CHAT_API_KEY"])
+    args = parser.parse_args(list(argv))
     mode = args.mode or "chat"
     in_chat = mode in ("chat", "chat-only")
     temperature = args.temp if args.temp is not None else (0.0 if in_chat else 0.8)
-    model = args.model
-    if model is None and environ.get("GEMMA_CHAT_MODEL"):
-        model = Path(environ["GEMMA_CHAT_MODEL"])
     if args.prompt is not None and args.prompt_file is not None:
         raise UserError("give the prompt with -p or -f, not both")
     if args.repeat_penalty <= 0:
         raise UserError("--repeat-penalty must be greater than 0")
     return Settings(
         mode=mode,
-        model=model,
+        model=args.model,
         prompt=args.prompt,
         prompt_file=args.prompt_file,
         system=args.system,
@@ -258,7 +274,7 @@ def parse_settings(argv: Sequence[str], environ: Mapping[str, str] | None = None
         plain=args.plain or bool(environ.get("NO_COLOR")),
         host=args.host,
         port=args.port,
-        api_key=args.api_key or environ.get("GEMMA_CHAT_API_KEY") or None,
+        api_key=args.api_key or None,
         parallel=args.parallel,
         temp_given=args.temp is not None,
         environ=environ,

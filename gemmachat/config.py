@@ -1,0 +1,107 @@
+"""The config file: a TOML file whose keys are the long flag names, read into the parser's defaults.
+
+Precedence is flags > environment > config file > built-in defaults; the config file only ever
+replaces a default, so a flag always wins. A file that is not TOML at all is set aside and the
+program starts (a broken config must never lock the user out); a key or value that is wrong is
+an error naming the file and the key, since guessing what was meant would hide the mistake.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Callable, Mapping
+
+import platformdirs
+
+from gemmachat.errors import UserError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
+
+CONFIG_ENV = "GEMMA_CHAT_CONFIG"
+# Flags that are not settings: they print something and exit.
+NOT_SETTINGS = ("help", "version")
+
+
+def config_path(environ: Mapping[str, str]) -> Path:
+    override = environ.get(CONFIG_ENV)
+    if override:
+        return Path(override).expanduser()
+    return Path(platformdirs.user_config_dir("gemma-chat")) / "config.toml"
+
+
+def read_config(path: Path, *, required: bool, warn: Callable[[str], None]) -> dict[str, object]:
+    """The file's table; {} if there is none. A file that does not parse is renamed to *.corrupt."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        if required:
+            raise UserError(f"config file {path} (from ${CONFIG_ENV}) does not exist") from None
+        return {}
+    except IsADirectoryError:
+        raise UserError(f"config file {path} is a directory") from None
+    except OSError as error:
+        raise UserError(f"cannot read config file {path}: {error.strerror or error}") from None
+    try:
+        return tomllib.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as error:
+        reason = "not UTF-8" if isinstance(error, UnicodeDecodeError) else f"not valid TOML ({error})"
+        aside = path.with_name(path.name + ".corrupt")
+        try:
+            os.replace(path, aside)
+        except OSError as move_error:
+            warn(f"config file {path} is {reason}; ignoring it (cannot move it aside: "
+                 f"{move_error.strerror or move_error})")
+        else:
+            warn(f"config file {path} is {reason}; moved it to {aside} and started without it")
+        return {}
+
+
+def apply_config(parser: argparse.ArgumentParser, table: Mapping[str, object], path: Path) -> None:
+    """Turn each key into the default of the flag it names, checked as the flag's value would be."""
+    actions = {
+        option[2:]: action
+        for action in parser._actions  # argparse has no public list of its options
+        for option in action.option_strings
+        if option.startswith("--") and action.dest not in NOT_SETTINGS
+    }
+    for key, value in table.items():
+        action = actions.get(key)
+        if action is None:
+            raise UserError(f"config file {path}: unknown key '{key}' (keys are long flag names, "
+                            "see gemma-chat --help)")
+        parser.set_defaults(**{action.dest: _value_for(action, key, value, path)})
+
+
+def _value_for(action: argparse.Action, key: str, value: object, path: Path) -> object:
+    def wrong(expected: str) -> UserError:
+        return UserError(f"config file {path}: key '{key}' must be {expected}, not {value!r}")
+
+    if action.nargs == 0:  # a switch: --mlock, --cli ...
+        if not isinstance(value, bool):
+            raise wrong("true or false")
+        return action.const if value else action.default
+    if isinstance(action, argparse._AppendAction):
+        if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+            raise wrong("a list of strings")
+        return list(value)
+    kind = getattr(action.type, "__name__", "str")
+    if kind in ("str", "Path"):
+        if not isinstance(value, str):
+            raise wrong("a string")
+    elif isinstance(value, bool) or not isinstance(value, (int, float) if kind == "float" else int):
+        raise wrong("a number" if kind == "float" else "an integer")
+    try:
+        converted = action.type(str(value)) if action.type else value
+        if isinstance(converted, Path):
+            converted = converted.expanduser()
+    except (argparse.ArgumentTypeError, ValueError) as error:
+        raise UserError(f"config file {path}: key '{key}': {error}") from None
+    if action.choices is not None and converted not in action.choices:
+        raise wrong("one of " + ", ".join(map(str, action.choices)))
+    return converted

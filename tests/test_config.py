@@ -1,0 +1,121 @@
+"""The config file: keys are long flag names; flags > environment > config file > defaults."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from gemmachat.errors import UserError
+from gemmachat.settings import parse_settings
+
+
+def settings_with(config: Path, *argv: str, **environ: str):
+    warnings: list[str] = []
+    settings = parse_settings(list(argv), {"GEMMA_CHAT_CONFIG": str(config), **environ}, warnings.append)
+    return settings, warnings
+
+
+def test_config_values_replace_the_defaults(tmp_path: Path) -> None:
+    config = tmp_path / "config.toml"
+    config.write_text('ctx-size = 4096\ntemp = 0.2\nmodel = "/models/x.gguf"\nport = 8081\n'
+                      'mlock = true\nno-mmap = true\nstop = ["###", "END"]\nflash-attn = "off"\n'
+                      'top-p = 1\nserver = true\n')
+    settings, warnings = settings_with(config)
+    assert warnings == []
+    assert settings.ctx_size == 4096 and settings.port == 8081
+    assert settings.sampling.temperature == 0.2 and settings.temp_given
+    assert settings.sampling.top_p == 1.0
+    assert settings.model == Path("/models/x.gguf")
+    assert settings.mlock and not settings.mmap
+    assert settings.stop == ("###", "END") and settings.flash_attn == "off"
+    assert settings.mode == "server"
+
+
+def test_flags_beat_environment_beat_config(tmp_path: Path) -> None:
+    config = tmp_path / "config.toml"
+    config.write_text('model = "/from/config.gguf"\napi-key = "config-key"\nport = 9000\n')
+    settings, _ = settings_with(config)
+    assert settings.model == Path("/from/config.gguf") and settings.api_key == "config-key"
+    settings, _ = settings_with(config, GEMMA_CHAT_MODEL="/from/env.gguf", GEMMA_CHAT_API_KEY="env-key")
+    assert settings.model == Path("/from/env.gguf") and settings.api_key == "env-key"
+    settings, _ = settings_with(config, "-m", "/from/flag.gguf", "--api-key", "flag-key", "--port", "9001",
+                                "--cli", GEMMA_CHAT_MODEL="/from/env.gguf", GEMMA_CHAT_API_KEY="env-key")
+    assert settings.model == Path("/from/flag.gguf") and settings.api_key == "flag-key"
+    assert settings.port == 9001 and settings.mode == "cli"
+
+
+def test_no_config_file_gives_the_defaults(tmp_path: Path) -> None:
+    # The default location: absent is normal, not an error.
+    settings = parse_settings(["--cli"], {"XDG_CONFIG_HOME": str(tmp_path), "HOME": str(tmp_path)})
+    assert settings.port == 8080 and settings.ctx_size is None and settings.sampling.temperature == 0.8
+
+
+BAD_CONFIGS = {
+    "unknown key": ("ctxsize = 4096\n", "unknown key 'ctxsize'"),
+    "help is not a setting": ("help = true\n", "unknown key 'help'"),
+    "string for an integer": ('ctx-size = "4096"\n', "key 'ctx-size' must be an integer"),
+    "float for an integer": ("port = 80.5\n", "key 'port' must be an integer"),
+    "bool for a number": ("temp = true\n", "key 'temp' must be a number"),
+    "number for a string": ("model = 5\n", "key 'model' must be a string"),
+    "string for a switch": ('mlock = "yes"\n', "key 'mlock' must be true or false"),
+    "out of range": ("port = 70000\n", "key 'port': must be between 1 and 65535"),
+    "not a choice": ('flash-attn = "maybe"\n', "key 'flash-attn' must be one of on, off, auto"),
+    "stop not a list": ('stop = "###"\n', "key 'stop' must be a list of strings"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_CONFIGS), ids=list(BAD_CONFIGS))
+def test_a_wrong_key_or_value_is_an_error_naming_the_file_and_key(tmp_path: Path, case: str) -> None:
+    text, fragment = BAD_CONFIGS[case]
+    config = tmp_path / "config.toml"
+    config.write_text(text)
+    with pytest.raises(UserError) as raised:
+        settings_with(config)
+    message = str(raised.value)
+    assert str(config) in message and fragment in message and "\n" not in message
+    assert config.read_text() == text  # a file with a mistake in it is the user's to fix, not moved
+
+
+def test_config_named_by_the_environment_must_exist(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="does not exist"):
+        settings_with(tmp_path / "missing.toml")
+
+
+def test_the_cli_reports_a_bad_key_in_one_line_with_exit_2(run_cli, tmp_path: Path) -> None:
+    config = tmp_path / "config.toml"
+    config.write_text("tempp = 0.2\n")
+    result = run_cli("--cli", "-p", "x", env={"GEMMA_CHAT_CONFIG": str(config)})
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr == f"gemma-chat: config file {config}: unknown key 'tempp' (keys are long flag " \
+                            "names, see gemma-chat --help)\n"
+
+
+@pytest.mark.parametrize("content", [b"temp = = 0.2\n", b"model = \"\xff\xfe\"\n", b"[unclosed\n"])
+def test_a_corrupt_config_is_set_aside_with_one_warning(tmp_path: Path, content: bytes) -> None:
+    config = tmp_path / "config.toml"
+    config.write_bytes(content)
+    settings, warnings = settings_with(config, "--cli")
+    assert settings.port == 8080  # the defaults
+    assert len(warnings) == 1 and str(config) in warnings[0] and "moved it to" in warnings[0]
+    assert not config.exists() and (tmp_path / "config.toml.corrupt").read_bytes() == content
+
+
+def test_the_program_starts_past_a_corrupt_config_in_the_default_place(run_cli, tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    config = home / ".config" / "gemma-chat" / "config.toml"
+    config.parent.mkdir(parents=True)
+    config.write_bytes(b"temp = = 0.2\n")
+    result = run_cli("--cli", "-p", "The capital of France is", "-n", "2", "--temp", "0", "-t", "1",
+                     env={"HOME": str(home), "XDG_CONFIG_HOME": str(home / ".config")})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout  # it ran the model
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and str(config) in lines[0] and "moved it to" in lines[0], lines
+    assert (config.parent / "config.toml.corrupt").read_bytes() == b"temp = = 0.2\n"
+
+
+def test_help_documents_the_config_file(run_cli) -> None:
+    result = run_cli("--help")
+    text = " ".join(result.stdout.split())
+    assert "$GEMMA_CHAT_CONFIG" in text and "config.toml" in text and "ctx-size = 4096" in text
