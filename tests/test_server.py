@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import http.client
 import json
-import os
 import signal
 import socket
 import subprocess
@@ -47,7 +46,7 @@ class ServerProcess:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.process = subprocess.Popen(
-            [*SERVER, "--port", str(self.port), "-c", "2048", "-np", "2", "-t", "2", *args],
+            [*SERVER, "--port", str(self.port), "-c", "4096", "-np", "2", "-t", "2", *args],
             env=env, cwd=REPO, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
             text=True,
         )
@@ -98,14 +97,6 @@ def raw_request(port: int, method: str, path: str, body: bytes | str | dict | No
         return response.status, response.read()
     finally:
         connection.close()
-
-
-@pytest.fixture(scope="module")
-def server_env(cache_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
-    env = {key: value for key, value in os.environ.items() if not key.startswith("GEMMA_CHAT_")}
-    env["GEMMA_CHAT_CACHE_DIR"] = str(cache_dir)
-    env["HOME"] = str(tmp_path_factory.mktemp("home"))
-    return env
 
 
 @pytest.fixture(scope="module")
