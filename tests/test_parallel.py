@@ -3,8 +3,6 @@
 
 from __future__ import annotations
 
-import http.client
-import json
 import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -19,7 +17,7 @@ from gemmachat.engine import Engine, EngineOptions
 from gemmachat.gguf import read_gguf
 from gemmachat.settings import Sampling
 from gemmachat.templates import Segment, to_tokens
-from test_server import ServerProcess
+from test_server import ServerProcess, open_stream
 
 # Greedy continuations with no near-tie in their first 48 tokens. Four rows decoded together take
 # llama.cpp's 4-row matrix kernel, whose logits differ from the 1-row kernel's by up to about 0.9:
@@ -162,22 +160,10 @@ def test_more_clients_than_slots_wait_their_turn(client: openai.OpenAI, server: 
     assert server.request("GET", "/health")[1]["slots_processing"] == 0
 
 
-def open_stream(port: int, prompt: str) -> http.client.HTTPConnection:
-    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
-    connection.request("POST", "/v1/completions", body=json.dumps(
-        {"prompt": prompt, "max_tokens": 900, "stream": True, "temperature": 0, "ignore_eos": True}),
-        headers={"Content-Type": "application/json"})
-    response = connection.getresponse()
-    assert response.status == 200
-    for _ in range(3):
-        assert response.readline().startswith(b"data: ")
-        response.readline()
-    return connection
-
-
 def test_hanging_up_mid_batch_frees_the_slot_for_the_next_request(client: openai.OpenAI, server: ServerProcess,
                                                                   alone: dict) -> None:
-    streams = [open_stream(server.port, prompt) for prompt in PROMPTS[:4]]  # every slot busy
+    streams = [open_stream(server.port, {"prompt": prompt, "max_tokens": 900, "temperature": 0, "ignore_eos": True})
+               for prompt in PROMPTS[:4]]  # every slot busy
     assert server.request("GET", "/health")[1]["slots_processing"] == 4
     for connection in streams[:2]:
         connection.sock.shutdown(socket.SHUT_RDWR)

@@ -120,6 +120,19 @@ def greedy_completion(engine: Engine, prompt: str, max_tokens: int) -> str:
     return engine.generate(engine.new_sequence(), tokens, Sampling(temperature=0), max_tokens=max_tokens).text()
 
 
+def open_stream(port: int, body: dict[str, Any]) -> http.client.HTTPConnection:
+    """A streamed completion of `body` whose first three chunks have arrived."""
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    connection.request("POST", "/v1/completions", body=json.dumps({**body, "stream": True}),
+                       headers={"Content-Type": "application/json"})
+    response = connection.getresponse()
+    assert response.status == 200
+    for _ in range(3):
+        assert response.readline().startswith(b"data: ")
+        response.readline()
+    return connection
+
+
 def assert_alive(server: ServerProcess) -> None:
     status, body = server.request("GET", "/health")
     assert status == 200 and body["status"] == "ok"
@@ -257,15 +270,7 @@ def test_a_client_that_hangs_up_mid_stream_frees_its_slot(server: ServerProcess,
     # Two streams fill both slots and hang up after a few chunks; a third request must then be
     # answered at once, not after 1500 tokens.
     for _ in range(2):
-        connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
-        connection.request("POST", "/v1/completions", body=json.dumps(
-            {"prompt": "1, 2, 3,", "max_tokens": 1500, "stream": True, "temperature": 0}),
-            headers={"Content-Type": "application/json"})
-        response = connection.getresponse()
-        assert response.status == 200
-        for _ in range(3):
-            assert response.readline().startswith(b"data: ")
-            response.readline()
+        connection = open_stream(server.port, {"prompt": "1, 2, 3,", "max_tokens": 1500, "temperature": 0})
         connection.sock.shutdown(socket.SHUT_RDWR)
         connection.close()
     # A client that gives up on a long non-streamed request is noticed too.
