@@ -1,7 +1,7 @@
 """Aggregate throughput of concurrent clients: our server beside native `llama-server -np N`.
 
-Each server runs alone (one after the other, never both at once) on the same model, context,
-threads and slot count. For every client count, that many clients send a completion request at
+Both servers run on the same model, context, threads and slot count; only one works at a time,
+rounds alternating between them. For every client count, that many clients send a completion request at
 the same moment (distinct prompts, temperature 0, ignore_eos, a fixed number of tokens each) and
 the aggregate is all generated tokens over the wall time from the first request sent to the last
 reply received. The figure that matters is the gain: aggregate with 4 clients over aggregate with
@@ -99,49 +99,67 @@ def _round(base: str, clients: int, tokens: int) -> tuple[int, float]:
         return generated, time.perf_counter() - started
 
 
-def _serve_and_measure(command: list[str], port: int, clients: list[int], tokens: int, rounds: int) -> list[Point]:
-    base = f"http://127.0.0.1:{port}"
-    env = {key: value for key, value in os.environ.items() if not key.startswith("LLAMA_ARG_")}
-    process = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdin=subprocess.DEVNULL,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        _wait_ready(process, base)
-        _round(base, 1, 8)  # warm-up
-        points = []
-        for count in clients:
-            # The best of `rounds`: other load on the machine only ever slows a round down.
-            best = max((_round(base, count, tokens) for _ in range(rounds)), key=lambda r: r[0] / r[1])
-            points.append(Point(count, best[0], round(best[1], 3), round(best[0] / best[1], 2)))
-            log(f"{command[0].rsplit('/', 1)[-1]} {count} clients: {points[-1].tokens_per_second} tokens/s")
-        return points
-    finally:
-        process.terminate()
+class _Server:
+    """A server process on a free port, stopped on exit."""
+
+    def __init__(self, command: list[str], port: int) -> None:
+        self.command = command
+        self.base = f"http://127.0.0.1:{port}"
+        env = {key: value for key, value in os.environ.items() if not key.startswith("LLAMA_ARG_")}
+        self.process = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdin=subprocess.DEVNULL,
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def __enter__(self) -> _Server:
         try:
-            process.wait(15)
+            _wait_ready(self.process, self.base)
+            _round(self.base, 1, 8)  # warm-up
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(15)
         except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+            self.process.kill()
+            self.process.wait()
 
 
 def measure(model: pathlib.Path, clients: list[int] | None = None, tokens: int = 128, parallel: int = 4,
             ctx: int = 8192, threads: int = 2, rounds: int = 2, python: str = sys.executable) -> dict:
-    """Both servers, every client count; returns the results as a JSON-ready dict."""
+    """Both servers, every client count; returns the results as a JSON-ready dict.
+
+    Both servers are up for the whole run but only one works at a time: the rounds alternate
+    between them, so that load from elsewhere on the machine falls on both alike.
+    """
     clients = clients or [1, 2, 4, 8]
     load_before = os.getloadavg()
     common = ["-c", str(ctx), "-np", str(parallel), "-t", str(threads)]
-    port = _free_port()
-    ours_command = [python, "-m", "gemmachat", "--server", "-m", str(model), "--port", str(port), *common]
-    ours = _serve_and_measure(ours_command, port, clients, tokens, rounds)
-    port = _free_port()
+    ours_port, native_port = _free_port(), _free_port()
+    ours_command = [python, "-m", "gemmachat", "--server", "-m", str(model), "--port", str(ours_port), *common]
     native_command = [str(native.native_bin("llama-server")), "-m", str(model), "--host", "127.0.0.1",
-                      "--port", str(port), *common]
-    theirs = _serve_and_measure(native_command, port, clients, tokens, rounds)
+                      "--port", str(native_port), *common]
+    results: dict[str, list[Point]] = {"ours": [], "native": []}
+    with _Server(ours_command, ours_port) as ours, _Server(native_command, native_port) as theirs:
+        for count in clients:
+            best: dict[str, tuple[int, float]] = {}
+            for _ in range(rounds):
+                for key, server in (("ours", ours), ("native", theirs)):
+                    generated, seconds = _round(server.base, count, tokens)
+                    # The best round: other load on the machine only ever slows one down.
+                    if key not in best or generated / seconds > best[key][0] / best[key][1]:
+                        best[key] = (generated, seconds)
+            for key, (generated, seconds) in best.items():
+                results[key].append(Point(count, generated, round(seconds, 3), round(generated / seconds, 2)))
+                log(f"{key} {count} clients: {results[key][-1].tokens_per_second} tokens/s")
 
     def gain(points: list[Point], over: int) -> float | None:
         by = {p.clients: p.tokens_per_second for p in points}
         return round(by[over] / by[1], 3) if over in by and 1 in by and by[1] else None
 
-    gains = {f"{count}v1": {"ours": gain(ours, count), "native": gain(theirs, count)}
+    gains = {f"{count}v1": {"ours": gain(results["ours"], count), "native": gain(results["native"], count)}
              for count in clients if count != 1}
     ratio = None
     if "4v1" in gains and gains["4v1"]["ours"] and gains["4v1"]["native"]:
@@ -153,7 +171,7 @@ def measure(model: pathlib.Path, clients: list[int] | None = None, tokens: int =
         "load_average_before": [round(x, 2) for x in load_before],
         "load_average_after": [round(x, 2) for x in os.getloadavg()],
         "ours_command": " ".join(ours_command), "native_command": " ".join(native_command),
-        "ours": [asdict(p) for p in ours], "native": [asdict(p) for p in theirs],
+        "ours": [asdict(p) for p in results["ours"]], "native": [asdict(p) for p in results["native"]],
         "gains": gains, "gain_4v1_ratio": ratio,
     }
 
@@ -165,7 +183,7 @@ def to_markdown(result: dict) -> str:
         f"- date: {result['date']}; {result['cpus']} CPUs; load average before "
         f"{result['load_average_before']}, after {result['load_average_after']} (a shared machine: noisy)",
         f"- {result['tokens_per_client']} tokens per client, temperature 0, ignore_eos; -np {result['parallel']}, "
-        f"-c {result['ctx']}, -t {result['threads']}; best of {result['rounds']} rounds",
+        f"-c {result['ctx']}, -t {result['threads']}; best of {result['rounds']} rounds, alternating between the servers",
         f"- ours: `{result['ours_command']}`",
         f"- native: `{result['native_command']}`",
         "",
