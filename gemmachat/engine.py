@@ -3,7 +3,8 @@
 We do not use llama_cpp.Llama: its completion path re-detokenizes the whole reply at every token
 and keeps one KV state per object. Here, sampling stays in llama.cpp's sampler chain, each token is
 turned into bytes once, and every conversation (sequence) owns a list of tokens that mirrors what
-the KV cache holds for it, so a new turn evaluates only what is new.
+the KV cache holds for it, so a new turn evaluates only what is new. Sequences generating at the
+same time (the server's slots, the chat beside them) share each llama_decode.
 """
 
 from __future__ import annotations
