@@ -3,16 +3,18 @@
 We do not use llama_cpp.Llama: its completion path re-detokenizes the whole reply at every token
 and keeps one KV state per object. Here, sampling stays in llama.cpp's sampler chain, each token is
 turned into bytes once, and every conversation (sequence) owns a list of tokens that mirrors what
-the KV cache holds for it, so a new turn evaluates only what is new.
+the KV cache holds for it, so a new turn evaluates only what is new. Sequences generating at the
+same time (the server's slots, the chat beside them) share each llama_decode.
 """
 
 from __future__ import annotations
 
 import codecs
 import ctypes
-import threading
 import sys
+import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
@@ -26,6 +28,10 @@ from gemmachat.settings import DEFAULT_CTX_CAP, Sampling, Settings
 from gemmachat.templates import Renderer, Template, make_renderer
 
 ALL_LAYERS = 999
+# Prompt tokens evaluated per step while other sequences generate: about a quarter of a second of
+# prompt work on a 2-core CPU with a small model, so a new request delays running ones by that much
+# per token rather than by its whole prompt.
+PROMPT_CHUNK = 128
 
 
 class PromptTooLong(UserError):
@@ -43,9 +49,13 @@ class EngineOptions:
     mlock: bool = False
     mmap: bool = True
     sequences: int = 1
+    # One KV pool that any sequence may fill (the chat beside its server needs its whole -c), or,
+    # when False, -c split evenly between the sequences as llama-server -np N does: each has its
+    # own cells, so one can never run out of room because of another.
+    shared_kv: bool = True
 
     @classmethod
-    def from_settings(cls, settings: Settings, sequences: int = 1) -> EngineOptions:
+    def from_settings(cls, settings: Settings, sequences: int = 1, shared_kv: bool = True) -> EngineOptions:
         return cls(
             ctx_size=settings.ctx_size,
             n_gpu_layers=settings.n_gpu_layers,
@@ -56,6 +66,7 @@ class EngineOptions:
             mlock=settings.mlock,
             mmap=settings.mmap,
             sequences=sequences,
+            shared_kv=shared_kv,
         )
 
 
@@ -87,6 +98,24 @@ class Sequence:
 
     seq_id: int
     tokens: list[int] = field(default_factory=list)
+
+
+@dataclass(eq=False)
+class _Job:
+    """A generation as the scheduler sees it."""
+
+    sequence: Sequence
+    sampler: llama.llama_sampler_p
+    max_tokens: int
+    ignore_eos: bool
+    cancelled: Callable[[], bool] | None
+    pending: list[int] = field(default_factory=list)  # prompt tokens not evaluated yet
+    next_token: int | None = None  # sampled, to be decoded at the next step
+    out: deque[int] = field(default_factory=deque)  # sampled, not read by the consumer yet
+    sampled: int = 0
+    finish: str = ""  # set when the scheduler is done with it: "stop", "length", "cancelled", "error"
+    error: Exception | None = None
+    first_token_at: float = 0.0
 
 
 @dataclass
@@ -143,6 +172,7 @@ class Engine:
         self._pieces: dict[int, bytes] = {}
         self._eog_tokens: list[int] | None = None
         self._sequences: dict[int, Sequence] = {}
+        self._jobs: set[_Job] = set()  # the running generations (guarded by _lock)
         self._closed = False
 
     # -- loading ---------------------------------------------------------------------------------
@@ -172,10 +202,10 @@ class Engine:
         params.n_threads_batch = options.threads
         params.flash_attn_type = _FLASH_ATTN[options.flash_attn]
         params.no_perf = True
-        # llama.cpp's own defaults, which llama-cpp-python's differ from: a sliding-window cache
-        # of window size (we check before rewinding into it) and one KV buffer per sequence.
+        # llama.cpp's own default, which llama-cpp-python's differs from: a sliding-window cache of
+        # window size (we check before rewinding into it).
         params.swa_full = False
-        params.kv_unified = options.sequences > 1
+        params.kv_unified = options.shared_kv and options.sequences > 1
         llama_log.clear_errors()
         ctx = llama.llama_init_from_model(self._model, params)
         if not ctx:
@@ -293,7 +323,9 @@ class Engine:
     ) -> Generation:
         """Evaluate `prompt` on `sequence` (reusing its common prefix) and stream the reply.
 
-        Raises PromptTooLong at once if the prompt leaves no room for a reply.
+        Generations on different sequences may run at once from different threads: they share
+        each llama_decode (see _step). Raises PromptTooLong at once if the prompt leaves no room
+        for a reply.
         """
         if not prompt:
             raise UserError("the prompt is empty")
@@ -313,25 +345,25 @@ class Engine:
     def _run(self, sequence: Sequence, prompt: list[int], sampling: Sampling, max_tokens: int,
              stop: tuple[str, ...], ignore_eos: bool, cancelled: Callable[[], bool] | None,
              stats: Stats, generated: list[int]) -> Iterator[str]:
-        sampler = self._sampler_chain(sampling, ignore_eos)
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         stop_guard = StopGuard(stop)
         started = time.perf_counter()
+        job = _Job(sequence, self._sampler_chain(sampling, ignore_eos), max_tokens, ignore_eos, cancelled)
         try:
-            # Each step decodes and samples under one hold of the lock: the logits it samples
-            # from are those of its own sequence, whoever else shares the context.
             with self._lock:
-                stats.reused_tokens = self._evaluate_prompt(sequence, prompt)
-                history = prompt[-sampling.repeat_last_n:] if sampling.repeat_last_n > 0 else []
-                for token in history:
-                    llama.llama_sampler_accept(sampler, token)
-                token = llama.llama_sampler_sample(sampler, self._ctx, -1)
-            stats.prompt_seconds = time.perf_counter() - started
-            started = time.perf_counter()
+                stats.reused_tokens = self._admit(job, prompt, sampling.repeat_last_n)
             while True:
-                if not ignore_eos and self.is_end_of_generation(token):
-                    stats.finish_reason = "stop"
+                if not job.out:
+                    self._wait_for(job)
+                if job.out:
+                    token = job.out.popleft()
+                elif job.error is not None:
+                    raise job.error
+                else:
+                    stats.finish_reason = job.finish
                     break
+                if not stats.prompt_seconds:
+                    stats.prompt_seconds = job.first_token_at - started
                 generated.append(token)
                 stats.generated_tokens += 1
                 text, stopped = stop_guard.feed(decoder.decode(self.piece(token)))
@@ -340,27 +372,32 @@ class Engine:
                 if stopped:
                     stats.finish_reason = "stop"
                     return
-                if stats.generated_tokens == max_tokens or len(sequence.tokens) + 1 >= self.n_ctx_seq:
-                    stats.finish_reason = "length"
-                    break
-                if cancelled is not None and cancelled():
-                    stats.finish_reason = "cancelled"
-                    break
-                with self._lock:
-                    self._decode(sequence, [token], len(sequence.tokens))
-                    token = llama.llama_sampler_sample(sampler, self._ctx, -1)
             # What the stop guard held back (a possible start of a stop string) and an incomplete
             # UTF-8 tail belong to the reply once it is over.
             tail, _ = stop_guard.feed(decoder.decode(b"", final=True), final=True)
             if tail:
                 yield tail
         finally:
-            if stats.generated_tokens:
-                stats.generation_seconds = time.perf_counter() - started
-            llama.llama_sampler_free(sampler)
+            if job.first_token_at:
+                stats.prompt_seconds = job.first_token_at - started
+                if stats.generated_tokens:
+                    stats.generation_seconds = time.perf_counter() - job.first_token_at
+            # Out of the running set before its sampler goes: the sequence is free at the next step.
+            with self._lock:
+                self._jobs.discard(job)
+            llama.llama_sampler_free(job.sampler)
 
-    def _evaluate_prompt(self, sequence: Sequence, prompt: list[int]) -> int:
-        """Bring the KV cache of `sequence` to `prompt`; returns how many tokens were reused."""
+    # -- the scheduler ---------------------------------------------------------------------------
+    #
+    # Every running generation is a _Job. Whichever consumer finds its job with nothing to read
+    # runs one step for all of them under the lock; the others read what that step produced. So a
+    # lone generation decodes on its own thread with no hand-off (the --cli and chat speed), and
+    # several share each llama_decode (the server's throughput) without a thread of their own.
+
+    def _admit(self, job: _Job, prompt: list[int], repeat_last_n: int) -> int:
+        """Cut the KV cache of the job's sequence back to what it shares with `prompt`, queue the
+        rest for evaluation, and add the job to the running set; returns the tokens reused."""
+        sequence = job.sequence
         keep = common_prefix(sequence.tokens, prompt)
         keep = min(keep, len(prompt) - 1)  # the last prompt token is evaluated for its logits
         if keep < len(sequence.tokens) and not self._can_rewind_to(sequence, keep):
@@ -369,9 +406,10 @@ class Engine:
             keep = 0
             llama.llama_memory_seq_rm(self._memory, sequence.seq_id, -1, -1)
         del sequence.tokens[keep:]
-        pending = prompt[keep:]
-        for start in range(0, len(pending), self.n_batch):
-            self._decode(sequence, pending[start:start + self.n_batch], len(sequence.tokens))
+        job.pending = prompt[keep:]
+        for token in prompt[-repeat_last_n:] if repeat_last_n > 0 else []:
+            llama.llama_sampler_accept(job.sampler, token)
+        self._jobs.add(job)
         return keep
 
     def _can_rewind_to(self, sequence: Sequence, position: int) -> bool:
@@ -382,22 +420,96 @@ class Engine:
         oldest = llama.llama_memory_seq_pos_min(self._memory, sequence.seq_id)
         return oldest <= max(0, position - self.n_swa)
 
-    def _decode(self, sequence: Sequence, tokens: list[int], first_position: int) -> None:
+    def _wait_for(self, job: _Job) -> None:
+        """Run steps until the job has a token to read or has ended."""
+        with self._lock:
+            while not job.out and not job.finish:
+                self._step()
+
+    def _step(self) -> None:
+        """One llama_decode for all running jobs: the last sampled token of each generating one,
+        then prompt tokens of the others. Called with the lock held."""
+        running = sorted((job for job in self._jobs if not job.finish), key=lambda job: job.sequence.seq_id)
+        parts: list[tuple[_Job, list[int]]] = []
+        for job in running:
+            if job.next_token is None:
+                continue
+            if job.cancelled is not None and job.cancelled():
+                job.finish = "cancelled"
+            else:
+                parts.append((job, [job.next_token]))
+        # A prompt next to running generations goes in chunks, so that a long one delays their
+        # next token by a chunk's worth of work, not by the whole prompt.
+        room = self.n_batch - len(parts)
+        if parts:
+            room = min(room, PROMPT_CHUNK)
+        for job in running:
+            if job.pending and room > 0:
+                parts.append((job, job.pending[:room]))
+                room -= len(parts[-1][1])
+        if not parts:
+            return
+        # Sequences in ascending order: with one KV stream per sequence, llama.cpp groups
+        # consecutive sequence ids into one ubatch.
+        parts.sort(key=lambda part: part[0].sequence.seq_id)
+        status = self._decode(parts)
+        if status == 1 and len(parts) > 1:
+            # The shared KV pool is full: find out whose tokens do not fit, one job at a time.
+            for part in parts:
+                self._finish_decode([part], self._decode([part]))
+        else:
+            self._finish_decode(parts, status)
+
+    def _decode(self, parts: list[tuple[_Job, list[int]]]) -> int:
         batch = self._batch
-        for index, token in enumerate(tokens):
-            batch.token[index] = token
-            batch.pos[index] = first_position + index
-            batch.n_seq_id[index] = 1
-            batch.seq_id[index][0] = sequence.seq_id
-            batch.logits[index] = 0
-        batch.logits[len(tokens) - 1] = 1
-        batch.n_tokens = len(tokens)
-        status = llama.llama_decode(self._ctx, batch)
-        if status == 1:
-            raise PromptTooLong(f"the context of {self.n_ctx} tokens is full")
+        index = 0
+        for job, tokens in parts:
+            position = len(job.sequence.tokens)
+            # Logits only where a token gets sampled: after a job's last prompt token, or its
+            # generated one.
+            wants = job.next_token is not None or len(tokens) == len(job.pending)
+            for offset, token in enumerate(tokens):
+                batch.token[index] = token
+                batch.pos[index] = position + offset
+                batch.n_seq_id[index] = 1
+                batch.seq_id[index][0] = job.sequence.seq_id
+                batch.logits[index] = 0
+                index += 1
+            if wants:
+                batch.logits[index - 1] = 1
+        batch.n_tokens = index
+        return llama.llama_decode(self._ctx, batch)
+
+    def _finish_decode(self, parts: list[tuple[_Job, list[int]]], status: int) -> None:
+        """Record what a decode did for each job, and sample the next token of those it served."""
         if status != 0:
-            raise RuntimeError(f"llama_decode failed with status {status}")
-        sequence.tokens.extend(tokens)
+            error: Exception = (PromptTooLong(f"the context of {self.n_ctx} tokens is full") if status == 1
+                                else RuntimeError(f"llama_decode failed with status {status}"))
+            for job, _ in parts:
+                job.error, job.finish = error, "error"
+            return
+        index = 0
+        for job, tokens in parts:
+            job.sequence.tokens.extend(tokens)
+            index += len(tokens)
+            if job.next_token is None:
+                del job.pending[:len(tokens)]
+                if job.pending:
+                    continue
+                job.first_token_at = time.perf_counter()
+            self._take(job, llama.llama_sampler_sample(job.sampler, self._ctx, index - 1))
+
+    def _take(self, job: _Job, token: int) -> None:
+        job.next_token = None
+        if not job.ignore_eos and self.is_end_of_generation(token):
+            job.finish = "stop"
+            return
+        job.out.append(token)
+        job.sampled += 1
+        if job.sampled == job.max_tokens or len(job.sequence.tokens) + 1 >= self.n_ctx_seq:
+            job.finish = "length"
+        else:
+            job.next_token = token  # decoded at the next step
 
     def _sampler_chain(self, sampling: Sampling, ignore_eos: bool) -> llama.llama_sampler_p:
         # The same chain, in the same order, as llama.cpp's common_sampler with default settings,
@@ -495,7 +607,7 @@ def renderer_for(engine: Engine, settings: Settings, template: Template) -> Rend
                          warn=warn)
 
 
-def load_engine(settings: Settings, sequences: int = 1,
+def load_engine(settings: Settings, sequences: int = 1, shared_kv: bool = True,
                 progress: Callable[[str], None] | None = None) -> Engine:
     """Resolve, validate and load the model the settings name, quietly unless --verbose."""
     from gemmachat.model_path import resolve_model
@@ -504,4 +616,4 @@ def load_engine(settings: Settings, sequences: int = 1,
     path, info = resolve_model(settings.model, settings.environ, progress)
     if settings.n_gpu_layers > 0 and not gpu_offload_supported():
         warn("this llama.cpp build has no GPU support; running on the CPU")
-    return Engine(path, info, EngineOptions.from_settings(settings, sequences))
+    return Engine(path, info, EngineOptions.from_settings(settings, sequences, shared_kv))

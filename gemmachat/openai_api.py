@@ -144,6 +144,7 @@ class _Generation(_Strict):
     cache_prompt: bool = Field(True, description=(
         "reuse what the slot's KV cache holds of this prompt (llama.cpp's option); false evaluates the "
         "prompt from scratch, which makes temperature-0 output independent of earlier requests"))
+    ignore_eos: bool = Field(False, description="never end at an end-of-generation token (llama.cpp's option)")
 
     def stops(self) -> tuple[str, ...]:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])

@@ -2,10 +2,10 @@
 
 FastAPI on uvicorn, with sse-starlette for streams. The model is shared: each request runs on one
 of the engine sequences the server was given (a "slot"), in a worker thread, because generation is
-synchronous llama.cpp work. Requests wait for a slot in FIFO order; a free slot goes to the
-request whose prompt shares the longest prefix with what it holds, so a client that continues
-its conversation reuses its KV cache. A client that goes away cancels its generation at the next
-token.
+synchronous llama.cpp work; the engine decodes the running slots together, one batch per token.
+Requests wait for a slot in FIFO order; a free slot goes to the request whose prompt shares the
+longest prefix with what it holds, so a client that continues its conversation reuses its KV
+cache. A client that goes away cancels its generation at the next token.
 """
 
 from __future__ import annotations
@@ -98,7 +98,8 @@ class SlotQueue:
         if self._closed:
             raise ServerClosing()
         if self._free and not self._waiters:
-            best = max(self._free, key=lambda s: (_reusable(s.tokens, prompt), -len(s.tokens)))
+            # Else the lowest id: llama.cpp batches consecutive sequence ids together.
+            best = max(self._free, key=lambda s: (_reusable(s.tokens, prompt), -s.seq_id))
             self._free.remove(best)
             return best
         waiter: asyncio.Future[Sequence] = asyncio.get_running_loop().create_future()
@@ -135,6 +136,7 @@ class Job:
     max_tokens: int
     stop: tuple[str, ...]
     cache_prompt: bool = True
+    ignore_eos: bool = False
     cancel: threading.Event = field(default_factory=threading.Event)
     events: asyncio.Queue[tuple[str, Any]] = field(default_factory=asyncio.Queue)
     thread: threading.Thread | None = None
@@ -357,7 +359,7 @@ class ServerCore:
             self.engine.new_sequence(sequence.seq_id)
         self._make_room(sequence, job)
         generation = self.engine.generate(sequence, job.prompt, job.sampling, max_tokens=job.max_tokens,
-                                          stop=job.stop, cancelled=job.cancel.is_set)
+                                          stop=job.stop, ignore_eos=job.ignore_eos, cancelled=job.cancel.is_set)
         job.stats = generation.stats
         pieces = iter(generation)
         try:
@@ -379,9 +381,11 @@ class ServerCore:
     def _make_room(self, sequence: Sequence, job: Job) -> None:
         """Forget idle slots' caches when this job would not fit beside them.
 
-        The KV cache is one pool for all sequences: tokens an idle slot keeps for prefix reuse
-        take room a running request may need.
+        With one KV pool for all sequences, tokens an idle slot keeps for prefix reuse take room a
+        running request may need. (With the context split, each slot has its own.)
         """
+        if not self.engine.options.shared_kv:
+            return
         capacity = self.engine.n_ctx
         reply = job.max_tokens if job.max_tokens > 0 else capacity // 4
         with self._lock:
@@ -695,7 +699,7 @@ def create_app(core: ServerCore) -> FastAPI:
         max_tokens = core.check_max_tokens(body.token_limit())
         if max_tokens < 0:
             max_tokens = settings.n_predict
-        job = Job([], core.sampling_for(body), max_tokens, body.stops(), body.cache_prompt)
+        job = Job([], core.sampling_for(body), max_tokens, body.stops(), body.cache_prompt, body.ignore_eos)
         job.prompt = await run_in_threadpool(core.chat_prompt, body)
         core.check_fits(job.prompt, "messages")
         first = await core.begin(request, job)
@@ -742,7 +746,7 @@ def create_app(core: ServerCore) -> FastAPI:
         max_tokens = core.check_max_tokens(body.max_tokens)
         if "max_tokens" not in body.model_fields_set and settings.n_predict > 0:
             max_tokens = settings.n_predict  # -n on the command line, else OpenAI's 16
-        job = Job([], core.sampling_for(body), max_tokens, body.stops(), body.cache_prompt)
+        job = Job([], core.sampling_for(body), max_tokens, body.stops(), body.cache_prompt, body.ignore_eos)
         job.prompt, echoed = await run_in_threadpool(core.completion_prompt, body)
         core.check_fits(job.prompt, "prompt")
         first = await core.begin(request, job)
@@ -962,7 +966,7 @@ def serve(settings: Settings, log: LogFn | None = None) -> int:
     """`--server`: serve until SIGINT or SIGTERM, then cancel in-flight work and return 0."""
     sock = bind_socket(settings.host, settings.port)  # before loading: a taken port fails fast
     try:
-        engine = load_engine(settings, sequences=settings.parallel)
+        engine = load_engine(settings, sequences=settings.parallel, shared_kv=False)
     except BaseException:
         sock.close()
         raise

@@ -158,7 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
     engine = parser.add_argument_group("llama.cpp")
     engine.add_argument("-c", "--ctx-size", type=_non_negative_int, metavar="N",
                         help="context size in tokens; 0 = the model's training context "
-                             f"(default: the training context, at most {DEFAULT_CTX_CAP})")
+                             f"(default: the training context, at most {DEFAULT_CTX_CAP}); with --server, "
+                             "the total, split evenly between the -np slots")
     engine.add_argument("-ngl", "--n-gpu-layers", "--gpu-layers", dest="n_gpu_layers",
                         type=_non_negative_int, default=0, metavar="N",
                         help="layers to offload to the GPU; 999 = all (default 0)")
@@ -208,7 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
     server.add_argument("--api-key", metavar="KEY",
                         help="require 'Authorization: Bearer KEY' (also $GEMMA_CHAT_API_KEY)")
     server.add_argument("-np", "--parallel", type=_positive_int, default=4, metavar="N",
-                        help="requests decoded at once (default 4)")
+                        help="requests decoded at once, in one batch (default 4)")
     server.add_argument("--nobrowser", action="store_true",
                         help="accepted for llamafile compatibility (no browser is opened)")
     return parser

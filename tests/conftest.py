@@ -36,6 +36,14 @@ def engine(model_path: Path):
         yield loaded
 
 
+@pytest.fixture(scope="module")
+def server_env(cache_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    env = {key: value for key, value in os.environ.items() if not key.startswith("GEMMA_CHAT_")}
+    env["GEMMA_CHAT_CACHE_DIR"] = str(cache_dir)
+    env["HOME"] = str(tmp_path_factory.mktemp("home"))
+    return env
+
+
 @pytest.fixture
 def cli_env(cache_dir: Path, tmp_path: Path) -> dict[str, str]:
     env = {key: value for key, value in os.environ.items() if not key.startswith("GEMMA_CHAT_")}

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import http.client
 import json
-import os
 import signal
 import socket
 import subprocess
@@ -47,7 +46,7 @@ class ServerProcess:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.process = subprocess.Popen(
-            [*SERVER, "--port", str(self.port), "-c", "2048", "-np", "2", "-t", "2", *args],
+            [*SERVER, "--port", str(self.port), "-c", "4096", "-np", "2", "-t", "2", *args],
             env=env, cwd=REPO, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
             text=True,
         )
@@ -101,14 +100,6 @@ def raw_request(port: int, method: str, path: str, body: bytes | str | dict | No
 
 
 @pytest.fixture(scope="module")
-def server_env(cache_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
-    env = {key: value for key, value in os.environ.items() if not key.startswith("GEMMA_CHAT_")}
-    env["GEMMA_CHAT_CACHE_DIR"] = str(cache_dir)
-    env["HOME"] = str(tmp_path_factory.mktemp("home"))
-    return env
-
-
-@pytest.fixture(scope="module")
 def server(server_env: dict[str, str], model_path: Path) -> Iterator[ServerProcess]:
     running = ServerProcess(server_env)
     yield running
@@ -127,6 +118,19 @@ def chat_tokens(engine: Engine, text: str) -> list[int]:
 def greedy_completion(engine: Engine, prompt: str, max_tokens: int) -> str:
     tokens = to_tokens(engine, [Segment(prompt, False)])
     return engine.generate(engine.new_sequence(), tokens, Sampling(temperature=0), max_tokens=max_tokens).text()
+
+
+def open_stream(port: int, body: dict[str, Any]) -> http.client.HTTPConnection:
+    """A streamed completion of `body` whose first three chunks have arrived."""
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    connection.request("POST", "/v1/completions", body=json.dumps({**body, "stream": True}),
+                       headers={"Content-Type": "application/json"})
+    response = connection.getresponse()
+    assert response.status == 200
+    for _ in range(3):
+        assert response.readline().startswith(b"data: ")
+        response.readline()
+    return connection
 
 
 def assert_alive(server: ServerProcess) -> None:
@@ -266,15 +270,7 @@ def test_a_client_that_hangs_up_mid_stream_frees_its_slot(server: ServerProcess,
     # Two streams fill both slots and hang up after a few chunks; a third request must then be
     # answered at once, not after 1500 tokens.
     for _ in range(2):
-        connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
-        connection.request("POST", "/v1/completions", body=json.dumps(
-            {"prompt": "1, 2, 3,", "max_tokens": 1500, "stream": True, "temperature": 0}),
-            headers={"Content-Type": "application/json"})
-        response = connection.getresponse()
-        assert response.status == 200
-        for _ in range(3):
-            assert response.readline().startswith(b"data: ")
-            response.readline()
+        connection = open_stream(server.port, {"prompt": "1, 2, 3,", "max_tokens": 1500, "temperature": 0})
         connection.sock.shutdown(socket.SHUT_RDWR)
         connection.close()
     # A client that gives up on a long non-streamed request is noticed too.
