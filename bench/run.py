@@ -23,7 +23,6 @@ import os
 import pathlib
 import platform
 import re
-import resource
 import socket
 import statistics
 import subprocess
@@ -579,7 +578,7 @@ def model_load_seconds(s: Sides, reps: int) -> list[float]:
     return seconds
 
 
-_KV_SIZE = re.compile(r"llama_kv_cache(?:_iswa)?:.*?size\s*=\s*([\d.]+) MiB")
+_KV_SIZE = re.compile(r"llama_kv_cache: size =\s*([\d.]+) MiB")
 
 
 def kv_cache_mib(s: Sides, sequences: int) -> float:
@@ -682,8 +681,8 @@ def to_markdown(meta: dict, rows: list[Row]) -> str:
         "# gemma-chat vs native llama.cpp",
         "",
         f"- date: {meta['date']}; {meta['cpus']} CPUs ({meta['cpu']}); {meta['gpu']}",
-        f"- load average before {meta['load_before']}, after {meta['load_after']} "
-        "(a shared machine: other processes slow both sides alike, since runs alternate)",
+        f"- load average before {meta['load_before']}, after {meta['load_after']}, at the start of each section "
+        f"{meta['section_load']} (a shared machine: runs alternate, so load slows both sides alike)",
         f"- model: `{meta['model_name']}` ({meta['gguf_mib']:.0f} MiB); llama.cpp {meta['llama_cpp_commit']} "
         f"(llama-cpp-python {meta['llama_cpp_python']})",
         f"- {meta['plan']['reps']} repetition(s) per side, medians; -t {meta['plan']['threads']} "
@@ -727,8 +726,8 @@ def main(argv: list[str] | None = None) -> int:
 
     quick = args.quick
     plan = Plan(reps=args.reps or (1 if quick else 3), gen_tokens=128 if quick else 512,
-                prompt_tokens=500 if quick else 2000, reply_tokens=16 if quick else 48,
-                client_tokens=32 if quick else 128, threads=args.threads, ctx=8192, parallel=4)
+                prompt_tokens=500 if quick else 2000, reply_tokens=16 if quick else 32,
+                client_tokens=32 if quick else 64, threads=args.threads, ctx=8192, parallel=4)
     only = set(args.only.split(",")) if args.only else {"generation", "prompt", "multi-turn", "start-up", "memory",
                                                        "server"}
     try:
@@ -745,17 +744,7 @@ def main(argv: list[str] | None = None) -> int:
     load_before = [round(x, 2) for x in os.getloadavg()]
     log(f"load average {load_before}; plan {plan}")
 
-    rows: list[Row] = []
-    if "generation" in only:
-        rows += generation_rows(s)
-    if "prompt" in only:
-        with tempfile.TemporaryDirectory(prefix="gemma-chat-bench-") as folder:
-            prompt_file = pathlib.Path(folder) / "prompt.txt"
-            prompt_file.write_text(long_prompt(plan.prompt_tokens), encoding="utf-8")
-            rows += prompt_rows(s, prompt_file)
-    if "multi-turn" in only:
-        rows += multi_turn_rows(s)
-    if "start-up" in only or "memory" in only:
+    def startup_and_memory() -> list[Row]:
         load = Row("start-up", "model load + context (in process)", "s", native_name="",
                    note="ours only: the model-load term of the first-token target")
         load.ours = model_load_seconds(s, plan.reps)
@@ -763,7 +752,6 @@ def main(argv: list[str] | None = None) -> int:
         first.target = f"≤ 1.2 s + load = {1.2 + load.ours_median:.2f} s"
         first.limit = 1.2 + load.ours_median
         prompt, chat_rss, both_rss = startup_and_chat_memory_rows(s)
-        rows += [load, first, prompt]
         gguf = model.stat().st_size / MIB
         kv = kv_cache_mib(s, 1 + plan.parallel)
         both_rss.limit = gguf + kv + 250
@@ -772,20 +760,24 @@ def main(argv: list[str] | None = None) -> int:
         growth = Row("memory", "chat + server / chat alone, peak RSS", "x", higher_is_better=False,
                      target="≤ 1.10 (issue #4)", limit=1.10)
         growth.ours = [both_rss.ours_median / chat_rss.ours_median]
-        rows += [chat_rss, both_rss, growth]
-    if "server" in only:
-        rows += concurrency_rows(s)
-    # The --cli memory row comes out of the generation runs; keep memory rows together.
-    rows.sort(key=lambda r: ["generation", "prompt processing", "multi-turn", "start-up", "memory",
-                             "server"].index(r.section))
+        return [load, first, prompt, chat_rss, both_rss, growth]
 
+    def prompt_processing() -> list[Row]:
+        with tempfile.TemporaryDirectory(prefix="gemma-chat-bench-") as folder:
+            prompt_file = pathlib.Path(folder) / "prompt.txt"
+            prompt_file.write_text(long_prompt(plan.prompt_tokens), encoding="utf-8")
+            return prompt_rows(s, prompt_file)
+
+    sections: list[tuple[str, Callable[[], list[Row]]]] = [
+        ("generation", lambda: generation_rows(s)), ("prompt", prompt_processing),
+        ("multi-turn", lambda: multi_turn_rows(s)), ("start-up", startup_and_memory),
+        ("server", lambda: concurrency_rows(s)),
+    ]
     meta = {
-        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "cpus": os.cpu_count(),
         "cpu": platform.processor() or platform.machine(),
         "gpu": "no GPU (CPU only)",
         "load_before": load_before,
-        "load_after": [round(x, 2) for x in os.getloadavg()],
         "model": str(model),
         "model_name": model.name,
         "gguf_mib": model.stat().st_size / MIB,
@@ -793,18 +785,36 @@ def main(argv: list[str] | None = None) -> int:
         "llama_cpp_python": native.pinned_version(),
         "plan": asdict(plan),
         "command": " ".join(["bench/run.py", *(argv if argv is not None else sys.argv[1:])]),
-        "bench_process_peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "section_load": {},
     }
-    print_table(meta, rows)
+    rows: list[Row] = []
+    for name, measure in sections:
+        if name not in only and not (name == "start-up" and "memory" in only):
+            continue
+        meta["section_load"][name] = [round(x, 2) for x in os.getloadavg()]
+        rows += measure()
+        # Written after every section, so that an interrupted run still leaves what it measured.
+        meta["date"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+        meta["load_after"] = [round(x, 2) for x in os.getloadavg()]
+        if not args.no_write:
+            write_results(meta, rows)
+    print_table(meta, sorted(rows, key=lambda r: SECTION_ORDER.index(r.section)))
     if not args.no_write:
-        RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-        (RESULTS_DIR / "latest.md").write_text(to_markdown(meta, rows), encoding="utf-8")
-        data = {**meta, "rows": [{**asdict(r), "ours_median": r.ours_median, "native_median": r.native_median,
-                                  "ratio": r.ratio, "ok": r.ok} for r in rows]}
-        (RESULTS_DIR / "latest.json").write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n",
-                                                 encoding="utf-8")
         log(f"wrote {RESULTS_DIR / 'latest.md'} and latest.json")
     return 0
+
+
+SECTION_ORDER = ("generation", "prompt processing", "multi-turn", "start-up", "memory", "server")
+
+
+def write_results(meta: dict, rows: list[Row]) -> None:
+    # The --cli memory row comes out of the generation runs; keep the memory rows together.
+    rows = sorted(rows, key=lambda r: SECTION_ORDER.index(r.section))
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    (RESULTS_DIR / "latest.md").write_text(to_markdown(meta, rows), encoding="utf-8")
+    data = {**meta, "rows": [{**asdict(r), "ours_median": r.ours_median, "native_median": r.native_median,
+                              "ratio": r.ratio, "ok": r.ok} for r in rows]}
+    (RESULTS_DIR / "latest.json").write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
 if __name__ == "__main__":
