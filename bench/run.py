@@ -124,6 +124,7 @@ class Proc:
     rc: int
     wall: float
     peak_rss: int  # bytes
+    cpu: float  # user + system seconds of the process itself: less sensitive to other load than wall time
     stdout: str
     stderr: str
 
@@ -147,7 +148,7 @@ def run_process(cmd: list[str], timeout: float = 900) -> Proc:
         proc.returncode = os.waitstatus_to_exitcode(status)
         out.seek(0)
         err.seek(0)
-        result = Proc(proc.returncode, wall, usage.ru_maxrss * 1024, out.read().decode("utf-8", "replace"),
+        result = Proc(proc.returncode, wall, usage.ru_maxrss * 1024, usage.ru_utime + usage.ru_stime, out.read().decode("utf-8", "replace"),
                       err.read().decode("utf-8", "replace"))
     if result.rc != 0:
         raise RuntimeError(f"{' '.join(cmd[:3])}… exited with {result.rc}: {result.stderr[-600:]}")
@@ -266,6 +267,8 @@ def generation_rows(s: Sides) -> list[Row]:
                 target="≥ 0.97x", min_ratio=0.97)
     wall = Row("generation", f"--cli whole process, {n} tokens", "s", native_name="llama-completion",
                higher_is_better=False, target="≤ 1.08x", max_ratio=1.08)
+    cpu = Row("generation", f"--cli whole process, {n} tokens, CPU time", "s", native_name="llama-completion",
+              higher_is_better=False, note="user + system seconds: on a loaded machine, steadier than wall time")
     rss = Row("memory", "--cli peak RSS", "MiB", native_name="llama-completion", higher_is_better=False,
               note="from the generation runs")
     args = ("-p", GENERATION_PROMPT, "-n", str(n), "--temp", "0", "--ignore-eos")
@@ -278,18 +281,20 @@ def generation_rows(s: Sides) -> list[Row]:
         rate.ours.append((generated - 1) / (generated / per_second))
         bench.ours.append(rate.ours[-1])
         wall.ours.append(proc.wall)
+        cpu.ours.append(proc.cpu)
         rss.ours.append(proc.peak_rss / MIB)
 
     def theirs() -> None:
         proc = run_process(s.completion(*args))
         rate.native.append(native_eval_rate(proc.stderr))
         wall.native.append(proc.wall)
+        cpu.native.append(proc.cpu)
         rss.native.append(proc.peak_rss / MIB)
         bench.native.append(bench_rate(run_process(s.bench("-p", "0", "-n", str(n))).stdout))
 
     log(f"generation: {n} tokens × {s.plan.reps}")
     alternate(s.plan.reps, ours, theirs)
-    return [rate, bench, wall, rss]
+    return [rate, bench, wall, cpu, rss]
 
 
 def long_prompt(tokens: int) -> str:
