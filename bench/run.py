@@ -1,0 +1,826 @@
+"""gemma-chat against native llama.cpp, side by side in one run: speed, start-up and memory.
+
+Builds llama-completion, llama-bench and llama-server from the llama.cpp that the pinned
+llama-cpp-python vendors (bench/native.py, cached), then measures every row below on the same
+model, threads, context and batch sizes, alternating ours and native run by run, and reports the
+median of each side and their ratio. bench/README.md explains each row and its target.
+
+Usage:
+    .venv/bin/python bench/run.py            # full run (about 15 minutes on 2 idle cores)
+    .venv/bin/python bench/run.py --quick    # smoke run: 1 repetition, short generations
+Writes bench/results/latest.md and latest.json (unless --no-write) and prints the table.
+
+The machine may be shared: the load average before and after is recorded with the figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import http.client
+import json
+import os
+import pathlib
+import platform
+import re
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
+if str(REPO_ROOT) not in sys.path:  # run as `python bench/run.py`: bench/ is sys.path[0]
+    sys.path.insert(0, str(REPO_ROOT))
+
+from bench import native  # noqa: E402
+
+RESULTS_DIR = REPO_ROOT / "bench" / "results"
+MIB = 1024 * 1024
+GENERATION_PROMPT = "Once upon a time, in a small village by the sea,"
+# Eight user turns of one conversation, for time to first token on turn 1 and turn 8.
+TURNS = (
+    "Hello! What is the capital of France?",
+    "What is it famous for?",
+    "Name three museums there.",
+    "Which one is the largest?",
+    "How do I get there from the airport?",
+    "What should I eat nearby?",
+    "Is it expensive?",
+    "Thanks. Summarise our conversation in one sentence.",
+)
+
+
+@dataclass(frozen=True)
+class Plan:
+    reps: int
+    gen_tokens: int
+    prompt_tokens: int  # approximate size of the prompt-processing prompt
+    reply_tokens: int  # per turn in the multi-turn rows
+    client_tokens: int  # per client in the concurrency row
+    threads: int
+    ctx: int
+    parallel: int
+
+
+@dataclass
+class Row:
+    section: str
+    name: str
+    unit: str
+    ours: list[float] = field(default_factory=list)
+    native: list[float] = field(default_factory=list)
+    native_name: str = ""
+    target: str = ""
+    # Target check on the ratio ours/native, or on ours alone when `limit` is given.
+    higher_is_better: bool = True
+    min_ratio: float | None = None
+    max_ratio: float | None = None
+    limit: float | None = None
+    note: str = ""
+
+    @property
+    def ours_median(self) -> float | None:
+        return statistics.median(self.ours) if self.ours else None
+
+    @property
+    def native_median(self) -> float | None:
+        return statistics.median(self.native) if self.native else None
+
+    @property
+    def ratio(self) -> float | None:
+        a, b = self.ours_median, self.native_median
+        return a / b if a is not None and b else None
+
+    @property
+    def ok(self) -> bool | None:
+        if self.limit is not None:
+            return None if self.ours_median is None else self.ours_median <= self.limit
+        r = self.ratio
+        if r is None or (self.min_ratio is None and self.max_ratio is None):
+            return None
+        return (self.min_ratio is None or r >= self.min_ratio) and (self.max_ratio is None or r <= self.max_ratio)
+
+
+def log(message: str) -> None:
+    print(f"[bench] {message}", file=sys.stderr, flush=True)
+
+
+def _env() -> dict[str, str]:
+    # llama.cpp's tools read LLAMA_ARG_* and ours reads GEMMA_CHAT_*: a stray one would change a run.
+    return {k: v for k, v in os.environ.items() if not k.startswith(("LLAMA_ARG_", "GEMMA_CHAT_"))}
+
+
+# ---------------------------------------------------------------- processes
+
+
+@dataclass
+class Proc:
+    rc: int
+    wall: float
+    peak_rss: int  # bytes
+    cpu: float  # user + system seconds of the process itself: less sensitive to other load than wall time
+    stdout: str
+    stderr: str
+
+
+def run_process(cmd: list[str], timeout: float = 900) -> Proc:
+    """Runs cmd to completion; wall time and the child's own peak RSS (from wait4)."""
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        started = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=err, env=_env(), cwd=REPO_ROOT)
+        deadline = started + timeout
+        while True:
+            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+            if pid:
+                break
+            if time.perf_counter() > deadline:
+                proc.kill()
+                pid, status, usage = os.wait4(proc.pid, 0)
+                break
+            time.sleep(0.005)
+        wall = time.perf_counter() - started
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        err.seek(0)
+        result = Proc(proc.returncode, wall, usage.ru_maxrss * 1024, usage.ru_utime + usage.ru_stime, out.read().decode("utf-8", "replace"),
+                      err.read().decode("utf-8", "replace"))
+    if result.rc != 0:
+        raise RuntimeError(f"{' '.join(cmd[:3])}… exited with {result.rc}: {result.stderr[-600:]}")
+    return result
+
+
+def time_to_first_byte(cmd: list[str], timeout: float = 300) -> float:
+    """Seconds from launch to the first byte on stdout (the first generated text)."""
+    started = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                            env=_env(), cwd=REPO_ROOT, bufsize=0)
+    try:
+        assert proc.stdout is not None
+        first = proc.stdout.read(1)
+        seconds = time.perf_counter() - started
+        if not first:
+            raise RuntimeError(f"{' '.join(cmd[:3])}… printed nothing")
+        proc.stdout.read()
+        proc.wait(timeout)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    return seconds
+
+
+def peak_rss_of(pid: int) -> int:
+    """VmHWM: the peak resident set of a live process, in bytes."""
+    for line in pathlib.Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc status")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+# ---------------------------------------------------------------- command lines
+
+
+@dataclass(frozen=True)
+class Sides:
+    model: pathlib.Path
+    plan: Plan
+    python: str = sys.executable
+
+    def ours(self, *args: str) -> list[str]:
+        return [self.python, "-m", "gemmachat", "-m", str(self.model), "-t", str(self.plan.threads),
+                "-c", str(self.plan.ctx), *args]
+
+    def completion(self, *args: str) -> list[str]:
+        return [str(native.native_bin("llama-completion")), "-m", str(self.model), "-t", str(self.plan.threads),
+                "-c", str(self.plan.ctx), "-no-cnv", "--no-display-prompt", "--color", "off", *args]
+
+    def bench(self, *args: str) -> list[str]:
+        return [str(native.native_bin("llama-bench")), "-m", str(self.model), "-t", str(self.plan.threads),
+                "-r", "1", "-o", "json", *args]
+
+    def server(self, port: int, parallel: int) -> list[str]:
+        return [str(native.native_bin("llama-server")), "-m", str(self.model), "-t", str(self.plan.threads),
+                "-c", str(self.plan.ctx), "-np", str(parallel), "--host", "127.0.0.1", "--port", str(port)]
+
+    def our_server(self, port: int, parallel: int) -> list[str]:
+        return self.ours("--server", "--port", str(port), "-np", str(parallel))
+
+
+# Our --verbose summary line (gemmachat/oneshot.py) and llama.cpp's perf report (common/perf).
+_OURS_STATS = re.compile(r"prompt (\d+) tokens, ([\d.]+) tokens/s; generated (\d+) tokens, ([\d.]+) tokens/s")
+_NATIVE_PROMPT = re.compile(r"prompt eval time =\s*([\d.]+) ms /\s*(\d+) tokens")
+_NATIVE_EVAL = re.compile(r"\beval time =\s*([\d.]+) ms /\s*(\d+) runs")
+
+
+def ours_stats(stderr: str) -> tuple[int, float, int, float]:
+    m = _OURS_STATS.search(stderr)
+    if not m:
+        raise RuntimeError(f"no statistics line from gemma-chat --verbose: {stderr[-400:]}")
+    return int(m[1]), float(m[2]), int(m[3]), float(m[4])
+
+
+def native_prompt_rate(stderr: str) -> tuple[int, float]:
+    m = _NATIVE_PROMPT.search(stderr)
+    if not m:
+        raise RuntimeError(f"no prompt eval time from llama-completion: {stderr[-400:]}")
+    return int(m[2]), int(m[2]) / (float(m[1]) / 1000)
+
+
+def native_eval_rate(stderr: str) -> float:
+    m = _NATIVE_EVAL.search(stderr.split("prompt eval time", 1)[-1])
+    if not m:
+        raise RuntimeError(f"no eval time from llama-completion: {stderr[-400:]}")
+    return int(m[2]) / (float(m[1]) / 1000)
+
+
+def bench_rate(stdout: str) -> float:
+    return float(json.loads(stdout)[0]["avg_ts"])
+
+
+def alternate(reps: int, ours: Callable[[], None], theirs: Callable[[], None]) -> None:
+    """ours then native, native then ours, …: a drift in machine load hits both sides alike."""
+    for rep in range(reps):
+        for step in ((ours, theirs) if rep % 2 == 0 else (theirs, ours)):
+            step()
+
+
+# ---------------------------------------------------------------- rows
+
+
+def generation_rows(s: Sides) -> list[Row]:
+    n = s.plan.gen_tokens
+    rate = Row("generation", f"{n} tokens, --temp 0 --ignore-eos", "tokens/s", native_name="llama-completion",
+               target="≥ 0.97x", min_ratio=0.97)
+    bench = Row("generation", f"{n} tokens vs llama-bench tg{n}", "tokens/s", native_name="llama-bench",
+                target="≥ 0.97x", min_ratio=0.97)
+    wall = Row("generation", f"--cli whole process, {n} tokens", "s", native_name="llama-completion",
+               higher_is_better=False, target="≤ 1.08x", max_ratio=1.08)
+    cpu = Row("generation", f"--cli whole process, {n} tokens, CPU time", "s", native_name="llama-completion",
+              higher_is_better=False, note="user + system seconds: on a loaded machine, steadier than wall time")
+    rss = Row("memory", "--cli peak RSS", "MiB", native_name="llama-completion", higher_is_better=False,
+              note="from the generation runs")
+    args = ("-p", GENERATION_PROMPT, "-n", str(n), "--temp", "0", "--ignore-eos")
+
+    def ours() -> None:
+        proc = run_process(s.ours("--cli", *args, "--verbose"))
+        _, _, generated, per_second = ours_stats(proc.stderr)
+        # The first token is sampled from the prompt's logits; native counts only the
+        # generated - 1 decode steps after it ("runs"), and so do we.
+        rate.ours.append((generated - 1) / (generated / per_second))
+        bench.ours.append(rate.ours[-1])
+        wall.ours.append(proc.wall)
+        cpu.ours.append(proc.cpu)
+        rss.ours.append(proc.peak_rss / MIB)
+
+    def theirs() -> None:
+        proc = run_process(s.completion(*args))
+        rate.native.append(native_eval_rate(proc.stderr))
+        wall.native.append(proc.wall)
+        cpu.native.append(proc.cpu)
+        rss.native.append(proc.peak_rss / MIB)
+        bench.native.append(bench_rate(run_process(s.bench("-p", "0", "-n", str(n))).stdout))
+
+    log(f"generation: {n} tokens × {s.plan.reps}")
+    alternate(s.plan.reps, ours, theirs)
+    return [rate, bench, wall, cpu, rss]
+
+
+def long_prompt(tokens: int) -> str:
+    # About 1.3 tokens per word for this English text with Gemma's tokenizer.
+    sentence = ("Record {i}: the river passed the mill at dawn, and the miller counted {i} sacks of grain "
+                "before the market opened in the square. ")
+    words_per_sentence = len(sentence.split())
+    count = max(1, round(tokens / 1.3 / words_per_sentence))
+    return "".join(sentence.format(i=i) for i in range(count)) + "\nSummary:"
+
+
+def prompt_rows(s: Sides, prompt_file: pathlib.Path) -> list[Row]:
+    rate = Row("prompt processing", "", "tokens/s", native_name="llama-completion",
+               target="≥ 0.97x", min_ratio=0.97)
+    bench = Row("prompt processing", "", "tokens/s", native_name="llama-bench", target="≥ 0.97x", min_ratio=0.97)
+    sizes: list[int] = []
+
+    def ours() -> None:
+        proc = run_process(s.ours("--cli", "-f", str(prompt_file), "-n", "1", "--temp", "0", "--verbose"))
+        tokens, per_second, _, _ = ours_stats(proc.stderr)
+        sizes.append(tokens)
+        rate.ours.append(per_second)
+        bench.ours.append(per_second)
+
+    def theirs() -> None:
+        proc = run_process(s.completion("-f", str(prompt_file), "-n", "1", "--temp", "0"))
+        tokens, per_second = native_prompt_rate(proc.stderr)
+        sizes.append(tokens)
+        rate.native.append(per_second)
+        bench.native.append(bench_rate(run_process(s.bench("-p", str(tokens), "-n", "0")).stdout))
+
+    log(f"prompt processing: ~{s.plan.prompt_tokens} tokens × {s.plan.reps}")
+    alternate(s.plan.reps, ours, theirs)
+    size = max(sizes)
+    rate.name = f"{size}-token prompt, -n 1"
+    bench.name = f"{size}-token prompt vs llama-bench pp{size}"
+    return [rate, bench]
+
+
+def engine_turn_ttft(s: Sides, reps: int) -> tuple[list[float], list[float]]:
+    """Turn-1 and turn-8 time to first token in the chat engine itself (this process)."""
+    from gemmachat import llama_log
+    from gemmachat.engine import Engine, EngineOptions, renderer_for
+    from gemmachat.gguf import read_gguf
+    from gemmachat.session import ChatSession
+    from gemmachat.settings import parse_settings
+    from gemmachat.templates import load_template
+
+    settings = parse_settings(["--chat", "-m", str(s.model), "-t", str(s.plan.threads), "-c", str(s.plan.ctx),
+                               "--temp", "0", "-n", str(s.plan.reply_tokens)], environ={})
+    llama_log.install(verbose=False)
+    first: list[float] = []
+    last: list[float] = []
+    with Engine(s.model, read_gguf(s.model), EngineOptions.from_settings(settings)) as engine:
+        render = renderer_for(engine, settings, load_template(settings.template))
+        # Warm up, so turn 1 is not also the first decode of a fresh process (native servers get
+        # the same treatment below).
+        engine.generate(engine.new_sequence(), engine.tokenize("Hello", add_bos=True), settings.sampling,
+                        max_tokens=2).text()
+        for rep in range(reps):
+            session = ChatSession(engine, render, settings.sampling, n_predict=s.plan.reply_tokens)
+            session.conversation.system = f"Conversation {rep}. You are a helpful, concise assistant."
+            for turn, text in enumerate(TURNS):
+                session.say(text)
+                started = time.perf_counter()
+                reply = session.respond()
+                next(reply)
+                ttft = time.perf_counter() - started
+                for _ in reply:
+                    pass
+                (first if turn == 0 else last if turn == len(TURNS) - 1 else []).append(ttft)
+    return first, last
+
+
+def _stream_chat(port: int, messages: list[dict], max_tokens: int) -> tuple[float, str]:
+    """One streamed chat completion: (seconds to the first content, the whole reply)."""
+    body = json.dumps({"messages": messages, "max_tokens": max_tokens, "temperature": 0, "stream": True})
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=300)
+    started = time.perf_counter()
+    connection.request("POST", "/v1/chat/completions", body, {"Content-Type": "application/json"})
+    response = connection.getresponse()
+    if response.status != 200:
+        raise RuntimeError(f"chat completion failed with HTTP {response.status}: {response.read()[:300]!r}")
+    ttft: float | None = None
+    parts: list[str] = []
+    for raw in response:
+        line = raw.decode("utf-8", "replace").strip()
+        if not line.startswith("data:") or line == "data: [DONE]":
+            continue
+        for choice in json.loads(line[5:]).get("choices", []):
+            text = (choice.get("delta") or {}).get("content")
+            if text:
+                if ttft is None:
+                    ttft = time.perf_counter() - started
+                parts.append(text)
+    connection.close()
+    if ttft is None:
+        raise RuntimeError("the server streamed no content")
+    return ttft, "".join(parts)
+
+
+def server_turn_ttft(port: int, reps: int, reply_tokens: int, tag: str) -> tuple[list[float], list[float]]:
+    first: list[float] = []
+    last: list[float] = []
+    for rep in range(reps):
+        # A different system prompt each time, so no turn 1 is served from an earlier cache.
+        messages = [{"role": "system", "content": f"Conversation {tag}{rep}. You are a helpful, concise assistant."}]
+        for turn, text in enumerate(TURNS):
+            messages.append({"role": "user", "content": text})
+            ttft, reply = _stream_chat(port, messages, reply_tokens)
+            messages.append({"role": "assistant", "content": reply})
+            (first if turn == 0 else last if turn == len(TURNS) - 1 else []).append(ttft)
+    return first, last
+
+
+class Server:
+    """A server process on a free port, up until the block ends."""
+
+    def __init__(self, command: Callable[[int], list[str]]) -> None:
+        self.port = free_port()
+        self.command = command(self.port)
+
+    def __enter__(self) -> Server:
+        self.process = subprocess.Popen(self.command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                        stderr=subprocess.DEVNULL, env=_env(), cwd=REPO_ROOT)
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"{self.command[0]} exited with {self.process.returncode}")
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/health", timeout=2) as reply:
+                    if reply.status == 200:
+                        return self
+            except OSError:
+                pass
+            time.sleep(0.2)
+        self.__exit__()
+        raise RuntimeError(f"{self.command[0]} did not become ready")
+
+    def __exit__(self, *exc: object) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(15)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+
+def multi_turn_rows(s: Sides) -> list[Row]:
+    reps = s.plan.reps
+    rows = {
+        key: Row("multi-turn", name, "ms", native_name="llama-server", higher_is_better=False)
+        for key, name in (("e1", "TTFT turn 1, chat engine"), ("e8", "TTFT turn 8, chat engine"),
+                          ("s1", "TTFT turn 1, server (stream)"), ("s8", "TTFT turn 8, server (stream)"))
+    }
+    log(f"multi-turn: {len(TURNS)} turns of {s.plan.reply_tokens} tokens × {reps}, engine and servers")
+    e1, e8 = engine_turn_ttft(s, reps)
+    rows["e1"].ours, rows["e8"].ours = [x * 1000 for x in e1], [x * 1000 for x in e8]
+    with Server(lambda port: s.our_server(port, 1)) as ours, Server(lambda port: s.server(port, 1)) as theirs:
+        for server in (ours, theirs):
+            _stream_chat(server.port, [{"role": "user", "content": "Hello"}], 2)  # warm-up
+        def run_ours() -> None:
+            a, b = server_turn_ttft(ours.port, 1, s.plan.reply_tokens, f"o{len(rows['s1'].ours)}-")
+            rows["s1"].ours += [x * 1000 for x in a]
+            rows["s8"].ours += [x * 1000 for x in b]
+
+        def run_theirs() -> None:
+            a, b = server_turn_ttft(theirs.port, 1, s.plan.reply_tokens, f"n{len(rows['s1'].native)}-")
+            rows["s1"].native += [x * 1000 for x in a]
+            rows["s8"].native += [x * 1000 for x in b]
+
+        alternate(reps, run_ours, run_theirs)
+    # The engine has no native twin; llama-server's figures are the nearest native reference.
+    for engine_key, server_key in (("e1", "s1"), ("e8", "s8")):
+        rows[engine_key].native = rows[server_key].native
+        rows[engine_key].note = "native: llama-server over HTTP (no native chat engine to call)"
+    growth = []
+    for turn1, turn8, label in ((rows["e1"], rows["e8"], "chat engine"), (rows["s1"], rows["s8"], "server")):
+        row = Row("multi-turn", f"TTFT turn 8 / turn 1, {label}", "x", native_name="llama-server",
+                  higher_is_better=False, target="ours ≤ 2x", limit=2.0)
+        row.ours = [turn8.ours_median / turn1.ours_median] if turn1.ours else []
+        row.native = [turn8.native_median / turn1.native_median] if turn1.native else []
+        growth.append(row)
+    return [rows["e1"], rows["e8"], growth[0], rows["s1"], rows["s8"], growth[1]]
+
+
+def _spawn_chat(s: Sides, home: str, *args: str):  # -> pexpect.spawn
+    import pexpect
+
+    env = _env()
+    env["HOME"] = home  # no user history or config leaks in, none is left behind
+    env["PROMPT_TOOLKIT_NO_CPR"] = "1"  # pexpect does not answer cursor-position requests
+    cmd = s.ours(*args)
+    return pexpect.spawn(cmd[0], cmd[1:], env=env, cwd=str(REPO_ROOT), timeout=300, encoding="utf-8",
+                         dimensions=(40, 120))
+
+
+# A fresh prompt is ">>>" then cursor movement; the redraw of an accepted line is ">>> text".
+CHAT_PROMPT = ">>>\x1b\\["
+
+
+def _chat_once(child, message: str) -> None:
+    time.sleep(0.3)  # let the prompt take the terminal into raw mode before typing
+    # A terminal's Enter is a carriage return (pexpect's sendline sends a line feed).
+    child.send(message + "\r")
+    child.expect(CHAT_PROMPT)
+
+
+def startup_and_chat_memory_rows(s: Sides) -> list[Row]:
+    import pexpect
+
+    prompt_row = Row("start-up", "launch to first >>> (chat + server)", "s", native_name="llama-completion -cnv",
+                     higher_is_better=False, note="native: launch to its first '> ' prompt")
+    chat_rss = Row("memory", "chat (--chat) peak RSS, one reply", "MiB", native_name="llama-completion -cnv",
+                   higher_is_better=False)
+    both_rss = Row("memory", "chat + server peak RSS, one reply each", "MiB", native_name="llama-completion -cnv",
+                   higher_is_better=False)
+    reply = ("-n", str(s.plan.reply_tokens), "--nologo", "--temp", "0")
+
+    def ours() -> None:
+        port = free_port()
+        started = time.perf_counter()
+        child = _spawn_chat(s, home.name, "--port", str(port), *reply)
+        child.expect(CHAT_PROMPT)
+        prompt_row.ours.append(time.perf_counter() - started)
+        _chat_once(child, TURNS[0])
+        _stream_chat(port, [{"role": "user", "content": TURNS[1]}], s.plan.reply_tokens)
+        both_rss.ours.append(peak_rss_of(child.pid) / MIB)
+        child.sendcontrol("d")
+        child.expect(pexpect.EOF)
+        child.close()
+
+        child = _spawn_chat(s, home.name, "--chat", *reply)
+        child.expect(CHAT_PROMPT)
+        _chat_once(child, TURNS[0])
+        chat_rss.ours.append(peak_rss_of(child.pid) / MIB)
+        child.sendcontrol("d")
+        child.expect(pexpect.EOF)
+        child.close()
+
+    def theirs() -> None:
+        cmd = s.completion("-n", str(s.plan.reply_tokens), "--temp", "0")
+        cmd[cmd.index("-no-cnv")] = "-cnv"
+        started = time.perf_counter()
+        child = pexpect.spawn(cmd[0], cmd[1:], env=_env(), timeout=300, encoding="utf-8", dimensions=(40, 120))
+        child.expect("\n> ")
+        prompt_row.native.append(time.perf_counter() - started)
+        child.send(TURNS[0] + "\r")
+        child.expect("\n> ")
+        rss = peak_rss_of(child.pid) / MIB
+        chat_rss.native.append(rss)
+        both_rss.native.append(rss)
+        child.sendcontrol("d")
+        child.expect(pexpect.EOF)
+        child.close()
+
+    log(f"start-up and chat memory × {s.plan.reps}")
+    home = tempfile.TemporaryDirectory(prefix="gemma-chat-bench-home-")
+    with home:
+        alternate(s.plan.reps, ours, theirs)
+    return [prompt_row, chat_rss, both_rss]
+
+
+def first_token_row(s: Sides) -> Row:
+    row = Row("start-up", "launch to first token of --cli", "s", native_name="llama-completion",
+              higher_is_better=False)
+    args = ("-p", GENERATION_PROMPT, "-n", "8", "--temp", "0")
+    log(f"--cli first token × {s.plan.reps}")
+    alternate(s.plan.reps, lambda: row.ours.append(time_to_first_byte(s.ours("--cli", *args))),
+              lambda: row.native.append(time_to_first_byte(s.completion(*args))))
+    return row
+
+
+def model_load_seconds(s: Sides, reps: int) -> list[float]:
+    """Loading the model and creating its context, in this process (no interpreter start-up)."""
+    from gemmachat import llama_log
+    from gemmachat.engine import Engine, EngineOptions
+    from gemmachat.gguf import read_gguf
+
+    llama_log.install(verbose=False)
+    seconds = []
+    for _ in range(reps):
+        started = time.perf_counter()
+        Engine(s.model, read_gguf(s.model), EngineOptions(ctx_size=s.plan.ctx, threads=s.plan.threads)).close()
+        seconds.append(time.perf_counter() - started)
+    return seconds
+
+
+_KV_SIZE = re.compile(r"llama_kv_cache: size =\s*([\d.]+) MiB")
+
+
+def kv_cache_mib(s: Sides, sequences: int) -> float:
+    """The KV cache llama.cpp allocates for the chat + server context, from its own log."""
+    code = (
+        "import sys, pathlib\n"
+        "from gemmachat import llama_log\n"
+        "from gemmachat.engine import Engine, EngineOptions\n"
+        "from gemmachat.gguf import read_gguf\n"
+        "llama_log.install(verbose=True)\n"
+        "p = pathlib.Path(sys.argv[1])\n"
+        "Engine(p, read_gguf(p), EngineOptions(ctx_size=int(sys.argv[2]), threads=1, sequences=int(sys.argv[3]))).close()\n"
+    )
+    proc = run_process([s.python, "-c", code, str(s.model), str(s.plan.ctx), str(sequences)])
+    sizes = [float(m) for m in _KV_SIZE.findall(proc.stderr)]
+    if not sizes:
+        raise RuntimeError(f"no KV cache size in llama.cpp's log: {proc.stderr[-400:]}")
+    return sum(sizes)
+
+
+def concurrency_rows(s: Sides) -> list[Row]:
+    """Aggregate tokens/s of 1 and 4 concurrent clients, ours vs llama-server -np N."""
+    try:
+        from bench.parallel import measure  # issue #7's bench; preferred when present
+    except ImportError:
+        measure = _measure_clients
+    log(f"server concurrency: 1 and 4 clients × {s.plan.client_tokens} tokens, -np {s.plan.parallel}")
+    result = measure(s.model, clients=[1, 4], tokens=s.plan.client_tokens, parallel=s.plan.parallel,
+                     ctx=s.plan.ctx, threads=s.plan.threads, rounds=s.plan.reps, python=s.python)
+    rows = []
+    for mine, theirs in zip(result["ours"], result["native"]):
+        row = Row("server", f"{mine['clients']} concurrent client(s), aggregate", "tokens/s",
+                  native_name=f"llama-server -np {s.plan.parallel}")
+        row.ours, row.native = [mine["tokens_per_second"]], [theirs["tokens_per_second"]]
+        rows.append(row)
+    gain = Row("server", "4 clients / 1 client (gain)", "x", native_name=f"llama-server -np {s.plan.parallel}",
+               target="≥ 0.9x native's gain", min_ratio=0.9)
+    gain.ours = [rows[1].ours[0] / rows[0].ours[0]]
+    gain.native = [rows[1].native[0] / rows[0].native[0]]
+    return [*rows, gain]
+
+
+def _measure_clients(model: pathlib.Path, clients: list[int], tokens: int, parallel: int, ctx: int,
+                     threads: int, rounds: int, python: str) -> dict:
+    """Stand-in for bench/parallel.py's measure() (issue #7) until it is merged: same signature
+    and result shape, best of `rounds` per client count, one server at a time."""
+    s = Sides(model, Plan(rounds, 0, 0, 0, tokens, threads, ctx, parallel), python)
+
+    def points(command: Callable[[int], list[str]]) -> list[dict]:
+        out = []
+        with Server(command) as server:
+            url = f"http://127.0.0.1:{server.port}/v1/completions"
+
+            def ask(index: int) -> int:
+                body = {"prompt": f"Story {index}: once upon a time,", "max_tokens": tokens, "temperature": 0,
+                        "ignore_eos": True, "cache_prompt": False}
+                request = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
+                with urllib.request.urlopen(request, timeout=600) as reply:
+                    return int(json.loads(reply.read())["usage"]["completion_tokens"])
+
+            ask(0)  # warm-up
+            for count in clients:
+                best = 0.0
+                for _ in range(rounds):
+                    with ThreadPoolExecutor(count) as pool:
+                        started = time.perf_counter()
+                        generated = sum(pool.map(ask, range(count)))
+                        best = max(best, generated / (time.perf_counter() - started))
+                out.append({"clients": count, "tokens_per_second": round(best, 2)})
+        return out
+
+    return {"ours": points(lambda port: s.our_server(port, parallel)),
+            "native": points(lambda port: s.server(port, parallel))}
+
+
+# ---------------------------------------------------------------- report
+
+
+def _fmt(value: float | None) -> str:
+    if value is None:
+        return "–"
+    return f"{value:.0f}" if abs(value) >= 100 else f"{value:.2f}" if abs(value) < 10 else f"{value:.1f}"
+
+
+def table_rows(rows: list[Row]) -> list[tuple[str, ...]]:
+    out = []
+    for r in rows:
+        ok = {True: "yes", False: "NO", None: ""}[r.ok]
+        ratio = "–" if r.ratio is None else f"{r.ratio:.2f}x"
+        out.append((r.section, r.name, r.unit, _fmt(r.ours_median), _fmt(r.native_median), r.native_name, ratio,
+                    r.target, ok))
+    return out
+
+
+HEADER = ("section", "measure", "unit", "ours", "native", "native tool", "ours/native", "target", "met")
+
+
+def to_markdown(meta: dict, rows: list[Row]) -> str:
+    lines = [
+        "# gemma-chat vs native llama.cpp",
+        "",
+        f"- date: {meta['date']}; {meta['cpus']} CPUs ({meta['cpu']}); {meta['gpu']}",
+        f"- load average before {meta['load_before']}, after {meta['load_after']}, at the start of each section "
+        f"{meta['section_load']} (a shared machine: runs alternate, so load slows both sides alike)",
+        f"- model: `{meta['model_name']}` ({meta['gguf_mib']:.0f} MiB); llama.cpp {meta['llama_cpp_commit']} "
+        f"(llama-cpp-python {meta['llama_cpp_python']})",
+        f"- {meta['plan']['reps']} repetition(s) per side, medians; -t {meta['plan']['threads']} "
+        f"-c {meta['plan']['ctx']}, flash attention auto on both sides; command: `{meta['command']}`",
+        "",
+        "| " + " | ".join(HEADER) + " |",
+        "| " + " | ".join("---" for _ in HEADER) + " |",
+    ]
+    lines += ["| " + " | ".join(cells) + " |" for cells in table_rows(rows)]
+    notes = [f"- {r.name}: {r.note}" for r in rows if r.note]
+    if notes:
+        lines += ["", "Notes:", "", *notes]
+    return "\n".join(lines) + "\n"
+
+
+def print_table(meta: dict, rows: list[Row]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"gemma-chat vs native llama.cpp — load {meta['load_before']} → {meta['load_after']}")
+    for name in HEADER:
+        table.add_column(name, justify="right" if name in ("ours", "native", "ours/native") else "left")
+    for cells in table_rows(rows):
+        style = "red" if cells[-1] == "NO" else None
+        table.add_row(*cells, style=style)
+    console = Console()
+    # Piped output would otherwise be cut to 80 columns and every cell wrapped.
+    Console(width=max(console.width, 170) if not console.is_terminal else None).print(table)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="smoke run: 1 repetition, short generations")
+    parser.add_argument("--reps", type=int, help="repetitions per side (default 3, --quick 1)")
+    parser.add_argument("--model", type=pathlib.Path, help="GGUF file (default: gemma-chat's default model)")
+    parser.add_argument("--threads", type=int, default=2, help="threads for both sides (default 2)")
+    parser.add_argument("--only", help="comma list of sections to run: generation,prompt,multi-turn,"
+                                       "start-up,memory,server (default: all)")
+    parser.add_argument("--no-write", action="store_true", help="print only; leave bench/results/ alone")
+    args = parser.parse_args(argv)
+
+    quick = args.quick
+    plan = Plan(reps=args.reps or (1 if quick else 3), gen_tokens=128 if quick else 512,
+                prompt_tokens=500 if quick else 2000, reply_tokens=16 if quick else 32,
+                client_tokens=32 if quick else 64, threads=args.threads, ctx=8192, parallel=4)
+    only = set(args.only.split(",")) if args.only else {"generation", "prompt", "multi-turn", "start-up", "memory",
+                                                       "server"}
+    try:
+        native.ensure_built()
+    except native.NativeBuildError as exc:
+        print(f"error: could not build native llama.cpp tools: {exc}", file=sys.stderr)
+        return 2
+    model = args.model
+    if model is None:
+        from gemmachat.model_path import default_model
+
+        model = default_model(_env())
+    s = Sides(model, plan)
+    load_before = [round(x, 2) for x in os.getloadavg()]
+    log(f"load average {load_before}; plan {plan}")
+
+    def startup_and_memory() -> list[Row]:
+        load = Row("start-up", "model load + context (in process)", "s", native_name="",
+                   note="ours only: the model-load term of the first-token target")
+        load.ours = model_load_seconds(s, plan.reps)
+        first = first_token_row(s)
+        first.target = f"≤ 1.2 s + load = {1.2 + load.ours_median:.2f} s"
+        first.limit = 1.2 + load.ours_median
+        prompt, chat_rss, both_rss = startup_and_chat_memory_rows(s)
+        gguf = model.stat().st_size / MIB
+        kv = kv_cache_mib(s, 1 + plan.parallel)
+        both_rss.limit = gguf + kv + 250
+        both_rss.target = f"≤ GGUF + KV + 250 = {both_rss.limit:.0f} MiB"
+        both_rss.note = f"GGUF {gguf:.0f} MiB, KV cache {kv:.0f} MiB (-c {plan.ctx}, {1 + plan.parallel} sequences)"
+        growth = Row("memory", "chat + server / chat alone, peak RSS", "x", higher_is_better=False,
+                     target="≤ 1.10 (issue #4)", limit=1.10)
+        growth.ours = [both_rss.ours_median / chat_rss.ours_median]
+        return [load, first, prompt, chat_rss, both_rss, growth]
+
+    def prompt_processing() -> list[Row]:
+        with tempfile.TemporaryDirectory(prefix="gemma-chat-bench-") as folder:
+            prompt_file = pathlib.Path(folder) / "prompt.txt"
+            prompt_file.write_text(long_prompt(plan.prompt_tokens), encoding="utf-8")
+            return prompt_rows(s, prompt_file)
+
+    sections: list[tuple[str, Callable[[], list[Row]]]] = [
+        ("generation", lambda: generation_rows(s)), ("prompt", prompt_processing),
+        ("multi-turn", lambda: multi_turn_rows(s)), ("start-up", startup_and_memory),
+        ("server", lambda: concurrency_rows(s)),
+    ]
+    meta = {
+        "cpus": os.cpu_count(),
+        "cpu": platform.processor() or platform.machine(),
+        "gpu": "no GPU (CPU only)",
+        "load_before": load_before,
+        "model": str(model),
+        "model_name": model.name,
+        "gguf_mib": model.stat().st_size / MIB,
+        "llama_cpp_commit": (native.llama_cpp_commit() or "unknown")[:10],
+        "llama_cpp_python": native.pinned_version(),
+        "plan": asdict(plan),
+        "command": " ".join(["bench/run.py", *(argv if argv is not None else sys.argv[1:])]),
+        "section_load": {},
+    }
+    rows: list[Row] = []
+    for name, measure in sections:
+        if name not in only and not (name == "start-up" and "memory" in only):
+            continue
+        meta["section_load"][name] = [round(x, 2) for x in os.getloadavg()]
+        rows += measure()
+        # Written after every section, so that an interrupted run still leaves what it measured.
+        meta["date"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+        meta["load_after"] = [round(x, 2) for x in os.getloadavg()]
+        if not args.no_write:
+            write_results(meta, rows)
+    print_table(meta, sorted(rows, key=lambda r: SECTION_ORDER.index(r.section)))
+    if not args.no_write:
+        log(f"wrote {RESULTS_DIR / 'latest.md'} and latest.json")
+    return 0
+
+
+SECTION_ORDER = ("generation", "prompt processing", "multi-turn", "start-up", "memory", "server")
+
+
+def write_results(meta: dict, rows: list[Row]) -> None:
+    # The --cli memory row comes out of the generation runs; keep the memory rows together.
+    rows = sorted(rows, key=lambda r: SECTION_ORDER.index(r.section))
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    (RESULTS_DIR / "latest.md").write_text(to_markdown(meta, rows), encoding="utf-8")
+    data = {**meta, "rows": [{**asdict(r), "ours_median": r.ours_median, "native_median": r.native_median,
+                              "ratio": r.ratio, "ok": r.ok} for r in rows]}
+    (RESULTS_DIR / "latest.json").write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

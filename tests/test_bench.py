@@ -1,0 +1,55 @@
+"""bench/run.py reads the real output of both sides correctly (no timings are asserted here).
+
+The benchmark takes its figures from gemma-chat's --verbose line and from llama-completion's
+perf report; if either format changes, the bench must fail loudly rather than report nonsense.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from bench import native, run  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def sides(model_path: Path) -> run.Sides:
+    native.ensure_built()
+    return run.Sides(model_path, run.Plan(reps=1, gen_tokens=6, prompt_tokens=0, reply_tokens=0,
+                                          client_tokens=0, threads=2, ctx=2048, parallel=1))
+
+
+def test_both_sides_report_the_same_prompt_and_generation(sides: run.Sides) -> None:
+    args = ("-p", run.GENERATION_PROMPT, "-n", "6", "--temp", "0", "--ignore-eos")
+    ours = run.run_process(sides.ours("--cli", *args, "--verbose"))
+    theirs = run.run_process(sides.completion(*args))
+    prompt_tokens, prompt_rate, generated, generation_rate = run.ours_stats(ours.stderr)
+    native_prompt_tokens, native_prompt_rate = run.native_prompt_rate(theirs.stderr)
+    assert generated == 6 and prompt_tokens == native_prompt_tokens > 5
+    assert prompt_rate > 0 and generation_rate > 0 and native_prompt_rate > 0
+    assert run.native_eval_rate(theirs.stderr) > 0
+    # Same llama.cpp, same greedy chain: the same text (the fidelity test checks this in depth).
+    assert ours.stdout == theirs.stdout.removesuffix("\n\n")
+    assert ours.peak_rss > 100 * run.MIB and theirs.peak_rss > 100 * run.MIB
+
+
+def test_a_failed_run_is_an_error_not_a_figure(sides: run.Sides) -> None:
+    with pytest.raises(RuntimeError, match="exited with"):
+        run.run_process(sides.ours("--cli", "-p", "x", "-n", "1", "--ctx-size", "-5"))
+    with pytest.raises(RuntimeError, match="no statistics line"):
+        run.ours_stats("some other output")
+
+
+def test_row_targets() -> None:
+    faster = run.Row("s", "r", "tokens/s", ours=[98, 99, 120], native=[100, 100, 100], min_ratio=0.97)
+    assert faster.ours_median == 99 and faster.ratio == pytest.approx(0.99) and faster.ok is True
+    slower = run.Row("s", "r", "s", ours=[1.2], native=[1.0], max_ratio=1.08)
+    assert slower.ok is False
+    limited = run.Row("s", "r", "x", ours=[2.5], limit=2.0)
+    assert limited.ok is False and limited.ratio is None
+    assert run.Row("s", "r", "x").ok is None
