@@ -30,7 +30,6 @@ import sys
 import tempfile
 import time
 import urllib.request
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Callable
 
@@ -606,10 +605,8 @@ def kv_cache_mib(s: Sides, sequences: int) -> float:
 
 def concurrency_rows(s: Sides) -> list[Row]:
     """Aggregate tokens/s of 1 and 4 concurrent clients, ours vs llama-server -np N."""
-    try:
-        from bench.parallel import measure  # issue #7's bench; preferred when present
-    except ImportError:
-        measure = _measure_clients
+    from bench.parallel import measure
+
     log(f"server concurrency: 1 and 4 clients × {s.plan.client_tokens} tokens, -np {s.plan.parallel}")
     result = measure(s.model, clients=[1, 4], tokens=s.plan.client_tokens, parallel=s.plan.parallel,
                      ctx=s.plan.ctx, threads=s.plan.threads, rounds=s.plan.reps, python=s.python)
@@ -624,39 +621,6 @@ def concurrency_rows(s: Sides) -> list[Row]:
     gain.ours = [rows[1].ours[0] / rows[0].ours[0]]
     gain.native = [rows[1].native[0] / rows[0].native[0]]
     return [*rows, gain]
-
-
-def _measure_clients(model: pathlib.Path, clients: list[int], tokens: int, parallel: int, ctx: int,
-                     threads: int, rounds: int, python: str) -> dict:
-    """Stand-in for bench/parallel.py's measure() (issue #7) until it is merged: same signature
-    and result shape, best of `rounds` per client count, one server at a time."""
-    s = Sides(model, Plan(rounds, 0, 0, 0, tokens, threads, ctx, parallel), python)
-
-    def points(command: Callable[[int], list[str]]) -> list[dict]:
-        out = []
-        with Server(command) as server:
-            url = f"http://127.0.0.1:{server.port}/v1/completions"
-
-            def ask(index: int) -> int:
-                body = {"prompt": f"Story {index}: once upon a time,", "max_tokens": tokens, "temperature": 0,
-                        "ignore_eos": True, "cache_prompt": False}
-                request = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
-                with urllib.request.urlopen(request, timeout=600) as reply:
-                    return int(json.loads(reply.read())["usage"]["completion_tokens"])
-
-            ask(0)  # warm-up
-            for count in clients:
-                best = 0.0
-                for _ in range(rounds):
-                    with ThreadPoolExecutor(count) as pool:
-                        started = time.perf_counter()
-                        generated = sum(pool.map(ask, range(count)))
-                        best = max(best, generated / (time.perf_counter() - started))
-                out.append({"clients": count, "tokens_per_second": round(best, 2)})
-        return out
-
-    return {"ours": points(lambda port: s.our_server(port, parallel)),
-            "native": points(lambda port: s.server(port, parallel))}
 
 
 # ---------------------------------------------------------------- report

@@ -17,7 +17,6 @@ from typing import TYPE_CHECKING, Callable
 
 from gemmachat.conversation import Conversation
 from gemmachat.errors import UserError
-from gemmachat.templates import Message
 
 if TYPE_CHECKING:
     from gemmachat.repl import Chat

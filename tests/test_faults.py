@@ -4,7 +4,6 @@ stdout closed early. Each runs the real program in a process (or a real terminal
 from __future__ import annotations
 
 import json
-import os
 import resource
 import signal
 import subprocess
