@@ -99,17 +99,19 @@ def _round(base: str, clients: int, tokens: int) -> tuple[int, float]:
         return generated, time.perf_counter() - started
 
 
-class _Server:
-    """A server process on a free port, stopped on exit."""
+class Server:
+    """A server process (ours or llama-server) on `port`, ready and warmed up inside the block."""
 
     def __init__(self, command: list[str], port: int) -> None:
         self.command = command
+        self.port = port
         self.base = f"http://127.0.0.1:{port}"
-        env = {key: value for key, value in os.environ.items() if not key.startswith("LLAMA_ARG_")}
+        # llama.cpp's tools read LLAMA_ARG_* and ours reads GEMMA_CHAT_*: a stray one would change a run.
+        env = {key: value for key, value in os.environ.items() if not key.startswith(("LLAMA_ARG_", "GEMMA_CHAT_"))}
         self.process = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdin=subprocess.DEVNULL,
                                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
-    def __enter__(self) -> _Server:
+    def __enter__(self) -> Server:
         try:
             _wait_ready(self.process, self.base)
             _round(self.base, 1, 8)  # warm-up
@@ -142,7 +144,7 @@ def measure(model: pathlib.Path, clients: list[int] | None = None, tokens: int =
     native_command = [str(native.native_bin("llama-server")), "-m", str(model), "--host", "127.0.0.1",
                       "--port", str(native_port), *common]
     results: dict[str, list[Point]] = {"ours": [], "native": []}
-    with _Server(ours_command, ours_port) as ours, _Server(native_command, native_port) as theirs:
+    with Server(ours_command, ours_port) as ours, Server(native_command, native_port) as theirs:
         for count in clients:
             best: dict[str, tuple[int, float]] = {}
             for _ in range(rounds):

@@ -29,7 +29,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from dataclasses import asdict, dataclass, field
 from typing import Callable
 
@@ -38,6 +37,7 @@ if str(REPO_ROOT) not in sys.path:  # run as `python bench/run.py`: bench/ is sy
     sys.path.insert(0, str(REPO_ROOT))
 
 from bench import native  # noqa: E402
+from bench.parallel import Server, measure  # noqa: E402
 
 RESULTS_DIR = REPO_ROOT / "bench" / "results"
 MIB = 1024 * 1024
@@ -409,39 +409,6 @@ def server_turn_ttft(port: int, reps: int, reply_tokens: int, tag: str) -> tuple
     return first, last
 
 
-class Server:
-    """A server process on a free port, up until the block ends."""
-
-    def __init__(self, command: Callable[[int], list[str]]) -> None:
-        self.port = free_port()
-        self.command = command(self.port)
-
-    def __enter__(self) -> Server:
-        self.process = subprocess.Popen(self.command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                        stderr=subprocess.DEVNULL, env=_env(), cwd=REPO_ROOT)
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"{self.command[0]} exited with {self.process.returncode}")
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/health", timeout=2) as reply:
-                    if reply.status == 200:
-                        return self
-            except OSError:
-                pass
-            time.sleep(0.2)
-        self.__exit__()
-        raise RuntimeError(f"{self.command[0]} did not become ready")
-
-    def __exit__(self, *exc: object) -> None:
-        self.process.terminate()
-        try:
-            self.process.wait(15)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
-
-
 def multi_turn_rows(s: Sides) -> list[Row]:
     reps = s.plan.reps
     rows = {
@@ -452,7 +419,8 @@ def multi_turn_rows(s: Sides) -> list[Row]:
     log(f"multi-turn: {len(TURNS)} turns of {s.plan.reply_tokens} tokens × {reps}, engine and servers")
     e1, e8 = engine_turn_ttft(s, reps)
     rows["e1"].ours, rows["e8"].ours = [x * 1000 for x in e1], [x * 1000 for x in e8]
-    with Server(lambda port: s.our_server(port, 1)) as ours, Server(lambda port: s.server(port, 1)) as theirs:
+    ours_port, native_port = free_port(), free_port()
+    with Server(s.our_server(ours_port, 1), ours_port) as ours, Server(s.server(native_port, 1), native_port) as theirs:
         for server in (ours, theirs):
             _stream_chat(server.port, [{"role": "user", "content": "Hello"}], 2)  # warm-up
         def run_ours() -> None:
@@ -605,8 +573,6 @@ def kv_cache_mib(s: Sides, sequences: int) -> float:
 
 def concurrency_rows(s: Sides) -> list[Row]:
     """Aggregate tokens/s of 1 and 4 concurrent clients, ours vs llama-server -np N."""
-    from bench.parallel import measure
-
     log(f"server concurrency: 1 and 4 clients × {s.plan.client_tokens} tokens, -np {s.plan.parallel}")
     result = measure(s.model, clients=[1, 4], tokens=s.plan.client_tokens, parallel=s.plan.parallel,
                      ctx=s.plan.ctx, threads=s.plan.threads, rounds=s.plan.reps, python=s.python)
