@@ -14,6 +14,7 @@ import ctypes
 import sys
 import threading
 import time
+import weakref
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -109,13 +110,15 @@ class _Job:
     max_tokens: int
     ignore_eos: bool
     cancelled: Callable[[], bool] | None
-    pending: list[int] = field(default_factory=list)  # prompt tokens not evaluated yet
+    pending: list[int]  # prompt tokens not evaluated yet (the whole prompt until admitted)
+    reused: int = 0  # prompt tokens found in the KV cache when admitted
     next_token: int | None = None  # sampled, to be decoded at the next step
     out: deque[int] = field(default_factory=deque)  # sampled, not read by the consumer yet
     sampled: int = 0
     finish: str = ""  # set when the scheduler is done with it: "stop", "length", "cancelled", "error"
     error: Exception | None = None
     first_token_at: float = 0.0
+    released: bool = False  # the consumer is done with it
 
 
 @dataclass
@@ -154,7 +157,6 @@ class Engine:
         self.path = path
         self.info = info
         self.options = options
-        self._lock = threading.Lock()
         self._model = self._load_model(path, options)
         self._vocab = llama.llama_model_get_vocab(self._model)
         self.n_ctx_train = int(llama.llama_model_n_ctx_train(self._model))
@@ -172,8 +174,17 @@ class Engine:
         self._pieces: dict[int, bytes] = {}
         self._eog_tokens: list[int] | None = None
         self._sequences: dict[int, Sequence] = {}
-        self._jobs: set[_Job] = set()  # the running generations (guarded by _lock)
+        # Shared with the scheduler thread, under _cond: what it should do next.
+        self._cond = threading.Condition()
+        self._arrivals: list[_Job] = []  # submitted, not admitted yet
+        self._clears: set[int] = set()  # sequences to empty
+        self._jobs: list[_Job] = []  # admitted, by sequence id, until their consumer releases them
+        self._in_flight: set[_Job] = set()  # in the step being decoded
+        self._failure: BaseException | None = None
+        self._closing = False
         self._closed = False
+        self._scheduler = threading.Thread(target=self._schedule, name="gemma-chat decode", daemon=True)
+        self._scheduler.start()
 
     # -- loading ---------------------------------------------------------------------------------
 
@@ -228,6 +239,18 @@ class Engine:
         if self._closed:
             return
         self._closed = True
+        with self._cond:
+            self._closing = True
+            self._cond.notify_all()
+        self._scheduler.join()
+        with self._cond:
+            self._failure = self._failure or RuntimeError("the model was closed")
+            for job in self._jobs + self._arrivals:
+                job.error, job.finish = self._failure, "error"
+                llama.llama_sampler_free(job.sampler)
+            self._jobs.clear()
+            self._arrivals.clear()
+            self._cond.notify_all()
         llama.llama_batch_free(self._batch)
         llama.llama_free(self._ctx)
         llama.llama_model_free(self._model)
@@ -301,13 +324,18 @@ class Engine:
 
     def new_sequence(self, seq_id: int = 0) -> Sequence:
         """Sequence `seq_id`, emptied. There is one Sequence object per id, so that its token list
-        can never disagree with the KV cache behind it."""
+        can never disagree with the KV cache behind it. Call it only while no generation runs on
+        that sequence."""
         if not 0 <= seq_id < self.options.sequences:
             raise ValueError(f"sequence {seq_id} outside 0..{self.options.sequences - 1}")
-        sequence = self._sequences.setdefault(seq_id, Sequence(seq_id))
-        with self._lock:
-            llama.llama_memory_seq_rm(self._memory, seq_id, -1, -1)
-            sequence.tokens.clear()
+        with self._cond:
+            sequence = self._sequences.setdefault(seq_id, Sequence(seq_id))
+            # The scheduler thread empties it between two steps: the context is its alone.
+            self._clears.add(seq_id)
+            self._cond.notify_all()
+            while seq_id in self._clears:
+                self._check_scheduler()
+                self._cond.wait()
         return sequence
 
     def generate(
@@ -321,10 +349,11 @@ class Engine:
         ignore_eos: bool = False,
         cancelled: Callable[[], bool] | None = None,
     ) -> Generation:
-        """Evaluate `prompt` on `sequence` (reusing its common prefix) and stream the reply.
+        """Start evaluating `prompt` on `sequence` (reusing its common prefix); iterate the result
+        for the reply.
 
-        Generations on different sequences may run at once from different threads: they share
-        each llama_decode (see _step). Raises PromptTooLong at once if the prompt leaves no room
+        Generations on different sequences may run at once, from any threads: they share each
+        llama_decode (see _schedule). Raises PromptTooLong at once if the prompt leaves no room
         for a reply.
         """
         if not prompt:
@@ -334,32 +363,30 @@ class Engine:
                 f"the prompt is {len(prompt)} tokens, but the context holds {self.n_ctx_seq} "
                 "(raise -c, or shorten the prompt)"
             )
+        job = _Job(sequence, self._sampler_chain(sampling, ignore_eos), max_tokens, ignore_eos, cancelled,
+                   pending=list(prompt))
+        for token in prompt[-sampling.repeat_last_n:] if sampling.repeat_last_n > 0 else []:
+            llama.llama_sampler_accept(job.sampler, token)
         stats = Stats(prompt_tokens=len(prompt))
         tokens: list[int] = []
-        return Generation(
-            self._run(sequence, prompt, sampling, max_tokens, stop, ignore_eos, cancelled, stats, tokens),
-            stats,
-            tokens,
-        )
+        with self._cond:
+            self._check_scheduler()
+            self._arrivals.append(job)
+            self._cond.notify_all()
+        pieces = self._read(job, stop, stats, tokens, time.perf_counter())
+        # A generation dropped before it was read still has to leave the scheduler.
+        weakref.finalize(pieces, self._release, job)
+        return Generation(pieces, stats, tokens)
 
-    def _run(self, sequence: Sequence, prompt: list[int], sampling: Sampling, max_tokens: int,
-             stop: tuple[str, ...], ignore_eos: bool, cancelled: Callable[[], bool] | None,
-             stats: Stats, generated: list[int]) -> Iterator[str]:
+    def _read(self, job: _Job, stop: tuple[str, ...], stats: Stats, generated: list[int],
+              started: float) -> Iterator[str]:
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         stop_guard = StopGuard(stop)
-        started = time.perf_counter()
-        job = _Job(sequence, self._sampler_chain(sampling, ignore_eos), max_tokens, ignore_eos, cancelled)
         try:
-            with self._lock:
-                stats.reused_tokens = self._admit(job, prompt, sampling.repeat_last_n)
             while True:
-                if not job.out:
-                    self._wait_for(job)
-                if job.out:
-                    token = job.out.popleft()
-                elif job.error is not None:
-                    raise job.error
-                else:
+                token = self._next_token(job)
+                stats.reused_tokens = job.reused
+                if token is None:
                     stats.finish_reason = job.finish
                     break
                 if not stats.prompt_seconds:
@@ -382,22 +409,120 @@ class Engine:
                 stats.prompt_seconds = job.first_token_at - started
                 if stats.generated_tokens:
                     stats.generation_seconds = time.perf_counter() - job.first_token_at
-            # Out of the running set before its sampler goes: the sequence is free at the next step.
-            with self._lock:
-                self._jobs.discard(job)
-            llama.llama_sampler_free(job.sampler)
+            self._release(job)
+
+    def _next_token(self, job: _Job) -> int | None:
+        """The job's next sampled token, waiting for the scheduler; None once it has ended."""
+        with self._cond:
+            while not job.out and not job.finish:
+                self._check_scheduler()
+                self._cond.wait()
+            if job.out:
+                return job.out.popleft()
+            if job.error is not None:
+                raise job.error
+            return None
+
+    def _release(self, job: _Job) -> None:
+        """The consumer is done with the job: out of the running set, its sampler freed, at once
+        unless the scheduler is using it in the step under way (then it does so after)."""
+        with self._cond:
+            if job.released:
+                return
+            job.released = True
+            if job not in self._in_flight:
+                self._drop(job)
+            self._cond.notify_all()
+
+    def _drop(self, job: _Job) -> None:
+        if job in self._jobs:
+            self._jobs.remove(job)
+        elif job in self._arrivals:
+            self._arrivals.remove(job)
+        else:
+            return  # already dropped, or the engine is closed
+        llama.llama_sampler_free(job.sampler)
+
+    def _check_scheduler(self) -> None:
+        if self._failure is not None:
+            raise RuntimeError(f"the decoding thread stopped: {self._failure}") from self._failure
 
     # -- the scheduler ---------------------------------------------------------------------------
     #
-    # Every running generation is a _Job. Whichever consumer finds its job with nothing to read
-    # runs one step for all of them under the lock; the others read what that step produced. So a
-    # lone generation decodes on its own thread with no hand-off (the --cli and chat speed), and
-    # several share each llama_decode (the server's throughput) without a thread of their own.
+    # One thread, started with the engine, makes every call into the llama.cpp context. Each step
+    # is one llama_decode for every running generation (the last sampled token of each), with new
+    # prompts chunked in beside them; consumers on any thread read the tokens it samples.
+    #
+    # Why one thread: ggml's CPU backend runs each decode on an OpenMP team that belongs to the
+    # calling thread. Decodes called from several threads (one per server request) created one
+    # team each, and once libgomp manages more threads than there are cores it stops spinning
+    # between barriers and sleeps instead: 4 clients got 76-84 tokens/s instead of 108-110.
 
-    def _admit(self, job: _Job, prompt: list[int], repeat_last_n: int) -> int:
-        """Cut the KV cache of the job's sequence back to what it shares with `prompt`, queue the
-        rest for evaluation, and add the job to the running set; returns the tokens reused."""
-        sequence = job.sequence
+    def _schedule(self) -> None:
+        try:
+            while self._step():
+                pass
+        except BaseException as error:  # noqa: BLE001 - a bug here must not leave consumers waiting
+            with self._cond:
+                self._failure = error
+                for job in self._jobs + self._arrivals:
+                    job.error, job.finish = error, "error"
+                self._cond.notify_all()
+
+    def _step(self) -> bool:
+        """Wait for work, then decode one step and sample; False once the engine closes."""
+        with self._cond:
+            while True:
+                if self._closing:
+                    return False
+                self._tidy()
+                parts = self._plan()
+                if parts:
+                    break
+                self._cond.wait()
+            self._in_flight = {job for job, _ in parts}
+        # Outside the lock, so that consumers read their tokens meanwhile: only this thread touches
+        # the context, and a sampler in flight is freed only after the step.
+        status = self._decode(parts)
+        if status == 1 and len(parts) > 1:
+            # The shared KV pool is full: find out whose tokens do not fit, one job at a time.
+            results = []
+            for part in parts:
+                alone = self._decode([part])
+                results.append(([part], alone, self._sample([part]) if alone == 0 else {}))
+        else:
+            results = [(parts, status, self._sample(parts) if status == 0 else {})]
+        with self._cond:
+            for served, outcome, sampled in results:
+                self._finish_decode(served, outcome, sampled)
+            for job in self._in_flight:
+                if job.released:
+                    self._drop(job)
+            self._in_flight = set()
+            self._cond.notify_all()
+        return True
+
+    def _tidy(self) -> None:
+        """Empty the sequences asked for, then admit new jobs (with the lock held)."""
+        if self._clears:
+            for seq_id in self._clears:
+                llama.llama_memory_seq_rm(self._memory, seq_id, -1, -1)
+                self._sequences[seq_id].tokens.clear()
+            self._clears.clear()
+            self._cond.notify_all()
+        if self._arrivals:
+            for job in self._arrivals:
+                job.reused = self._admit(job)
+                self._jobs.append(job)
+            self._arrivals.clear()
+            # Sequences in ascending order: with one KV stream per sequence, llama.cpp groups
+            # consecutive sequence ids into one ubatch.
+            self._jobs.sort(key=lambda job: job.sequence.seq_id)
+
+    def _admit(self, job: _Job) -> int:
+        """Cut the KV cache of the job's sequence back to what it shares with the prompt, and leave
+        the rest of the prompt pending; returns the tokens reused."""
+        sequence, prompt = job.sequence, job.pending
         keep = common_prefix(sequence.tokens, prompt)
         keep = min(keep, len(prompt) - 1)  # the last prompt token is evaluated for its logits
         if keep < len(sequence.tokens) and not self._can_rewind_to(sequence, keep):
@@ -406,10 +531,7 @@ class Engine:
             keep = 0
             llama.llama_memory_seq_rm(self._memory, sequence.seq_id, -1, -1)
         del sequence.tokens[keep:]
-        job.pending = prompt[keep:]
-        for token in prompt[-repeat_last_n:] if repeat_last_n > 0 else []:
-            llama.llama_sampler_accept(job.sampler, token)
-        self._jobs.add(job)
+        del job.pending[:keep]
         return keep
 
     def _can_rewind_to(self, sequence: Sequence, position: int) -> bool:
@@ -420,19 +542,12 @@ class Engine:
         oldest = llama.llama_memory_seq_pos_min(self._memory, sequence.seq_id)
         return oldest <= max(0, position - self.n_swa)
 
-    def _wait_for(self, job: _Job) -> None:
-        """Run steps until the job has a token to read or has ended."""
-        with self._lock:
-            while not job.out and not job.finish:
-                self._step()
-
-    def _step(self) -> None:
-        """One llama_decode for all running jobs: the last sampled token of each generating one,
-        then prompt tokens of the others. Called with the lock held."""
-        running = sorted((job for job in self._jobs if not job.finish), key=lambda job: job.sequence.seq_id)
+    def _plan(self) -> list[tuple[_Job, list[int]]]:
+        """What the next decode carries: the last sampled token of each generating job, then prompt
+        tokens of the others (with the lock held)."""
         parts: list[tuple[_Job, list[int]]] = []
-        for job in running:
-            if job.next_token is None:
+        for job in self._jobs:
+            if job.finish or job.next_token is None:
                 continue
             if job.cancelled is not None and job.cancelled():
                 job.finish = "cancelled"
@@ -443,31 +558,23 @@ class Engine:
         room = self.n_batch - len(parts)
         if parts:
             room = min(room, PROMPT_CHUNK)
-        for job in running:
-            if job.pending and room > 0:
+        for job in self._jobs:
+            if job.pending and not job.finish and room > 0:
                 parts.append((job, job.pending[:room]))
                 room -= len(parts[-1][1])
-        if not parts:
-            return
-        # Sequences in ascending order: with one KV stream per sequence, llama.cpp groups
-        # consecutive sequence ids into one ubatch.
         parts.sort(key=lambda part: part[0].sequence.seq_id)
-        status = self._decode(parts)
-        if status == 1 and len(parts) > 1:
-            # The shared KV pool is full: find out whose tokens do not fit, one job at a time.
-            for part in parts:
-                self._finish_decode([part], self._decode([part]))
-        else:
-            self._finish_decode(parts, status)
+        return parts
+
+    @staticmethod
+    def _wants_logits(job: _Job, tokens: list[int]) -> bool:
+        # Logits only where a token gets sampled: after a job's last prompt token, or its generated one.
+        return job.next_token is not None or len(tokens) == len(job.pending)
 
     def _decode(self, parts: list[tuple[_Job, list[int]]]) -> int:
         batch = self._batch
         index = 0
         for job, tokens in parts:
             position = len(job.sequence.tokens)
-            # Logits only where a token gets sampled: after a job's last prompt token, or its
-            # generated one.
-            wants = job.next_token is not None or len(tokens) == len(job.pending)
             for offset, token in enumerate(tokens):
                 batch.token[index] = token
                 batch.pos[index] = position + offset
@@ -475,29 +582,36 @@ class Engine:
                 batch.seq_id[index][0] = job.sequence.seq_id
                 batch.logits[index] = 0
                 index += 1
-            if wants:
+            if self._wants_logits(job, tokens):
                 batch.logits[index - 1] = 1
         batch.n_tokens = index
         return llama.llama_decode(self._ctx, batch)
 
-    def _finish_decode(self, parts: list[tuple[_Job, list[int]]], status: int) -> None:
-        """Record what a decode did for each job, and sample the next token of those it served."""
+    def _sample(self, parts: list[tuple[_Job, list[int]]]) -> dict[_Job, int]:
+        sampled: dict[_Job, int] = {}
+        index = 0
+        for job, tokens in parts:
+            index += len(tokens)
+            if self._wants_logits(job, tokens):
+                sampled[job] = llama.llama_sampler_sample(job.sampler, self._ctx, index - 1)
+        return sampled
+
+    def _finish_decode(self, parts: list[tuple[_Job, list[int]]], status: int, sampled: dict[_Job, int]) -> None:
+        """Record what a decode did for each job, and hand out the tokens sampled (lock held)."""
         if status != 0:
             error: Exception = (PromptTooLong(f"the context of {self.n_ctx} tokens is full") if status == 1
                                 else RuntimeError(f"llama_decode failed with status {status}"))
             for job, _ in parts:
                 job.error, job.finish = error, "error"
             return
-        index = 0
         for job, tokens in parts:
             job.sequence.tokens.extend(tokens)
-            index += len(tokens)
             if job.next_token is None:
                 del job.pending[:len(tokens)]
                 if job.pending:
                     continue
                 job.first_token_at = time.perf_counter()
-            self._take(job, llama.llama_sampler_sample(job.sampler, self._ctx, index - 1))
+            self._take(job, sampled[job])
 
     def _take(self, job: _Job, token: int) -> None:
         job.next_token = None
