@@ -221,6 +221,9 @@ class Sides:
 _OURS_STATS = re.compile(r"prompt (\d+) tokens, ([\d.]+) tokens/s; generated (\d+) tokens, ([\d.]+) tokens/s")
 _NATIVE_PROMPT = re.compile(r"prompt eval time =\s*([\d.]+) ms /\s*(\d+) tokens")
 _NATIVE_EVAL = re.compile(r"\beval time =\s*([\d.]+) ms /\s*(\d+) runs")
+_NATIVE_SAMPLING = re.compile(r"\bsampling time =\s*([\d.]+) ms")
+# The same llama.cpp counters from our side (gemmachat/oneshot.py, --verbose).
+_OURS_DECODE = re.compile(r"llama\.cpp decode times: prompt eval ([\d.]+) ms / (\d+) tokens, eval ([\d.]+) ms / (\d+) runs")
 
 
 def ours_stats(stderr: str) -> tuple[int, float, int, float]:
@@ -237,11 +240,22 @@ def native_prompt_rate(stderr: str) -> tuple[int, float]:
     return int(m[2]), int(m[2]) / (float(m[1]) / 1000)
 
 
-def native_eval_rate(stderr: str) -> float:
-    m = _NATIVE_EVAL.search(stderr.split("prompt eval time", 1)[-1])
+def ours_eval_rate(stderr: str) -> float:
+    """Generation steps per second by llama.cpp's own eval counter in our process."""
+    m = _OURS_DECODE.search(stderr)
     if not m:
-        raise RuntimeError(f"no eval time from llama-completion: {stderr[-400:]}")
-    return int(m[2]) / (float(m[1]) / 1000)
+        raise RuntimeError(f"no llama.cpp decode times from gemma-chat --verbose: {stderr[-400:]}")
+    return int(m[4]) / (float(m[3]) / 1000)
+
+
+def native_eval(stderr: str) -> tuple[int, float, float]:
+    """llama-completion's generation steps ("runs"), their decode milliseconds, and its sampling
+    milliseconds (which its "eval time" leaves out)."""
+    m = _NATIVE_EVAL.search(stderr.split("prompt eval time", 1)[-1])
+    sampling = _NATIVE_SAMPLING.search(stderr)
+    if not m or not sampling:
+        raise RuntimeError(f"no eval or sampling time from llama-completion: {stderr[-400:]}")
+    return int(m[2]), float(m[1]), float(sampling[1])
 
 
 def bench_rate(stdout: str) -> float:
@@ -260,9 +274,14 @@ def alternate(reps: int, ours: Callable[[], None], theirs: Callable[[], None]) -
 
 def generation_rows(s: Sides) -> list[Row]:
     n = s.plan.gen_tokens
-    rate = Row("generation", f"{n} tokens, --temp 0 --ignore-eos", "tokens/s", native_name="llama-completion",
-               target="≥ 0.97x", min_ratio=0.97)
-    bench = Row("generation", f"{n} tokens vs llama-bench tg{n}", "tokens/s", native_name="llama-bench",
+    # llama-completion's "eval time" counts its decodes only; llama-bench has no sampling at all.
+    # So: decode against decode by the same llama.cpp counter, and what a user waits for (decode,
+    # sampling and, on our side, all of the Python around them) against native's decode + sampling.
+    rate = Row("generation", f"{n} tokens, --temp 0 --ignore-eos: decode steps (llama.cpp's eval timer)",
+               "tokens/s", native_name="llama-completion", target="≥ 0.97x", min_ratio=0.97)
+    whole = Row("generation", f"{n} tokens: decode + sampling (+ our Python)", "tokens/s",
+                native_name="llama-completion", target="≥ 0.97x", min_ratio=0.97)
+    bench = Row("generation", f"{n} tokens: decode steps vs llama-bench tg{n}", "tokens/s", native_name="llama-bench",
                 target="≥ 0.97x", min_ratio=0.97)
     wall = Row("generation", f"--cli whole process, {n} tokens", "s", native_name="llama-completion",
                higher_is_better=False, target="≤ 1.08x", max_ratio=1.08)
@@ -275,17 +294,20 @@ def generation_rows(s: Sides) -> list[Row]:
     def ours() -> None:
         proc = run_process(s.ours("--cli", *args, "--verbose"))
         _, _, generated, per_second = ours_stats(proc.stderr)
+        rate.ours.append(ours_eval_rate(proc.stderr))
+        bench.ours.append(rate.ours[-1])
         # The first token is sampled from the prompt's logits; native counts only the
         # generated - 1 decode steps after it ("runs"), and so do we.
-        rate.ours.append((generated - 1) / (generated / per_second))
-        bench.ours.append(rate.ours[-1])
+        whole.ours.append((generated - 1) / (generated / per_second))
         wall.ours.append(proc.wall)
         cpu.ours.append(proc.cpu)
         rss.ours.append(proc.peak_rss / MIB)
 
     def theirs() -> None:
         proc = run_process(s.completion(*args))
-        rate.native.append(native_eval_rate(proc.stderr))
+        runs, eval_ms, sampling_ms = native_eval(proc.stderr)
+        rate.native.append(runs / (eval_ms / 1000))
+        whole.native.append(runs / ((eval_ms + sampling_ms) / 1000))
         wall.native.append(proc.wall)
         cpu.native.append(proc.cpu)
         rss.native.append(proc.peak_rss / MIB)
@@ -293,7 +315,7 @@ def generation_rows(s: Sides) -> list[Row]:
 
     log(f"generation: {n} tokens × {s.plan.reps}")
     alternate(s.plan.reps, ours, theirs)
-    return [rate, bench, wall, cpu, rss]
+    return [rate, whole, bench, wall, cpu, rss]
 
 
 def long_prompt(tokens: int) -> str:

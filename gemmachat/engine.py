@@ -93,6 +93,17 @@ class Stats:
         return self.generated_tokens / self.generation_seconds if self.generation_seconds else 0.0
 
 
+@dataclass(frozen=True)
+class DecodeTimes:
+    """llama.cpp's counters for this context, as llama-completion's perf report shows them: batches
+    of several tokens count as prompt evaluation, single-token decodes as generation ("runs")."""
+
+    prompt_ms: float
+    prompt_tokens: int
+    eval_ms: float
+    eval_runs: int
+
+
 @dataclass
 class Sequence:
     """One conversation's slice of the KV cache: `tokens` is exactly what the cache holds for it."""
@@ -212,7 +223,8 @@ class Engine:
         params.n_threads = options.threads
         params.n_threads_batch = options.threads
         params.flash_attn_type = _FLASH_ATTN[options.flash_attn]
-        params.no_perf = True
+        # llama.cpp's own decode timers, the ones llama-completion reports: bench/ compares them.
+        params.no_perf = False
         # llama.cpp's own default, which llama-cpp-python's differs from: a sliding-window cache of
         # window size (we check before rewinding into it).
         params.swa_full = False
@@ -260,6 +272,10 @@ class Engine:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    def decode_times(self) -> DecodeTimes:
+        data = llama.llama_perf_context(self._ctx)
+        return DecodeTimes(data.t_p_eval_ms, data.n_p_eval, data.t_eval_ms, data.n_eval)
 
     # -- text and tokens -------------------------------------------------------------------------
 

@@ -55,4 +55,8 @@ def run(settings: Settings) -> int:
                 f"tokens, {stats.generation_tokens_per_second:.1f} tokens/s; {stats.finish_reason}",
                 file=sys.stderr,
             )
+            times = engine.decode_times()
+            print(f"gemma-chat: llama.cpp decode times: prompt eval {times.prompt_ms:.2f} ms / "
+                  f"{times.prompt_tokens} tokens, eval {times.eval_ms:.2f} ms / {times.eval_runs} runs",
+                  file=sys.stderr)
     return 0

@@ -32,7 +32,11 @@ def test_both_sides_report_the_same_prompt_and_generation(sides: run.Sides) -> N
     native_prompt_tokens, native_prompt_rate = run.native_prompt_rate(theirs.stderr)
     assert generated == 6 and prompt_tokens == native_prompt_tokens > 5
     assert prompt_rate > 0 and generation_rate > 0 and native_prompt_rate > 0
-    assert run.native_eval_rate(theirs.stderr) > 0
+    # Both sides' llama.cpp counters: 5 generation steps after the token sampled from the prompt.
+    runs, eval_ms, sampling_ms = run.native_eval(theirs.stderr)
+    assert runs == 5 and eval_ms > 0 and sampling_ms > 0
+    assert run.ours_eval_rate(ours.stderr) > 0
+    assert "eval " in ours.stderr and "/ 5 runs" in ours.stderr
     # Same llama.cpp, same greedy chain: the same text (the fidelity test checks this in depth).
     assert ours.stdout == theirs.stdout.removesuffix("\n\n")
     assert ours.peak_rss > 100 * run.MIB and theirs.peak_rss > 100 * run.MIB
@@ -43,6 +47,8 @@ def test_a_failed_run_is_an_error_not_a_figure(sides: run.Sides) -> None:
         run.run_process(sides.ours("--cli", "-p", "x", "-n", "1", "--ctx-size", "-5"))
     with pytest.raises(RuntimeError, match="no statistics line"):
         run.ours_stats("some other output")
+    with pytest.raises(RuntimeError, match="no llama.cpp decode times"):
+        run.ours_eval_rate("some other output")
 
 
 def test_row_targets() -> None:
