@@ -702,42 +702,22 @@ def create_app(core: ServerCore) -> FastAPI:
         job = Job([], core.sampling_for(body), max_tokens, body.stops(), body.cache_prompt, body.ignore_eos)
         job.prompt = await run_in_threadpool(core.chat_prompt, body)
         core.check_fits(job.prompt, "messages")
-        first = await core.begin(request, job)
-        completion_id, created = api.new_id("chatcmpl"), api.now()
-        fingerprint = f"gemma-chat-{__version__}"
-        if body.stream:
-            job.stop_watching()
-            said_role = False
+        said_role = False
 
-            def chunk(text: str | None, finish: str | None) -> dict[str, Any]:
-                nonlocal said_role
-                delta: dict[str, Any] = {}
-                if not said_role:
-                    delta["role"] = "assistant"
-                    said_role = True
-                if text is not None:
-                    delta["content"] = text
-                elif finish is None:
-                    delta = {}
-                body_ = {"id": completion_id, "object": "chat.completion.chunk", "created": created,
-                         "model": core.model_id, "system_fingerprint": fingerprint,
-                         "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
-                if include_usage:
-                    body_["usage"] = None
-                return body_
+        def delta(text: str | None, finish: str | None) -> dict[str, Any]:
+            nonlocal said_role
+            change: dict[str, Any] = {}
+            if not said_role:
+                change["role"] = "assistant"
+                said_role = True
+            if text is not None:
+                change["content"] = text
+            elif finish is None:
+                change = {}
+            return {"delta": change}
 
-            include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return EventSourceResponse(core.stream(request, job, first, chunk, include_usage), sep="\n",
-                                       ping=15)
-        text, stats = await core.collect(job, first)
-        core.note(request, job, stats)
-        return {
-            "id": completion_id, "object": "chat.completion", "created": created, "model": core.model_id,
-            "system_fingerprint": fingerprint,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                         "finish_reason": finish_reason(stats), "logprobs": None}],
-            "usage": api.usage(stats.prompt_tokens, stats.generated_tokens),
-        }
+        return await answer(request, body, job, "chatcmpl", ("chat.completion", "chat.completion.chunk"), delta,
+                            lambda text: {"message": {"role": "assistant", "content": text}})
 
     @app.post("/v1/completions", response_model=api.Completion, responses=_ERRORS,
               summary="Text completion of a prompt (streamed with stream: true)")
@@ -749,36 +729,43 @@ def create_app(core: ServerCore) -> FastAPI:
         job = Job([], core.sampling_for(body), max_tokens, body.stops(), body.cache_prompt, body.ignore_eos)
         job.prompt, echoed = await run_in_threadpool(core.completion_prompt, body)
         core.check_fits(job.prompt, "prompt")
-        first = await core.begin(request, job)
-        completion_id, created = api.new_id("cmpl"), api.now()
-        fingerprint = f"gemma-chat-{__version__}"
         echo = echoed if body.echo else ""
+        pending_echo = echo
+
+        def delta(text: str | None, finish: str | None) -> dict[str, Any]:
+            nonlocal pending_echo
+            piece = {"text": pending_echo + (text or "")}
+            pending_echo = ""
+            return piece
+
+        return await answer(request, body, job, "cmpl", ("text_completion", "text_completion"), delta,
+                            lambda text: {"text": echo + text})
+
+    async def answer(request: Request, body: api.CompletionRequest | api.ChatCompletionRequest, job: Job,
+                     id_prefix: str, kinds: tuple[str, str], delta: Callable[[str | None, str | None], dict[str, Any]],
+                     whole: Callable[[str], dict[str, Any]]) -> Any:
+        """Run the job and answer in OpenAI's shape: one object of kinds[0] (whole() gives the
+        choice's content) or, streaming, server-sent chunks of kinds[1] (delta() gives each one's)."""
+        first = await core.begin(request, job)
+        head = {"id": api.new_id(id_prefix), "created": api.now(), "model": core.model_id,
+                "system_fingerprint": f"gemma-chat-{__version__}"}
         if body.stream:
             job.stop_watching()
-            pending_echo = echo
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
             def chunk(text: str | None, finish: str | None) -> dict[str, Any]:
-                nonlocal pending_echo
-                body_ = {"id": completion_id, "object": "text_completion", "created": created,
-                         "model": core.model_id, "system_fingerprint": fingerprint,
-                         "choices": [{"index": 0, "text": pending_echo + (text or ""), "logprobs": None,
-                                      "finish_reason": finish}]}
-                pending_echo = ""
+                event = {**head, "object": kinds[1],
+                         "choices": [{"index": 0, **delta(text, finish), "logprobs": None, "finish_reason": finish}]}
                 if include_usage:
-                    body_["usage"] = None
-                return body_
+                    event["usage"] = None
+                return event
 
-            include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return EventSourceResponse(core.stream(request, job, first, chunk, include_usage), sep="\n",
-                                       ping=15)
+            return EventSourceResponse(core.stream(request, job, first, chunk, include_usage), sep="\n", ping=15)
         text, stats = await core.collect(job, first)
         core.note(request, job, stats)
-        return {
-            "id": completion_id, "object": "text_completion", "created": created, "model": core.model_id,
-            "system_fingerprint": fingerprint,
-            "choices": [{"index": 0, "text": echo + text, "finish_reason": finish_reason(stats), "logprobs": None}],
-            "usage": api.usage(stats.prompt_tokens, stats.generated_tokens),
-        }
+        return {**head, "object": kinds[0],
+                "choices": [{"index": 0, **whole(text), "finish_reason": finish_reason(stats), "logprobs": None}],
+                "usage": api.usage(stats.prompt_tokens, stats.generated_tokens)}
 
     def model_card() -> dict[str, Any]:
         return {"id": core.model_id, "object": "model", "created": core.created, "owned_by": "gemma-chat"}
