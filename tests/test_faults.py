@@ -124,8 +124,11 @@ def _started(process: subprocess.Popen) -> None:
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_a_signal_mid_generation_ends_the_cli_cleanly(cli_env: dict[str, str], signum: int) -> None:
+    # A shell without job control starts background commands with SIGINT ignored, and children
+    # inherit that (so does Python, which then installs no KeyboardInterrupt): run as from a terminal.
     process = subprocess.Popen([*GEMMA_CHAT, "--cli", *LONG], env=cli_env, cwd=REPO,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     _started(process)
     process.send_signal(signum)
     _, stderr = process.communicate(timeout=30)
