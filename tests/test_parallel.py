@@ -126,6 +126,38 @@ def test_a_cancelled_generation_leaves_the_batch_at_the_next_step(split_engine: 
     assert not engine._jobs
 
 
+def test_a_generation_dropped_unread_leaves_the_scheduler(split_engine: Engine) -> None:
+    engine = split_engine
+    sequence = engine.new_sequence(0)
+    prompt = to_tokens(engine, [Segment(STORY, False)])
+    generation = engine.generate(sequence, prompt, Sampling(temperature=0), max_tokens=900)
+    del generation  # never read: its finalizer releases the job
+    deadline = time.monotonic() + 10
+    while (engine._jobs or engine._arrivals) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not engine._jobs and not engine._arrivals
+    # It stopped within a few steps rather than generating its 900 tokens for nobody...
+    assert len(sequence.tokens) < len(prompt) + 100
+    # ...and the sequence serves the next generation.
+    again = engine.generate(engine.new_sequence(0), prompt, Sampling(temperature=0), max_tokens=4)
+    assert again.text() and again.stats.generated_tokens == 4
+
+
+def test_a_failure_in_the_scheduler_thread_fails_generations_instead_of_hanging(model_path: Path) -> None:
+    # An injected fault: a bug in the decoding thread must reach the consumers as an error.
+    with Engine(model_path, read_gguf(model_path), EngineOptions(ctx_size=1024, threads=2)) as engine:
+        def broken(parts):  # type: ignore[no-untyped-def]
+            raise RuntimeError("injected")
+
+        engine._decode = broken  # type: ignore[method-assign]
+        prompt = to_tokens(engine, [Segment(STORY, False)])
+        generation = engine.generate(engine.new_sequence(0), prompt, Sampling(temperature=0), max_tokens=4)
+        with pytest.raises(RuntimeError, match="injected"):
+            generation.text()
+        with pytest.raises(RuntimeError, match="decoding thread stopped: injected"):
+            engine.generate(engine._sequences[0], prompt, Sampling(), max_tokens=4)
+
+
 # -- the real server -------------------------------------------------------------------------------
 
 
