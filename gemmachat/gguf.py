@@ -299,28 +299,28 @@ def _open(path: str | os.PathLike) -> BinaryIO:
     # endless, so only regular files get opened at all.
     try:
         st = os.stat(path)
-    except FileNotFoundError:
-        raise GGUFError("no such file") from None
-    except NotADirectoryError:
-        raise GGUFError("no such file (a parent in the path is not a directory)") from None
-    except PermissionError:
-        raise GGUFError("permission denied") from None
     except OSError as e:
-        raise GGUFError(f"cannot access file: {e.strerror or e}") from None
+        raise _file_error(e, "access") from None
     if stat.S_ISDIR(st.st_mode):
         raise GGUFError("is a directory, not a GGUF file")
     if not stat.S_ISREG(st.st_mode):
         raise GGUFError("not a regular file")
     try:
         return open(path, "rb")
-    except PermissionError:
-        raise GGUFError("permission denied") from None
-    except IsADirectoryError:
-        raise GGUFError("is a directory, not a GGUF file") from None
-    except FileNotFoundError:
-        raise GGUFError("no such file") from None
     except OSError as e:
-        raise GGUFError(f"cannot open file: {e.strerror or e}") from None
+        raise _file_error(e, "open") from None
+
+
+def _file_error(e: OSError, doing: str) -> GGUFError:
+    if isinstance(e, FileNotFoundError):
+        return GGUFError("no such file")
+    if isinstance(e, NotADirectoryError):
+        return GGUFError("no such file (a parent in the path is not a directory)")
+    if isinstance(e, PermissionError):
+        return GGUFError("permission denied")
+    if isinstance(e, IsADirectoryError):
+        return GGUFError("is a directory, not a GGUF file")
+    return GGUFError(f"cannot {doing} file: {e.strerror or e}")
 
 
 def read_gguf(path: str | os.PathLike) -> GGUFInfo:
