@@ -240,12 +240,23 @@ def native_prompt_rate(stderr: str) -> tuple[int, float]:
     return int(m[2]), int(m[2]) / (float(m[1]) / 1000)
 
 
-def ours_eval_rate(stderr: str) -> float:
-    """Generation steps per second by llama.cpp's own eval counter in our process."""
+def _ours_decode(stderr: str) -> re.Match[str]:
     m = _OURS_DECODE.search(stderr)
     if not m:
         raise RuntimeError(f"no llama.cpp decode times from gemma-chat --verbose: {stderr[-400:]}")
+    return m
+
+
+def ours_eval_rate(stderr: str) -> float:
+    """Generation steps per second by llama.cpp's own eval counter in our process."""
+    m = _ours_decode(stderr)
     return int(m[4]) / (float(m[3]) / 1000)
+
+
+def ours_prompt_eval_rate(stderr: str) -> float:
+    """Prompt tokens per second by llama.cpp's own prompt-eval counter in our process."""
+    m = _ours_decode(stderr)
+    return int(m[2]) / (float(m[1]) / 1000)
 
 
 def native_eval(stderr: str) -> tuple[int, float, float]:
@@ -328,6 +339,9 @@ def long_prompt(tokens: int) -> str:
 
 
 def prompt_rows(s: Sides, prompt_file: pathlib.Path) -> list[Row]:
+    # As for generation: llama-completion's "prompt eval time" is its decode alone, so it meets
+    # the same llama.cpp timer in our process; llama-bench meets what our user waits for, from
+    # generate() to the first token sampled (the scheduler hand-off and our Python included).
     rate = Row("prompt processing", "", "tokens/s", native_name="llama-completion",
                target="≥ 0.97x", min_ratio=0.97)
     bench = Row("prompt processing", "", "tokens/s", native_name="llama-bench", target="≥ 0.97x", min_ratio=0.97)
@@ -337,7 +351,7 @@ def prompt_rows(s: Sides, prompt_file: pathlib.Path) -> list[Row]:
         proc = run_process(s.ours("--cli", "-f", str(prompt_file), "-n", "1", "--temp", "0", "--verbose"))
         tokens, per_second, _, _ = ours_stats(proc.stderr)
         sizes.append(tokens)
-        rate.ours.append(per_second)
+        rate.ours.append(ours_prompt_eval_rate(proc.stderr))
         bench.ours.append(per_second)
 
     def theirs() -> None:
@@ -350,8 +364,8 @@ def prompt_rows(s: Sides, prompt_file: pathlib.Path) -> list[Row]:
     log(f"prompt processing: ~{s.plan.prompt_tokens} tokens × {s.plan.reps}")
     alternate(s.plan.reps, ours, theirs)
     size = max(sizes)
-    rate.name = f"{size}-token prompt, -n 1"
-    bench.name = f"{size}-token prompt vs llama-bench pp{size}"
+    rate.name = f"{size}-token prompt, -n 1: llama.cpp's prompt-eval timer"
+    bench.name = f"{size}-token prompt, to the first token (+ our Python) vs llama-bench pp{size}"
     return [rate, bench]
 
 
@@ -684,7 +698,7 @@ def print_table(meta: dict, rows: list[Row]) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="smoke run: 1 repetition, short generations")
-    parser.add_argument("--reps", type=int, help="repetitions per side (default 3, --quick 1)")
+    parser.add_argument("--reps", type=int, help="repetitions per side (default 5, --quick 1)")
     parser.add_argument("--model", type=pathlib.Path, help="GGUF file (default: gemma-chat's default model)")
     parser.add_argument("--threads", type=int, default=2, help="threads for both sides (default 2)")
     parser.add_argument("--only", help="comma list of sections to run: generation,prompt,multi-turn,"
@@ -693,7 +707,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     quick = args.quick
-    plan = Plan(reps=args.reps or (1 if quick else 3), gen_tokens=128 if quick else 512,
+    plan = Plan(reps=args.reps or (1 if quick else 5), gen_tokens=128 if quick else 512,
                 prompt_tokens=500 if quick else 2000, reply_tokens=16 if quick else 32,
                 client_tokens=32 if quick else 64, threads=args.threads, ctx=8192, parallel=4)
     only = set(args.only.split(",")) if args.only else {"generation", "prompt", "multi-turn", "start-up", "memory",

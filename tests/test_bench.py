@@ -35,7 +35,7 @@ def test_both_sides_report_the_same_prompt_and_generation(sides: run.Sides) -> N
     # Both sides' llama.cpp counters: 5 generation steps after the token sampled from the prompt.
     runs, eval_ms, sampling_ms = run.native_eval(theirs.stderr)
     assert runs == 5 and eval_ms > 0 and sampling_ms > 0
-    assert run.ours_eval_rate(ours.stderr) > 0
+    assert run.ours_eval_rate(ours.stderr) > 0 and run.ours_prompt_eval_rate(ours.stderr) > 0
     assert "eval " in ours.stderr and "/ 5 runs" in ours.stderr
     # Same llama.cpp, same greedy chain: the same text (the fidelity test checks this in depth).
     assert ours.stdout == theirs.stdout.removesuffix("\n\n")
