@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import codecs
 import ctypes
-import sys
 import threading
 import time
 import weakref
@@ -23,7 +22,7 @@ from typing import Callable, Iterator
 import llama_cpp as llama
 
 from gemmachat import llama_log
-from gemmachat.errors import UserError
+from gemmachat.errors import UserError, warn
 from gemmachat.gguf import GGUFInfo
 from gemmachat.settings import DEFAULT_CTX_CAP, Sampling, Settings
 from gemmachat.templates import Renderer, Template, make_renderer
@@ -192,7 +191,6 @@ class Engine:
         self._jobs: list[_Job] = []  # admitted, by sequence id, until their consumer releases them
         self._in_flight: set[_Job] = set()  # in the step being decoded
         self._failure: BaseException | None = None
-        self._closing = False
         self._closed = False
         self._scheduler = threading.Thread(target=self._schedule, name="gemma-chat decode", daemon=True)
         self._scheduler.start()
@@ -248,11 +246,10 @@ class Engine:
     def close(self) -> None:
         # Explicit, because llama_cpp's finalisers misbehave at interpreter shutdown (frozen builds
         # print "Exception ignored in Llama.__del__").
-        if self._closed:
-            return
-        self._closed = True
         with self._cond:
-            self._closing = True
+            if self._closed:
+                return
+            self._closed = True  # the scheduler stops at its next step
             self._cond.notify_all()
         self._scheduler.join()
         with self._cond:
@@ -489,7 +486,7 @@ class Engine:
         """Wait for work, then decode one step and sample; False once the engine closes."""
         with self._cond:
             while True:
-                if self._closing:
+                if self._closed:
                     return False
                 self._tidy()
                 parts = self._plan()
@@ -724,10 +721,6 @@ class StopGuard:
             if stop.startswith(text[-length:]):
                 return length
         return 0
-
-
-def warn(message: str) -> None:
-    print(f"gemma-chat: {message}", file=sys.stderr)
 
 
 def renderer_for(engine: Engine, settings: Settings, template: Template) -> Renderer:

@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
 from gemmachat import __version__
 from gemmachat.config import CONFIG_ENV, apply_config, config_path, read_config
-from gemmachat.errors import UserError
+from gemmachat.errors import UserError, warn
 
 DEFAULT_CTX_CAP = 8192
 # llama.cpp's own defaults (common/common.h), so that our sampling matches llama-completion's.
@@ -215,12 +214,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _warn(message: str) -> None:
-    print(f"gemma-chat: {message}", file=sys.stderr)
-
-
 def parse_settings(argv: Sequence[str], environ: Mapping[str, str] | None = None,
-                   warn: Callable[[str], None] = _warn) -> Settings:
+                   warn: Callable[[str], None] = warn) -> Settings:
     environ = dict(os.environ if environ is None else environ)
     parser = build_parser()
     # Each source replaces the parser's defaults in turn, so the flags parsed last win.
