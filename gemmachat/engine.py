@@ -564,6 +564,7 @@ class Engine:
                 continue
             if job.cancelled is not None and job.cancelled():
                 job.finish = "cancelled"
+                self._cond.notify_all()  # its reader may be waiting already: nothing more will come
             else:
                 parts.append((job, [job.next_token]))
         # A prompt next to running generations goes in chunks, so that a long one delays their

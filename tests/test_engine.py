@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 
 from gemmachat.engine import Engine, PromptTooLong, StopGuard
@@ -164,6 +166,32 @@ def test_cancellation_stops_between_tokens(engine: Engine) -> None:
                                  max_tokens=100, cancelled=cancelled)
     generation.text()
     assert generation.stats.finish_reason == "cancelled" and generation.stats.generated_tokens == 3
+
+
+def test_a_cancellation_reaches_a_reader_already_waiting_for_its_next_token(engine: Engine) -> None:
+    read: list[str] = []
+
+    def cancelled() -> bool:
+        if len(read) < 2:
+            return False
+        # This runs on the decoding thread with the engine's lock held. Letting go of the lock for
+        # a moment lets the reader block for its next token first: the interleaving in which the
+        # cancellation once went unannounced and left the reader waiting for ever.
+        engine._cond.wait(0.3)
+        return True
+
+    generation = engine.generate(engine.new_sequence(), prompt(engine, "Once"), GREEDY,
+                                 max_tokens=100, cancelled=cancelled)
+    finished = threading.Event()
+
+    def reader() -> None:
+        for piece in generation:
+            read.append(piece)
+        finished.set()
+
+    threading.Thread(target=reader, daemon=True).start()
+    assert finished.wait(20)
+    assert generation.stats.finish_reason == "cancelled"
 
 
 def test_context_size_rules(engine: Engine) -> None:
