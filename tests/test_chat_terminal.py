@@ -190,6 +190,46 @@ def test_background_server_answers_while_the_chat_runs(cli_env: dict[str, str]) 
     leave(child)
 
 
+def gguf_mappings_and_peak_rss(pid: int, gguf: Path) -> tuple[list[tuple[int, int]], int]:
+    """(file offset, size) of each mapping of `gguf` in process `pid`, and its peak RSS in bytes."""
+    mappings = []
+    for line in Path(f"/proc/{pid}/maps").read_text().splitlines():
+        fields = line.split(maxsplit=5)
+        if len(fields) == 6 and Path(fields[5]) == gguf.resolve():
+            start, end = (int(address, 16) for address in fields[0].split("-"))
+            mappings.append((int(fields[2], 16), end - start))
+    status = Path(f"/proc/{pid}/status").read_text()
+    peak_kib = next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM:"))
+    return mappings, peak_kib * 1024
+
+
+def test_the_chat_and_its_background_server_load_the_weights_once(cli_env: dict[str, str],
+                                                                   model_path: Path) -> None:
+    def one_reply_each(*args: str) -> tuple[list[tuple[int, int]], int]:
+        child = open_chat(cli_env, "-n", "8", *args)
+        child.expect(">>>")
+        child.send_line("Hello from the terminal.")
+        child.expect(">>>", timeout=30)
+        if "--chat" not in args:
+            client = openai.OpenAI(base_url=f"http://127.0.0.1:{args[1]}/v1", api_key="none", max_retries=0,
+                                   timeout=60)
+            client.chat.completions.create(model="any", messages=[{"role": "user", "content": "Hi."}],
+                                           max_tokens=8, temperature=0)
+        measured = gguf_mappings_and_peak_rss(child.pid, model_path)
+        leave(child)
+        return measured
+
+    alone_mappings, alone_peak = one_reply_each("--chat")
+    both_mappings, both_peak = one_reply_each("--port", str(free_port()))
+    gguf_size = model_path.stat().st_size
+    # The weights are read from one shared mapping of the GGUF, not copied for the server...
+    assert len(both_mappings) == 1 and both_mappings == alone_mappings
+    assert both_mappings[0][1] > 0.9 * gguf_size
+    # ...so the server costs far less than a second copy would (its own KV slots and HTTP stack:
+    # about 60 MiB with 4 slots here, measured by bench/run.py).
+    assert both_peak - alone_peak < gguf_size / 2, (both_peak, alone_peak)
+
+
 def test_a_taken_port_leaves_the_chat_running_without_server(cli_env: dict[str, str]) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
