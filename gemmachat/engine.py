@@ -53,9 +53,14 @@ class EngineOptions:
     # when False, -c split evenly between the sequences as llama-server -np N does: each has its
     # own cells, so one can never run out of room because of another.
     shared_kv: bool = True
+    # Decode on the reading thread instead of a scheduler thread: for a single reader (--cli),
+    # which then prints between two decodes as llama-completion does, with no thread hand-off per
+    # token. Only that one thread may use the engine.
+    inline: bool = False
 
     @classmethod
-    def from_settings(cls, settings: Settings, sequences: int = 1, shared_kv: bool = True) -> EngineOptions:
+    def from_settings(cls, settings: Settings, sequences: int = 1, shared_kv: bool = True,
+                      inline: bool = False) -> EngineOptions:
         return cls(
             ctx_size=settings.ctx_size,
             n_gpu_layers=settings.n_gpu_layers,
@@ -67,6 +72,7 @@ class EngineOptions:
             mmap=settings.mmap,
             sequences=sequences,
             shared_kv=shared_kv,
+            inline=inline,
         )
 
 
@@ -192,8 +198,10 @@ class Engine:
         self._in_flight: set[_Job] = set()  # in the step being decoded
         self._failure: BaseException | None = None
         self._closed = False
-        self._scheduler = threading.Thread(target=self._schedule, name="gemma-chat decode", daemon=True)
-        self._scheduler.start()
+        self._scheduler: threading.Thread | None = None
+        if not options.inline:
+            self._scheduler = threading.Thread(target=self._schedule, name="gemma-chat decode", daemon=True)
+            self._scheduler.start()
 
     # -- loading ---------------------------------------------------------------------------------
 
@@ -251,7 +259,8 @@ class Engine:
                 return
             self._closed = True  # the scheduler stops at its next step
             self._cond.notify_all()
-        self._scheduler.join()
+        if self._scheduler is not None:
+            self._scheduler.join()
         with self._cond:
             self._failure = self._failure or RuntimeError("the model was closed")
             for job in self._jobs + self._arrivals:
@@ -346,6 +355,8 @@ class Engine:
             # The scheduler thread empties it between two steps: the context is its alone.
             self._clears.add(seq_id)
             self._cond.notify_all()
+            if self._scheduler is None:
+                self._tidy()
             while seq_id in self._clears:
                 self._check_scheduler()
                 self._cond.wait()
@@ -425,16 +436,21 @@ class Engine:
             self._release(job)
 
     def _next_token(self, job: _Job) -> int | None:
-        """The job's next sampled token, waiting for the scheduler; None once it has ended."""
-        with self._cond:
-            while not job.out and not job.finish:
+        """The job's next sampled token, waiting for the scheduler (or, inline, decoding it); None
+        once the job has ended."""
+        while True:
+            with self._cond:
+                if job.out:
+                    return job.out.popleft()
+                if job.finish:
+                    if job.error is not None:
+                        raise job.error
+                    return None
                 self._check_scheduler()
-                self._cond.wait()
-            if job.out:
-                return job.out.popleft()
-            if job.error is not None:
-                raise job.error
-            return None
+                if self._scheduler is not None:
+                    self._cond.wait()
+                    continue
+            self._step(wait=False)
 
     def _release(self, job: _Job) -> None:
         """The consumer is done with the job: out of the running set, its sampler freed, at once
@@ -482,8 +498,9 @@ class Engine:
                     job.error, job.finish = error, "error"
                 self._cond.notify_all()
 
-    def _step(self) -> bool:
-        """Wait for work, then decode one step and sample; False once the engine closes."""
+    def _step(self, wait: bool = True) -> bool:
+        """Wait for work (unless not `wait`), then decode one step and sample; False once the engine
+        closes or, not waiting, when there is nothing to do."""
         with self._cond:
             while True:
                 if self._closed:
@@ -492,6 +509,8 @@ class Engine:
                 parts = self._plan()
                 if parts:
                     break
+                if not wait:
+                    return False
                 self._cond.wait()
             self._in_flight = {job for job, _ in parts}
         # Outside the lock, so that consumers read their tokens meanwhile: only this thread touches
@@ -731,7 +750,7 @@ def renderer_for(engine: Engine, settings: Settings, template: Template) -> Rend
                          warn=warn)
 
 
-def load_engine(settings: Settings, sequences: int = 1, shared_kv: bool = True,
+def load_engine(settings: Settings, sequences: int = 1, shared_kv: bool = True, inline: bool = False,
                 progress: Callable[[str], None] | None = None) -> Engine:
     """Resolve, validate and load the model the settings name, quietly unless --verbose."""
     from gemmachat.model_path import resolve_model
@@ -740,4 +759,4 @@ def load_engine(settings: Settings, sequences: int = 1, shared_kv: bool = True,
     path, info = resolve_model(settings.model, settings.environ, progress)
     if settings.n_gpu_layers > 0 and not gpu_offload_supported():
         warn("this llama.cpp build has no GPU support; running on the CPU")
-    return Engine(path, info, EngineOptions.from_settings(settings, sequences, shared_kv))
+    return Engine(path, info, EngineOptions.from_settings(settings, sequences, shared_kv, inline))

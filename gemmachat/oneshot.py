@@ -31,7 +31,8 @@ def run(settings: Settings) -> int:
     prompt = read_prompt(settings)
     if not prompt:
         raise UserError("the prompt is empty: give one with -p, -f or on stdin")
-    with load_engine(settings) as engine:
+    # One generation read by this thread: it decodes too, as llama-completion does (see EngineOptions).
+    with load_engine(settings, inline=True) as engine:
         if settings.chat_turn:
             segments = renderer_for(engine, settings, template)(settings.system, [Message("user", prompt)], True)
         else:

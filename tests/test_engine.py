@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from dataclasses import replace
 
 import pytest
 
@@ -192,6 +193,27 @@ def test_a_cancellation_reaches_a_reader_already_waiting_for_its_next_token(engi
     threading.Thread(target=reader, daemon=True).start()
     assert finished.wait(20)
     assert generation.stats.finish_reason == "cancelled"
+
+
+def test_an_inline_engine_decodes_on_the_reading_thread_with_the_same_results(engine: Engine) -> None:
+    # --cli's engine: no scheduler thread; the reader decodes between the pieces it reads.
+    with Engine(engine.path, engine.info, replace(engine.options, inline=True)) as inline:
+        threads_before = threading.active_count()
+        sequence = inline.new_sequence()
+        first = prompt(inline, "Water boils at")
+        assert inline.generate(sequence, first, GREEDY, max_tokens=10).text() == \
+            engine.generate(engine.new_sequence(), first, GREEDY, max_tokens=10).text()
+        follow = sequence.tokens + inline.tokenize(" and freezes at")
+        second = inline.generate(sequence, follow, GREEDY, max_tokens=4)
+        second.text()
+        assert second.stats.reused_tokens == len(first) + 10 - 1
+        assert threading.active_count() == threads_before
+        cut = inline.generate(inline.new_sequence(), first, GREEDY, max_tokens=50,
+                              cancelled=lambda: len(cut_pieces) >= 2)
+        cut_pieces: list[str] = []
+        for piece in cut:
+            cut_pieces.append(piece)
+        assert cut.stats.finish_reason == "cancelled"
 
 
 def test_context_size_rules(engine: Engine) -> None:
