@@ -708,8 +708,7 @@ def create_app(core: ServerCore) -> FastAPI:
         max_tokens = core.check_max_tokens(body.token_limit())
         if max_tokens < 0:
             max_tokens = settings.n_predict
-        job = Job([], core.sampling_for(body), max_tokens, body.stops(), body.cache_prompt, body.ignore_eos,
-                  stream=bool(body.stream))
+        job = Job([], core.sampling_for(body), max_tokens, body.stops(), body.cache_prompt, body.ignore_eos)
         job.prompt = await run_in_threadpool(core.chat_prompt, body)
         core.check_fits(job.prompt, "messages")
         said_role = False
@@ -736,8 +735,7 @@ def create_app(core: ServerCore) -> FastAPI:
         max_tokens = core.check_max_tokens(body.max_tokens)
         if "max_tokens" not in body.model_fields_set and settings.n_predict > 0:
             max_tokens = settings.n_predict  # -n on the command line, else OpenAI's 16
-        job = Job([], core.sampling_for(body), max_tokens, body.stops(), body.cache_prompt, body.ignore_eos,
-                  stream=bool(body.stream))
+        job = Job([], core.sampling_for(body), max_tokens, body.stops(), body.cache_prompt, body.ignore_eos)
         job.prompt, echoed = await run_in_threadpool(core.completion_prompt, body)
         core.check_fits(job.prompt, "prompt")
         echo = echoed if body.echo else ""
@@ -757,6 +755,7 @@ def create_app(core: ServerCore) -> FastAPI:
                      whole: Callable[[str], dict[str, Any]]) -> Any:
         """Run the job and answer in OpenAI's shape: one object of kinds[0] (whole() gives the
         choice's content) or, streaming, server-sent chunks of kinds[1] (delta() gives each one's)."""
+        job.stream = bool(body.stream)
         first = await core.begin(request, job)
         head = {"id": api.new_id(id_prefix), "created": api.now(), "model": core.model_id,
                 "system_fingerprint": f"gemma-chat-{__version__}"}
