@@ -745,18 +745,23 @@ def main(argv: list[str] | None = None) -> int:
         # written for a one-request queue. Issue #7's slots each add a sequence, and llama.cpp's
         # sliding-window cache keeps a window for every sequence: that KV is shown apart.
         slots_kv = kv - kv_chat
-        default = Row("memory", f"chat + server / chat alone, peak RSS, -np {plan.parallel}, the default", "x",
-                      higher_is_better=False,
-                      note=f"its {plan.parallel} slots' own KV cache is {slots_kv:.0f} MiB of the difference "
-                           "(llama.cpp's log): see the row below")
-        default.ours = [both_rss.ours_median / chat_rss.ours_median]
-        weights_once = Row("memory", f"chat + server / chat alone, peak RSS, -np {plan.parallel}, less the slots' KV",
-                           "x", higher_is_better=False, target="≤ 1.10 (issue #4: weights once)", limit=1.10)
-        weights_once.ours = [(both_rss.ours_median - slots_kv) / chat_rss.ours_median]
-        one_slot = Row("memory", "chat + server / chat alone, peak RSS, -np 1", "x", higher_is_better=False,
-                       target="≤ 1.10 (issue #4)", limit=1.10)
-        one_slot.ours = [one_slot_rss.ours_median / chat_rss.ours_median]
-        return [load, first, prompt, chat_rss, both_rss, one_slot_rss, default, weights_once, one_slot]
+
+        def to_chat_alone(label: str, rss_mib: float, note: str = "", target: str = "",
+                          limit: float | None = None) -> Row:
+            row = Row("memory", f"chat + server / chat alone, peak RSS, {label}", "x", higher_is_better=False,
+                      note=note, target=target, limit=limit)
+            row.ours = [rss_mib / chat_rss.ours_median]
+            return row
+
+        ratios = [
+            to_chat_alone(f"-np {plan.parallel}, the default", both_rss.ours_median,
+                          note=f"its {plan.parallel} slots' own KV cache is {slots_kv:.0f} MiB of the difference "
+                               "(llama.cpp's log): see the row below"),
+            to_chat_alone(f"-np {plan.parallel}, less the slots' KV", both_rss.ours_median - slots_kv,
+                          target="≤ 1.10 (issue #4: weights once)", limit=1.10),
+            to_chat_alone("-np 1", one_slot_rss.ours_median, target="≤ 1.10 (issue #4)", limit=1.10),
+        ]
+        return [load, first, prompt, chat_rss, both_rss, one_slot_rss, *ratios]
 
     def prompt_processing() -> list[Row]:
         with tempfile.TemporaryDirectory(prefix="gemma-chat-bench-") as folder:
