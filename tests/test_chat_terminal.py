@@ -15,6 +15,9 @@ from pathlib import Path
 import openai
 import pexpect
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench import run  # noqa: E402  (its peak_rss_of: the bench's own memory measure)
+
 BRACKETED_PASTE = ("\x1b[200~", "\x1b[201~")
 
 
@@ -190,37 +193,37 @@ def test_background_server_answers_while_the_chat_runs(cli_env: dict[str, str]) 
     leave(child)
 
 
-def gguf_mappings_and_peak_rss(pid: int, gguf: Path) -> tuple[list[tuple[int, int]], int]:
-    """(file offset, size) of each mapping of `gguf` in process `pid`, and its peak RSS in bytes."""
+def gguf_mappings(pid: int, gguf: Path) -> list[tuple[int, int]]:
+    """(file offset, size) of each mapping of `gguf` in process `pid`."""
     mappings = []
     for line in Path(f"/proc/{pid}/maps").read_text().splitlines():
         fields = line.split(maxsplit=5)
         if len(fields) == 6 and Path(fields[5]) == gguf.resolve():
             start, end = (int(address, 16) for address in fields[0].split("-"))
             mappings.append((int(fields[2], 16), end - start))
-    status = Path(f"/proc/{pid}/status").read_text()
-    peak_kib = next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM:"))
-    return mappings, peak_kib * 1024
+    return mappings
 
 
 def test_the_chat_and_its_background_server_load_the_weights_once(cli_env: dict[str, str],
                                                                    model_path: Path) -> None:
-    def one_reply_each(*args: str) -> tuple[list[tuple[int, int]], int]:
-        child = open_chat(cli_env, "-n", "8", *args)
+    def one_reply_each(port: int | None) -> tuple[list[tuple[int, int]], int]:
+        """The GGUF's mappings and the peak RSS after a chat reply and, with a server on `port`,
+        an API reply."""
+        child = open_chat(cli_env, "-n", "8", *(["--port", str(port)] if port else ["--chat"]))
         child.expect(">>>")
         child.send_line("Hello from the terminal.")
         child.expect(">>>", timeout=30)
-        if "--chat" not in args:
-            client = openai.OpenAI(base_url=f"http://127.0.0.1:{args[1]}/v1", api_key="none", max_retries=0,
+        if port:
+            client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0,
                                    timeout=60)
             client.chat.completions.create(model="any", messages=[{"role": "user", "content": "Hi."}],
                                            max_tokens=8, temperature=0)
-        measured = gguf_mappings_and_peak_rss(child.pid, model_path)
+        measured = gguf_mappings(child.pid, model_path), run.peak_rss_of(child.pid)
         leave(child)
         return measured
 
-    alone_mappings, alone_peak = one_reply_each("--chat")
-    both_mappings, both_peak = one_reply_each("--port", str(free_port()))
+    alone_mappings, alone_peak = one_reply_each(None)
+    both_mappings, both_peak = one_reply_each(free_port())
     gguf_size = model_path.stat().st_size
     # The weights are read from one shared mapping of the GGUF, not copied for the server...
     assert len(both_mappings) == 1 and both_mappings == alone_mappings
