@@ -107,6 +107,7 @@ class DecodeTimes:
     prompt_tokens: int
     eval_ms: float
     eval_runs: int
+    graphs_reused: int
 
 
 @dataclass
@@ -281,7 +282,7 @@ class Engine:
 
     def decode_times(self) -> DecodeTimes:
         data = llama.llama_perf_context(self._ctx)
-        return DecodeTimes(data.t_p_eval_ms, data.n_p_eval, data.t_eval_ms, data.n_eval)
+        return DecodeTimes(data.t_p_eval_ms, data.n_p_eval, data.t_eval_ms, data.n_eval, data.n_reused)
 
     # -- text and tokens -------------------------------------------------------------------------
 

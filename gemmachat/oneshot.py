@@ -58,6 +58,7 @@ def run(settings: Settings) -> int:
             )
             times = engine.decode_times()
             print(f"gemma-chat: llama.cpp decode times: prompt eval {times.prompt_ms:.2f} ms / "
-                  f"{times.prompt_tokens} tokens, eval {times.eval_ms:.2f} ms / {times.eval_runs} runs",
+                  f"{times.prompt_tokens} tokens, eval {times.eval_ms:.2f} ms / {times.eval_runs} runs, "
+                  f"graphs reused {times.graphs_reused}",
                   file=sys.stderr)
     return 0

@@ -6,6 +6,7 @@ perf report; if either format changes, the bench must fail loudly rather than re
 
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 
@@ -37,6 +38,10 @@ def test_both_sides_report_the_same_prompt_and_generation(sides: run.Sides) -> N
     assert runs == 5 and eval_ms > 0 and sampling_ms > 0
     assert run.ours_eval_rate(ours.stderr) > 0 and run.ours_prompt_eval_rate(ours.stderr) > 0
     assert "eval " in ours.stderr and "/ 5 runs" in ours.stderr
+    # llama.cpp rebuilds the compute graph unless each step's batch has the same shape; native
+    # reuses it for every step after the first, and so must we.
+    native_reused = re.search(r"graphs reused =\s*(\d+)", theirs.stderr)
+    assert native_reused and f"graphs reused {native_reused[1]}" in ours.stderr and int(native_reused[1]) >= 4
     # Same llama.cpp, same greedy chain: the same text (the fidelity test checks this in depth).
     assert ours.stdout == theirs.stdout.removesuffix("\n\n")
     assert ours.peak_rss > 100 * run.MIB and theirs.peak_rss > 100 * run.MIB
