@@ -58,6 +58,9 @@ TURNS = (
 @dataclass(frozen=True)
 class Plan:
     reps: int
+    # The ≥ 0.97x rows sit inside this machine's run-to-run noise (±10% for native alone), so the
+    # generation and prompt rows take more repetitions than the rest.
+    speed_reps: int
     gen_tokens: int
     prompt_tokens: int  # approximate size of the prompt-processing prompt
     reply_tokens: int  # per turn in the multi-turn rows
@@ -104,6 +107,15 @@ class Row:
         if r is None or (self.min_ratio is None and self.max_ratio is None):
             return None
         return (self.min_ratio is None or r >= self.min_ratio) and (self.max_ratio is None or r <= self.max_ratio)
+
+    @property
+    def ahead(self) -> str:
+        """In how many alternations ours beat native: a ratio near 1.00x with a split like 7 of 15
+        is noise, 15 of 15 is not."""
+        if not self.ours or len(self.ours) != len(self.native) or len(self.ours) < 2:
+            return ""
+        wins = sum((a > b) if self.higher_is_better else (a < b) for a, b in zip(self.ours, self.native))
+        return f"ours ahead in {wins} of {len(self.ours)} alternations"
 
 
 def log(message: str) -> None:
@@ -324,8 +336,8 @@ def generation_rows(s: Sides) -> list[Row]:
         rss.native.append(proc.peak_rss / MIB)
         bench.native.append(bench_rate(run_process(s.bench("-p", "0", "-n", str(n))).stdout))
 
-    log(f"generation: {n} tokens × {s.plan.reps}")
-    alternate(s.plan.reps, ours, theirs)
+    log(f"generation: {n} tokens × {s.plan.speed_reps}")
+    alternate(s.plan.speed_reps, ours, theirs)
     return [rate, whole, bench, wall, cpu, rss]
 
 
@@ -361,8 +373,8 @@ def prompt_rows(s: Sides, prompt_file: pathlib.Path) -> list[Row]:
         rate.native.append(per_second)
         bench.native.append(bench_rate(run_process(s.bench("-p", str(tokens), "-n", "0")).stdout))
 
-    log(f"prompt processing: ~{s.plan.prompt_tokens} tokens × {s.plan.reps}")
-    alternate(s.plan.reps, ours, theirs)
+    log(f"prompt processing: ~{s.plan.prompt_tokens} tokens × {s.plan.speed_reps}")
+    alternate(s.plan.speed_reps, ours, theirs)
     size = max(sizes)
     rate.name = f"{size}-token prompt, -n 1: llama.cpp's prompt-eval timer"
     bench.name = f"{size}-token prompt, to the first token (+ our Python) vs llama-bench pp{size}"
@@ -655,6 +667,16 @@ def table_rows(rows: list[Row]) -> list[tuple[str, ...]]:
     return out
 
 
+def row_notes(rows: list[Row]) -> list[str]:
+    notes = []
+    for r in rows:
+        # How the alternations split tells a noisy ratio from a steady one, so every row with a target shows it.
+        text = "; ".join(filter(None, (r.ahead if r.ok is not None else "", r.note)))
+        if text:
+            notes.append(f"{r.name}: {text}")
+    return notes
+
+
 HEADER = ("section", "measure", "unit", "ours", "native", "native tool", "ours/native", "target", "met")
 
 
@@ -667,16 +689,16 @@ def to_markdown(meta: dict, rows: list[Row]) -> str:
         f"{meta['section_load']} (a shared machine: runs alternate, so load slows both sides alike)",
         f"- model: `{meta['model_name']}` ({meta['gguf_mib']:.0f} MiB); llama.cpp {meta['llama_cpp_commit']} "
         f"(llama-cpp-python {meta['llama_cpp_python']})",
-        f"- {meta['plan']['reps']} repetition(s) per side, medians; -t {meta['plan']['threads']} "
+        f"- {meta['plan']['speed_reps']} repetition(s) per side for generation and prompt processing, "
+        f"{meta['plan']['reps']} for the rest; medians; -t {meta['plan']['threads']} "
         f"-c {meta['plan']['ctx']}, flash attention auto on both sides; command: `{meta['command']}`",
         "",
         "| " + " | ".join(HEADER) + " |",
         "| " + " | ".join("---" for _ in HEADER) + " |",
     ]
     lines += ["| " + " | ".join(cells) + " |" for cells in table_rows(rows)]
-    notes = [f"- {r.name}: {r.note}" for r in rows if r.note]
-    if notes:
-        lines += ["", "Notes:", "", *notes]
+    if notes := row_notes(rows):
+        lines += ["", "Notes:", "", *(f"- {note}" for note in notes)]
     return "\n".join(lines) + "\n"
 
 
@@ -690,15 +712,20 @@ def print_table(meta: dict, rows: list[Row]) -> None:
     for cells in table_rows(rows):
         style = "red" if cells[-1] == "NO" else None
         table.add_row(*cells, style=style)
-    console = Console()
+    terminal = Console()
     # Piped output would otherwise be cut to 80 columns and every cell wrapped.
-    Console(width=max(console.width, 170) if not console.is_terminal else None).print(table)
+    console = terminal if terminal.is_terminal else Console(width=max(terminal.width, 170))
+    console.print(table)
+    for note in row_notes(rows):
+        console.print(f"- {note}", highlight=False)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="smoke run: 1 repetition, short generations")
     parser.add_argument("--reps", type=int, help="repetitions per side (default 5, --quick 1)")
+    parser.add_argument("--speed-reps", type=int,
+                        help="repetitions per side for the generation and prompt rows (default 15, --quick 1)")
     parser.add_argument("--model", type=pathlib.Path, help="GGUF file (default: gemma-chat's default model)")
     parser.add_argument("--threads", type=int, default=2, help="threads for both sides (default 2)")
     parser.add_argument("--only", help="comma list of sections to run: generation,prompt,multi-turn,"
@@ -707,7 +734,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     quick = args.quick
-    plan = Plan(reps=args.reps or (1 if quick else 5), gen_tokens=128 if quick else 512,
+    plan = Plan(reps=args.reps or (1 if quick else 5), speed_reps=args.speed_reps or (1 if quick else 15),
+                gen_tokens=128 if quick else 512,
                 prompt_tokens=500 if quick else 2000, reply_tokens=16 if quick else 32,
                 client_tokens=32 if quick else 64, threads=args.threads, ctx=8192, parallel=4)
     only = set(args.only.split(",")) if args.only else {"generation", "prompt", "multi-turn", "start-up", "memory",

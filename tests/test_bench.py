@@ -21,7 +21,7 @@ from bench import native, run  # noqa: E402
 @pytest.fixture(scope="module")
 def sides(model_path: Path) -> run.Sides:
     native.ensure_built()
-    return run.Sides(model_path, run.Plan(reps=1, gen_tokens=6, prompt_tokens=0, reply_tokens=0,
+    return run.Sides(model_path, run.Plan(reps=1, speed_reps=1, gen_tokens=6, prompt_tokens=0, reply_tokens=0,
                                           client_tokens=0, threads=2, ctx=2048, parallel=1))
 
 
@@ -63,4 +63,14 @@ def test_row_targets() -> None:
     assert slower.ok is False
     limited = run.Row("s", "r", "x", ours=[2.5], limit=2.0)
     assert limited.ok is False and limited.ratio is None
+
+
+def test_rows_count_the_alternations_ours_was_ahead_in() -> None:
+    rate = run.Row("s", "r", "tokens/s", ours=[98, 99, 120], native=[100, 100, 100], min_ratio=0.97)
+    assert rate.ahead == "ours ahead in 1 of 3 alternations"
+    wall = run.Row("s", "r", "s", ours=[1.0, 1.2], native=[1.1, 1.1], higher_is_better=False, max_ratio=1.08)
+    assert wall.ahead == "ours ahead in 1 of 2 alternations"
+    assert run.Row("s", "r", "x", ours=[2.5], limit=2.0).ahead == ""
+    notes = run.row_notes([rate, run.Row("s", "plain", "x", ours=[1, 2], native=[1, 2])])
+    assert notes == ["r: ours ahead in 1 of 3 alternations"]
     assert run.Row("s", "r", "x").ok is None
