@@ -188,6 +188,7 @@ class Engine:
         self.bos = int(llama.llama_vocab_bos(self._vocab))
         self.add_bos = bool(llama.llama_vocab_get_add_bos(self._vocab))
         self.eos = int(llama.llama_vocab_eos(self._vocab))
+        self._warm_up()
         self._pieces: dict[int, bytes] = {}
         self._eog_tokens: list[int] | None = None
         self._sequences: dict[int, Sequence] = {}
@@ -205,6 +206,21 @@ class Engine:
             self._scheduler.start()
 
     # -- loading ---------------------------------------------------------------------------------
+
+    def _warm_up(self) -> None:
+        """The empty run that llama.cpp's tools make at load: the first decode pages in the weights
+        and the compute buffers, and without it the user's first prompt pays for that (about 5% of
+        a 2,000-token prompt here). Leaves no trace: the KV cache and the timers are reset."""
+        tokens = [token for token in (self.bos, self.eos) if token != llama.LLAMA_TOKEN_NULL] or [0]
+        array = (llama.llama_token * len(tokens))(*tokens)
+        llama.llama_set_warmup(self._ctx, True)
+        # As in llama.cpp, the status is not checked: a context that cannot decode fails on the
+        # first real decode, with the error reported there.
+        llama.llama_decode(self._ctx, llama.llama_batch_get_one(array, len(tokens)))
+        llama.llama_memory_clear(self._memory, True)
+        llama.llama_synchronize(self._ctx)
+        llama.llama_perf_context_reset(self._ctx)
+        llama.llama_set_warmup(self._ctx, False)
 
     @staticmethod
     def _load_model(path: Path, options: EngineOptions) -> llama.llama_model_p:

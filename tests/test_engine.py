@@ -5,9 +5,10 @@ from __future__ import annotations
 import threading
 from dataclasses import replace
 
+import llama_cpp
 import pytest
 
-from gemmachat.engine import Engine, PromptTooLong, StopGuard
+from gemmachat.engine import DecodeTimes, Engine, PromptTooLong, StopGuard
 from gemmachat.settings import Sampling
 from gemmachat.templates import Segment, to_tokens
 
@@ -214,6 +215,19 @@ def test_an_inline_engine_decodes_on_the_reading_thread_with_the_same_results(en
         for piece in cut:
             cut_pieces.append(piece)
         assert cut.stats.finish_reason == "cancelled"
+
+
+def test_the_warm_up_at_load_leaves_no_trace(engine: Engine) -> None:
+    # Like llama.cpp's tools, the engine decodes BOS and EOS once at load (engine._warm_up).
+    with Engine(engine.path, engine.info, replace(engine.options, inline=True)) as fresh:
+        # llama_perf_context reports counts of at least 1, so the times tell that the timers were reset.
+        assert fresh.decode_times() == DecodeTimes(0.0, 1, 0.0, 1, 0)
+        assert llama_cpp.llama_memory_seq_pos_max(fresh._memory, 0) == -1
+        tokens = prompt(fresh, "Water boils at")
+        generation = fresh.generate(fresh.new_sequence(), tokens, GREEDY, max_tokens=3)
+        generation.text()
+        assert generation.stats.reused_tokens == 0
+        assert fresh.decode_times().prompt_tokens == len(tokens)
 
 
 def test_context_size_rules(engine: Engine) -> None:
