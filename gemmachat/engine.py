@@ -188,7 +188,6 @@ class Engine:
         self.bos = int(llama.llama_vocab_bos(self._vocab))
         self.add_bos = bool(llama.llama_vocab_get_add_bos(self._vocab))
         self.eos = int(llama.llama_vocab_eos(self._vocab))
-        self._warm_up()
         self._pieces: dict[int, bytes] = {}
         self._eog_tokens: list[int] | None = None
         self._sequences: dict[int, Sequence] = {}
@@ -201,7 +200,9 @@ class Engine:
         self._failure: BaseException | None = None
         self._closed = False
         self._scheduler: threading.Thread | None = None
-        if not options.inline:
+        if options.inline:
+            self._warm_up()
+        else:
             self._scheduler = threading.Thread(target=self._schedule, name="gemma-chat decode", daemon=True)
             self._scheduler.start()
 
@@ -210,7 +211,9 @@ class Engine:
     def _warm_up(self) -> None:
         """The empty run that llama.cpp's tools make at load: the first decode pages in the weights
         and the compute buffers, and without it the user's first prompt pays for that (about 5% of
-        a 2,000-token prompt here). Leaves no trace: the KV cache and the timers are reset."""
+        a 2,000-token prompt here). Leaves no trace: the KV cache and the timers are reset. Runs on
+        the thread that decodes (see _schedule): from any other, it costs the server a fifth of
+        its tokens/s."""
         tokens = [token for token in (self.bos, self.eos) if token != llama.LLAMA_TOKEN_NULL] or [0]
         array = (llama.llama_token * len(tokens))(*tokens)
         llama.llama_set_warmup(self._ctx, True)
@@ -506,6 +509,7 @@ class Engine:
 
     def _schedule(self) -> None:
         try:
+            self._warm_up()
             while self._step():
                 pass
         except BaseException as error:  # noqa: BLE001 - a bug here must not leave consumers waiting

@@ -230,6 +230,22 @@ def test_the_warm_up_at_load_leaves_no_trace(engine: Engine) -> None:
         assert fresh.decode_times().prompt_tokens == len(tokens)
 
 
+def test_every_decode_runs_on_the_scheduler_thread(engine: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
+    # ggml gives each calling thread its own OpenMP team; a second team (from a warm-up on the
+    # loading thread, say) cost the server a fifth of its tokens/s. The wrapper only records.
+    callers: list[str] = []
+    decode = llama_cpp.llama_decode
+
+    def recording_decode(*args):  # type: ignore[no-untyped-def]
+        callers.append(threading.current_thread().name)
+        return decode(*args)
+
+    monkeypatch.setattr(llama_cpp, "llama_decode", recording_decode)
+    with Engine(engine.path, engine.info, engine.options) as threaded:
+        threaded.generate(threaded.new_sequence(), prompt(threaded, "Water boils at"), GREEDY, max_tokens=3).text()
+    assert len(callers) >= 4 and set(callers) == {"gemma-chat decode"}
+
+
 def test_context_size_rules(engine: Engine) -> None:
     assert engine.n_ctx_train == 32768
     assert engine.context_size_for(None) == 8192
