@@ -63,6 +63,7 @@ def test_row_targets() -> None:
     assert slower.ok is False
     limited = run.Row("s", "r", "x", ours=[2.5], limit=2.0)
     assert limited.ok is False and limited.ratio is None
+    assert run.Row("s", "r", "x").ok is None
 
 
 def test_rows_count_the_alternations_ours_was_ahead_in() -> None:
@@ -73,4 +74,3 @@ def test_rows_count_the_alternations_ours_was_ahead_in() -> None:
     assert run.Row("s", "r", "x", ours=[2.5], limit=2.0).ahead == ""
     notes = run.row_notes([rate, run.Row("s", "plain", "x", ours=[1, 2], native=[1, 2])])
     assert notes == ["r: ours ahead in 1 of 3 alternations"]
-    assert run.Row("s", "r", "x").ok is None
