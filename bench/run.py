@@ -285,10 +285,13 @@ def bench_rate(stdout: str) -> float:
     return float(json.loads(stdout)[0]["avg_ts"])
 
 
-def alternate(reps: int, ours: Callable[[], None], theirs: Callable[[], None]) -> None:
-    """ours then native, native then ours, …: a drift in machine load hits both sides alike."""
+def alternate(reps: int, *steps: Callable[[], None]) -> None:
+    """Runs the steps in turn, rotated by one each repetition (ours then native, native then ours; with
+    three steps every one takes every position): a drift in machine load, or whatever one tool leaves
+    behind for the next, hits every side alike."""
     for rep in range(reps):
-        for step in ((ours, theirs) if rep % 2 == 0 else (theirs, ours)):
+        shift = rep % len(steps)
+        for step in steps[shift:] + steps[:shift]:
             step()
 
 
@@ -334,10 +337,14 @@ def generation_rows(s: Sides) -> list[Row]:
         wall.native.append(proc.wall)
         cpu.native.append(proc.cpu)
         rss.native.append(proc.peak_rss / MIB)
+
+    def llama_bench() -> None:
         bench.native.append(bench_rate(run_process(s.bench("-p", "0", "-n", str(n))).stdout))
 
     log(f"generation: {n} tokens × {s.plan.speed_reps}")
-    alternate(s.plan.speed_reps, ours, theirs)
+    # llama-bench is a step of its own: run inside theirs() it always came right after
+    # llama-completion, while ours moved; now each of the three takes each place equally often.
+    alternate(s.plan.speed_reps, ours, theirs, llama_bench)
     return [rate, whole, bench, wall, cpu, rss]
 
 
@@ -371,10 +378,13 @@ def prompt_rows(s: Sides, prompt_file: pathlib.Path) -> list[Row]:
         tokens, per_second = native_prompt_rate(proc.stderr)
         sizes.append(tokens)
         rate.native.append(per_second)
-        bench.native.append(bench_rate(run_process(s.bench("-p", str(tokens), "-n", "0")).stdout))
+
+    def llama_bench() -> None:
+        # The prompt's size in tokens, as the runs before this one counted it (both sides agree).
+        bench.native.append(bench_rate(run_process(s.bench("-p", str(max(sizes)), "-n", "0")).stdout))
 
     log(f"prompt processing: ~{s.plan.prompt_tokens} tokens × {s.plan.speed_reps}")
-    alternate(s.plan.speed_reps, ours, theirs)
+    alternate(s.plan.speed_reps, ours, theirs, llama_bench)
     size = max(sizes)
     rate.name = f"{size}-token prompt, -n 1: llama.cpp's prompt-eval timer"
     bench.name = f"{size}-token prompt, to the first token (+ our Python) vs llama-bench pp{size}"

@@ -74,3 +74,17 @@ def test_rows_count_the_alternations_ours_was_ahead_in() -> None:
     assert run.Row("s", "r", "x", ours=[2.5], limit=2.0).ahead == ""
     notes = run.row_notes([rate, run.Row("s", "plain", "x", ours=[1, 2], native=[1, 2])])
     assert notes == ["r: ours ahead in 1 of 3 alternations"]
+
+
+def test_every_side_takes_every_place_in_the_run_order() -> None:
+    order: list[str] = []
+    run.alternate(6, lambda: order.append("ours"), lambda: order.append("completion"),
+                  lambda: order.append("bench"))
+    rounds = [order[i:i + 3] for i in range(0, len(order), 3)]
+    assert rounds[:3] == [["ours", "completion", "bench"], ["completion", "bench", "ours"],
+                          ["bench", "ours", "completion"]]
+    for place in range(3):
+        assert sorted(r[place] for r in rounds) == ["bench", "bench", "completion", "completion", "ours", "ours"]
+    pair: list[str] = []
+    run.alternate(2, lambda: pair.append("ours"), lambda: pair.append("native"))
+    assert pair == ["ours", "native", "native", "ours"]
