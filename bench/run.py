@@ -6,7 +6,7 @@ model, threads, context and batch sizes, alternating ours and native run by run,
 median of each side and their ratio. bench/README.md explains each row and its target.
 
 Usage:
-    .venv/bin/python bench/run.py            # full run (about 15 minutes on 2 idle cores)
+    .venv/bin/python bench/run.py            # full run (about 35 minutes on 2 cores)
     .venv/bin/python bench/run.py --quick    # smoke run: 1 repetition, short generations
 Writes bench/results/latest.md and latest.json (unless --no-write) and prints the table.
 
@@ -735,7 +735,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="smoke run: 1 repetition, short generations")
     parser.add_argument("--reps", type=int, help="repetitions per side (default 5, --quick 1)")
     parser.add_argument("--speed-reps", type=int,
-                        help="repetitions per side for the generation and prompt rows (default 15, --quick 1)")
+                        help="repetitions per side for the generation and prompt rows (default 30, --quick 1)")
     parser.add_argument("--model", type=pathlib.Path, help="GGUF file (default: gemma-chat's default model)")
     parser.add_argument("--threads", type=int, default=2, help="threads for both sides (default 2)")
     parser.add_argument("--only", help="comma list of sections to run: generation,prompt,multi-turn,"
@@ -744,7 +744,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     quick = args.quick
-    plan = Plan(reps=args.reps or (1 if quick else 5), speed_reps=args.speed_reps or (1 if quick else 15),
+    plan = Plan(reps=args.reps or (1 if quick else 5), speed_reps=args.speed_reps or (1 if quick else 30),
                 gen_tokens=128 if quick else 512,
                 prompt_tokens=500 if quick else 2000, reply_tokens=16 if quick else 32,
                 client_tokens=32 if quick else 64, threads=args.threads, ctx=8192, parallel=4)
