@@ -19,6 +19,7 @@ Environment:
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import os
 import pathlib
@@ -266,6 +267,29 @@ def ensure_built(version: str | None = None) -> pathlib.Path:
         (root / "build-info.json").write_text(json.dumps(info, indent=2) + "\n")
         log(f"built in {t2 - t0:.0f} s (compile {t2 - t1:.0f} s)")
     return _bin_dir(version)
+
+
+ALIGNED_MALLOC_SOURCE = REPO_ROOT / "bench" / "aligned_malloc.c"
+
+
+def aligned_malloc_library() -> pathlib.Path:
+    """bench/aligned_malloc.c compiled for LD_PRELOAD (cached by its source's hash)."""
+    source = ALIGNED_MALLOC_SOURCE.read_bytes()
+    library = cache_dir().parent / f"aligned_malloc-{hashlib.sha256(source).hexdigest()[:12]}.so"
+    if library.is_file():
+        return library
+    compiler = shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        raise NativeBuildError("no C compiler ('cc') on PATH; it is needed for bench/aligned_malloc.c")
+    library.parent.mkdir(parents=True, exist_ok=True)
+    partial = library.with_suffix(f".{os.getpid()}.tmp")
+    done = subprocess.run([compiler, "-O2", "-shared", "-fPIC", "-o", str(partial), str(ALIGNED_MALLOC_SOURCE)],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        partial.unlink(missing_ok=True)
+        raise NativeBuildError(f"could not compile {ALIGNED_MALLOC_SOURCE.name}: {done.stderr.strip()[-400:]}")
+    partial.replace(library)
+    return library
 
 
 def native_bin(name: str) -> pathlib.Path:

@@ -122,9 +122,12 @@ def log(message: str) -> None:
     print(f"[bench] {message}", file=sys.stderr, flush=True)
 
 
-def _env() -> dict[str, str]:
+def _env(preload: pathlib.Path | None = None) -> dict[str, str]:
     # llama.cpp's tools read LLAMA_ARG_* and ours reads GEMMA_CHAT_*: a stray one would change a run.
-    return {k: v for k, v in os.environ.items() if not k.startswith(("LLAMA_ARG_", "GEMMA_CHAT_"))}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("LLAMA_ARG_", "GEMMA_CHAT_", "LD_PRELOAD"))}
+    if preload is not None:
+        env["LD_PRELOAD"] = str(preload)
+    return env
 
 
 # ---------------------------------------------------------------- processes
@@ -140,11 +143,13 @@ class Proc:
     stderr: str
 
 
-def run_process(cmd: list[str], timeout: float = 900) -> Proc:
-    """Runs cmd to completion; wall time and the child's own peak RSS (from wait4)."""
+def run_process(cmd: list[str], timeout: float = 900, preload: pathlib.Path | None = None) -> Proc:
+    """Runs cmd to completion (with `preload` as LD_PRELOAD); wall time and the child's own peak RSS
+    (from wait4)."""
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         started = time.perf_counter()
-        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=err, env=_env(), cwd=REPO_ROOT)
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=err, env=_env(preload),
+                                cwd=REPO_ROOT)
         deadline = started + timeout
         while True:
             pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
@@ -163,6 +168,8 @@ def run_process(cmd: list[str], timeout: float = 900) -> Proc:
                       err.read().decode("utf-8", "replace"))
     if result.rc != 0:
         raise RuntimeError(f"{' '.join(cmd[:3])}… exited with {result.rc}: {result.stderr[-600:]}")
+    if preload is not None and "cannot be preloaded" in result.stderr:  # ld.so warns and runs on without it
+        raise RuntimeError(f"{preload} was not preloaded into {cmd[0]}")
     return result
 
 
@@ -208,6 +215,8 @@ class Sides:
     model: pathlib.Path
     plan: Plan
     python: str = sys.executable
+    # LD_PRELOAD for both sides of the generation and prompt rows (bench/aligned_malloc.c).
+    aligned_malloc: pathlib.Path | None = None
 
     def ours(self, *args: str) -> list[str]:
         return [self.python, "-m", "gemmachat", "-m", str(self.model), "-t", str(self.plan.threads),
@@ -318,7 +327,7 @@ def generation_rows(s: Sides) -> list[Row]:
     args = ("-p", GENERATION_PROMPT, "-n", str(n), "--temp", "0", "--ignore-eos")
 
     def ours() -> None:
-        proc = run_process(s.ours("--cli", *args, "--verbose"))
+        proc = run_process(s.ours("--cli", *args, "--verbose"), preload=s.aligned_malloc)
         _, _, generated, per_second = ours_stats(proc.stderr)
         rate.ours.append(ours_eval_rate(proc.stderr))
         bench.ours.append(rate.ours[-1])
@@ -330,7 +339,7 @@ def generation_rows(s: Sides) -> list[Row]:
         rss.ours.append(proc.peak_rss / MIB)
 
     def theirs() -> None:
-        proc = run_process(s.completion(*args))
+        proc = run_process(s.completion(*args), preload=s.aligned_malloc)
         runs, eval_ms, sampling_ms = native_eval(proc.stderr)
         rate.native.append(runs / (eval_ms / 1000))
         whole.native.append(runs / ((eval_ms + sampling_ms) / 1000))
@@ -339,7 +348,7 @@ def generation_rows(s: Sides) -> list[Row]:
         rss.native.append(proc.peak_rss / MIB)
 
     def llama_bench() -> None:
-        bench.native.append(bench_rate(run_process(s.bench("-p", "0", "-n", str(n))).stdout))
+        bench.native.append(bench_rate(run_process(s.bench("-p", "0", "-n", str(n)), preload=s.aligned_malloc).stdout))
 
     log(f"generation: {n} tokens × {s.plan.speed_reps}")
     # llama-bench is a step of its own: run inside theirs() it always came right after
@@ -364,31 +373,52 @@ def prompt_rows(s: Sides, prompt_file: pathlib.Path) -> list[Row]:
     rate = Row("prompt processing", "", "tokens/s", native_name="llama-completion",
                target="≥ 0.97x", min_ratio=0.97)
     bench = Row("prompt processing", "", "tokens/s", native_name="llama-bench", target="≥ 0.97x", min_ratio=0.97)
+    # The same as `rate` without bench/aligned_malloc.c: what each program's own heap makes of
+    # ggml's work buffer, shown for comparison (no target).
+    as_it_falls = Row("prompt processing", "", "tokens/s", native_name="llama-completion")
     sizes: list[int] = []
+    ours_args = ("--cli", "-f", str(prompt_file), "-n", "1", "--temp", "0", "--verbose")
+    native_args = ("-f", str(prompt_file), "-n", "1", "--temp", "0")
 
     def ours() -> None:
-        proc = run_process(s.ours("--cli", "-f", str(prompt_file), "-n", "1", "--temp", "0", "--verbose"))
+        proc = run_process(s.ours(*ours_args), preload=s.aligned_malloc)
         tokens, per_second, _, _ = ours_stats(proc.stderr)
         sizes.append(tokens)
         rate.ours.append(ours_prompt_eval_rate(proc.stderr))
         bench.ours.append(per_second)
 
     def theirs() -> None:
-        proc = run_process(s.completion("-f", str(prompt_file), "-n", "1", "--temp", "0"))
+        proc = run_process(s.completion(*native_args), preload=s.aligned_malloc)
         tokens, per_second = native_prompt_rate(proc.stderr)
         sizes.append(tokens)
         rate.native.append(per_second)
 
     def llama_bench() -> None:
         # The prompt's size in tokens, as the runs before this one counted it (both sides agree).
-        bench.native.append(bench_rate(run_process(s.bench("-p", str(max(sizes)), "-n", "0")).stdout))
+        bench.native.append(bench_rate(run_process(s.bench("-p", str(max(sizes)), "-n", "0"),
+                                                   preload=s.aligned_malloc).stdout))
 
+    def ours_as_it_falls() -> None:
+        as_it_falls.ours.append(ours_prompt_eval_rate(run_process(s.ours(*ours_args)).stderr))
+
+    def theirs_as_it_falls() -> None:
+        as_it_falls.native.append(native_prompt_rate(run_process(s.completion(*native_args)).stderr)[1])
+
+    steps = [ours, theirs, llama_bench]
+    if s.aligned_malloc is not None:
+        steps += [ours_as_it_falls, theirs_as_it_falls]
     log(f"prompt processing: ~{s.plan.prompt_tokens} tokens × {s.plan.speed_reps}")
-    alternate(s.plan.speed_reps, ours, theirs, llama_bench)
+    alternate(s.plan.speed_reps, *steps)
     size = max(sizes)
     rate.name = f"{size}-token prompt, -n 1: llama.cpp's prompt-eval timer"
     bench.name = f"{size}-token prompt, to the first token (+ our Python) vs llama-bench pp{size}"
-    return [rate, bench]
+    if not as_it_falls.ours:
+        return [rate, bench]
+    as_it_falls.name = f"{size}-token prompt, -n 1, without aligned_malloc.c (for comparison)"
+    as_it_falls.note = "; ".join(filter(None, (
+        "which side's work buffer lands 32-byte aligned is the luck of its heap (bench/README.md)",
+        as_it_falls.ahead)))
+    return [rate, bench, as_it_falls]
 
 
 def engine_turn_ttft(s: Sides, reps: int) -> tuple[list[float], list[float]]:
@@ -702,6 +732,8 @@ def to_markdown(meta: dict, rows: list[Row]) -> str:
         f"- {meta['plan']['speed_reps']} repetition(s) per side for generation and prompt processing, "
         f"{meta['plan']['reps']} for the rest; medians; -t {meta['plan']['threads']} "
         f"-c {meta['plan']['ctx']}, flash attention auto on both sides; command: `{meta['command']}`",
+        *([f"- the generation and prompt rows run both sides with `bench/aligned_malloc.c` preloaded "
+           f"(64-byte aligned large allocations; bench/README.md says why)"] if meta.get("aligned_malloc") else []),
         "",
         "| " + " | ".join(HEADER) + " |",
         "| " + " | ".join("---" for _ in HEADER) + " |",
@@ -752,6 +784,7 @@ def main(argv: list[str] | None = None) -> int:
                                                        "server"}
     try:
         native.ensure_built()
+        aligned_malloc = native.aligned_malloc_library()
     except native.NativeBuildError as exc:
         print(f"error: could not build native llama.cpp tools: {exc}", file=sys.stderr)
         return 2
@@ -760,7 +793,7 @@ def main(argv: list[str] | None = None) -> int:
         from gemmachat.model_path import default_model
 
         model = default_model(_env())
-    s = Sides(model, plan)
+    s = Sides(model, plan, aligned_malloc=aligned_malloc)
     load_before = [round(x, 2) for x in os.getloadavg()]
     log(f"load average {load_before}; plan {plan}")
 
@@ -823,6 +856,7 @@ def main(argv: list[str] | None = None) -> int:
         "llama_cpp_commit": (native.llama_cpp_commit() or "unknown")[:10],
         "llama_cpp_python": native.pinned_version(),
         "plan": asdict(plan),
+        "aligned_malloc": str(aligned_malloc),
         "command": " ".join(["bench/run.py", *(argv if argv is not None else sys.argv[1:])]),
         "section_load": {},
     }

@@ -22,13 +22,15 @@ from bench import native, run  # noqa: E402
 def sides(model_path: Path) -> run.Sides:
     native.ensure_built()
     return run.Sides(model_path, run.Plan(reps=1, speed_reps=1, gen_tokens=6, prompt_tokens=0, reply_tokens=0,
-                                          client_tokens=0, threads=2, ctx=2048, parallel=1))
+                                          client_tokens=0, threads=2, ctx=2048, parallel=1),
+                     aligned_malloc=native.aligned_malloc_library())
 
 
 def test_both_sides_report_the_same_prompt_and_generation(sides: run.Sides) -> None:
+    # As the generation and prompt rows run them: with bench/aligned_malloc.c preloaded.
     args = ("-p", run.GENERATION_PROMPT, "-n", "6", "--temp", "0", "--ignore-eos")
-    ours = run.run_process(sides.ours("--cli", *args, "--verbose"))
-    theirs = run.run_process(sides.completion(*args))
+    ours = run.run_process(sides.ours("--cli", *args, "--verbose"), preload=sides.aligned_malloc)
+    theirs = run.run_process(sides.completion(*args), preload=sides.aligned_malloc)
     prompt_tokens, prompt_rate, generated, generation_rate = run.ours_stats(ours.stderr)
     native_prompt_tokens, native_prompt_rate = run.native_prompt_rate(theirs.stderr)
     assert generated == 6 and prompt_tokens == native_prompt_tokens > 5
@@ -45,6 +47,25 @@ def test_both_sides_report_the_same_prompt_and_generation(sides: run.Sides) -> N
     # Same llama.cpp, same greedy chain: the same text (the fidelity test checks this in depth).
     assert ours.stdout == theirs.stdout.removesuffix("\n\n")
     assert ours.peak_rss > 100 * run.MIB and theirs.peak_rss > 100 * run.MIB
+
+
+# Where malloc put blocks of these sizes, modulo 64, in a fresh Python process.
+_ALIGNMENTS = """
+import ctypes
+libc = ctypes.CDLL(None)
+libc.malloc.restype = ctypes.c_void_p
+libc.malloc.argtypes = [ctypes.c_size_t]
+print(*(libc.malloc(size) % 64 for size in (256 * 1024, 2244800, 5 << 20)))
+"""
+
+
+def test_the_preloaded_malloc_aligns_large_blocks_to_64_bytes(sides: run.Sides) -> None:
+    command = [sys.executable, "-c", _ALIGNMENTS]
+    assert run.run_process(command, preload=sides.aligned_malloc).stdout.split() == ["0", "0", "0"]
+    # glibc alone puts a block it maps at 16 bytes into its page: the case the library is there for.
+    assert "16" in run.run_process(command).stdout.split()
+    with pytest.raises(RuntimeError, match="was not preloaded"):
+        run.run_process(command, preload=sides.aligned_malloc.with_name("missing.so"))
 
 
 def test_a_failed_run_is_an_error_not_a_figure(sides: run.Sides) -> None:
