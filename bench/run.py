@@ -123,7 +123,8 @@ def log(message: str) -> None:
 
 
 def _env(preload: pathlib.Path | None = None) -> dict[str, str]:
-    # llama.cpp's tools read LLAMA_ARG_* and ours reads GEMMA_CHAT_*: a stray one would change a run.
+    # llama.cpp's tools read LLAMA_ARG_* and ours reads GEMMA_CHAT_*, and an inherited LD_PRELOAD
+    # would load into both: a stray one would change a run.
     env = {k: v for k, v in os.environ.items() if not k.startswith(("LLAMA_ARG_", "GEMMA_CHAT_", "LD_PRELOAD"))}
     if preload is not None:
         env["LD_PRELOAD"] = str(preload)
