@@ -219,7 +219,7 @@ def run_native(binary: pathlib.Path, model: pathlib.Path, prompt: str, n: int, f
         "-no-cnv",  # Gemma has a chat template, which would turn on chat mode
         "--no-display-prompt",  # otherwise the prompt is echoed to stdout
         "--color", "off",  # default is 'auto'; be explicit so no ANSI codes leak
-        "-fa", fa, *extra,
+        "-fa", fa, *native.repack_args("llama-completion"), *extra,
     ]
     rc, out, err, secs, error = _run(cmd, timeout)
     text = None
@@ -399,6 +399,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, help="pass -t N to native and --threads N to ours (default: each side's own)")
     ap.add_argument("--ours-arg", action="append", default=[], metavar="ARG",
                     help="extra argument for ours only, repeatable (e.g. --ours-arg=--special)")
+    ap.add_argument("--both-arg", action="append", default=[], metavar="ARG",
+                    help="extra argument for both sides, spelled alike (e.g. --both-arg=-ngl --both-arg=999)")
+    ap.add_argument("--no-repack", action="store_true",
+                    help="both sides keep the weights in plain buffers (llama.cpp's --no-repack)")
     ap.add_argument("--prompt", action="append", help="prompt to check (repeatable; default: a built-in set)")
     ap.add_argument("--timeout", type=float, default=300.0, help="seconds per process")
     ap.add_argument("--no-write", action="store_true", help="print the table only; leave bench/results/ alone")
@@ -424,8 +428,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     model = resolve_model(args.model, ours_cmd)
     prompts = args.prompt or list(DEFAULT_PROMPTS)
-    native_extra = ["-t", str(args.threads)] if args.threads else []
-    ours_extra = (["--threads", str(args.threads)] if args.threads else []) + args.ours_arg
+    both = args.both_arg + (["--no-repack"] if args.no_repack else [])
+    native_extra = (["-t", str(args.threads)] if args.threads else []) + both
+    ours_extra = (["--threads", str(args.threads)] if args.threads else []) + args.ours_arg + both
 
     cases: list[Case] = []
     for fa in fas:

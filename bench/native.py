@@ -19,6 +19,7 @@ Environment:
 from __future__ import annotations
 
 import fcntl
+import functools
 import hashlib
 import json
 import os
@@ -293,10 +294,52 @@ def aligned_malloc_library() -> pathlib.Path:
 
 
 def native_bin(name: str) -> pathlib.Path:
-    """Path to a native llama.cpp tool (building all of them on first use)."""
+    """Path to a native llama.cpp tool (building all of them on first use), or from the folder
+    $GEMMA_CHAT_NATIVE_BIN names: tools built elsewhere with the same libraries as ours, such as
+    packaging/llama_build.py --tools for a GPU (bench/gpu.py)."""
     if name not in TOOLS:
         raise ValueError(f"unknown native tool {name!r}; expected one of {TOOLS}")
+    prebuilt = os.environ.get("GEMMA_CHAT_NATIVE_BIN")
+    if prebuilt:
+        return pathlib.Path(prebuilt) / name
     return ensure_built() / name
+
+
+def repack_args(tool: str) -> list[str]:
+    """What makes a native tool take gemma-chat's path on this CPU: where gemma-chat keeps the
+    weights in plain buffers (a CPU with AMX, gemmachat/cpu.py), the native side must too, or it
+    crashes and would run other kernels anyway. llama-bench spells the flag its own way."""
+    if _gemma_chat_repacks():
+        return []
+    return ["--repack", "0"] if tool == "llama-bench" else ["--no-repack"]
+
+
+@functools.lru_cache(maxsize=None)
+def _gemma_chat_repacks() -> bool:
+    sys.path.insert(0, str(REPO_ROOT))
+    import llama_cpp
+
+    from gemmachat.cpu import decide_repack
+
+    llama_cpp.llama_backend_init()
+    return decide_repack(no_repack=False).use_extra_buffers
+
+
+def cpu_facts() -> dict[str, str]:
+    """What a bench records about the CPU: the flags that decide llama.cpp's kernels, llama.cpp's
+    own account of the build that gemma-chat runs, and what native gets to take the same path."""
+    repack_args("llama-completion")  # loads llama_cpp and its backends
+    import llama_cpp
+
+    from gemmachat.cpu import cpu_flags
+
+    wanted = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_int8", "amx_bf16")
+    flags = cpu_flags()
+    return {
+        "cpu_flags": " ".join(flag for flag in wanted if flag in flags) or "none of " + " ".join(wanted),
+        "llama_system_info": llama_cpp.llama_print_system_info().decode(errors="replace").strip(),
+        "native_repack_args": " ".join(repack_args("llama-completion")) or "none",
+    }
 
 
 def main() -> int:
