@@ -1,0 +1,83 @@
+"""The thread count follows the load (gemmachat/threads.py): real CPU hogs, real /proc, real llama.cpp."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from dataclasses import replace
+
+import pytest
+
+from gemmachat.threads import ThreadGovernor, free_cpus, read_cpu_times, usable_cpus
+
+CPUS = usable_cpus()
+
+
+@pytest.fixture
+def hogs():
+    """One busy process per usable CPU, as a parallel compile would be."""
+    processes = [subprocess.Popen(["yes"], stdout=subprocess.DEVNULL) for _ in CPUS]
+    time.sleep(0.2)
+    yield len(processes)
+    for process in processes:
+        process.kill()
+        process.wait()
+
+
+def test_free_cpus_sees_other_processes(hogs: int) -> None:
+    before = read_cpu_times(CPUS)
+    time.sleep(1.0)
+    after = read_cpu_times(CPUS)
+    assert before is not None and after is not None
+    # The hogs take (nearly) every CPU; this test process sleeps.
+    assert free_cpus(before, after, len(CPUS)) < 0.5
+
+
+def test_our_own_work_is_told_apart_from_others() -> None:
+    before, cpu_before = read_cpu_times(CPUS), time.process_time()
+    deadline = time.monotonic() + 0.6
+    while time.monotonic() < deadline:  # this process keeps one CPU busy itself
+        pass
+    after, cpu_after = read_cpu_times(CPUS), time.process_time()
+    assert before is not None and after is not None
+    # What /proc/self/stat says this process used is what the OS tells Python (ticks are 10 ms).
+    own_seconds = (after.own - before.own) / os.sysconf("SC_CLK_TCK")
+    assert abs(own_seconds - (cpu_after - cpu_before)) < 0.05
+    # and it is not counted against the CPUs left free.
+    as_if_another_process = free_cpus(replace(before, own=0), replace(after, own=0), len(CPUS))
+    assert free_cpus(before, after, len(CPUS)) > as_if_another_process
+
+
+def test_governor_drops_at_once_and_rises_only_when_two_readings_agree() -> None:
+    readings = iter([(0, 0), (200, 200), (400, 400), (400, 600), (400, 800)])  # (busy, total) ticks
+    clock = iter(range(0, 100))
+
+    def read(cpus):
+        from gemmachat.threads import CpuTimes
+
+        busy, total = next(readings)
+        return CpuTimes(busy=busy, total=total, own=0)
+
+    governor = ThreadGovernor(2, frozenset({0, 1}), read=read, clock=lambda: float(next(clock)))
+    assert governor.threads() == 1  # others took both CPUs
+    assert governor.threads() == 1  # still busy
+    assert governor.threads() == 1  # idle once: not yet
+    assert governor.threads() == 2  # idle twice
+
+
+@pytest.mark.skipif(len(CPUS) < 2, reason="needs 2 CPUs to have fewer threads to go to")
+def test_cli_decodes_with_fewer_threads_beside_hogs(run_cli, hogs: int) -> None:
+    # llama.cpp logs every change of thread count (llama_set_n_threads) in --verbose.
+    result = run_cli("--cli", "-p", "Once upon a time", "-n", "48", "--ignore-eos", "--temp", "0",
+                     "--verbose", timeout=300)
+    assert result.returncode == 0, result.stderr[-1000:]
+    assert "set_n_threads: n_threads = 1" in result.stderr
+
+
+@pytest.mark.skipif(len(CPUS) < 2, reason="needs 2 CPUs")
+def test_an_explicit_thread_count_is_kept(run_cli, hogs: int) -> None:
+    result = run_cli("--cli", "-p", "Once upon a time", "-n", "8", "--ignore-eos", "--temp", "0",
+                     "-t", str(len(CPUS)), "--verbose", timeout=300)
+    assert result.returncode == 0, result.stderr[-1000:]
+    assert "set_n_threads" not in result.stderr
