@@ -7,6 +7,7 @@ import signal
 import sys
 from typing import Sequence
 
+from gemmachat import fatal
 from gemmachat.errors import UserError
 from gemmachat.settings import Settings, parse_settings
 
@@ -33,6 +34,7 @@ def _interrupted(signum: int, frame: object) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    fatal.install()
     signal.signal(signal.SIGTERM, _interrupted)
     try:
         return run(parse_settings(sys.argv[1:] if argv is None else argv))
