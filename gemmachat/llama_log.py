@@ -19,6 +19,8 @@ import sys
 import llama_cpp
 from llama_cpp._ggml import libggml
 
+from gemmachat import backends
+
 # ggml.h's levels (llama_cpp/_logger.py still lists an older order).
 GGML_LOG_LEVEL_ERROR = 4
 GGML_LOG_LEVEL_CONT = 5
@@ -35,6 +37,8 @@ def _on_log(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
     message = text.decode("utf-8", errors="replace") if text else ""
     if level == GGML_LOG_LEVEL_ERROR and message.strip():
         _recent_errors.append(message.strip())
+    elif "backend from" in message:
+        backends.note_log_line(message)
     if _state["verbose"]:
         sys.stderr.write(message)
         sys.stderr.flush()
