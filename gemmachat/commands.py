@@ -330,7 +330,10 @@ def _show(chat: Chat, argument: str) -> None:
         info = engine.info
         rows = [("file", engine.path), ("architecture", info.architecture), ("name", info.name),
                 ("training context", engine.n_ctx_train), ("context", session.context_size),
-                ("layers", engine.n_layer), ("chat template", "yes" if info.chat_template else "no (base model)")]
+                ("layers", engine.n_layer), ("chat template", "yes" if info.chat_template else "no (base model)"),
+                ("threads", f"{engine.threads} now, of {engine.options.threads}"
+                            + (" (fewer while other processes are busy)" if engine.options.adapt_threads else "")),
+                ("weight repacking", "yes" if engine.repack.use_extra_buffers else f"no: {engine.repack.reason}")]
         chat.printer.text("\n".join(f"  {name:<18} {value}" for name, value in rows))
     elif what == "system":
         _system(chat, "")

@@ -21,11 +21,13 @@ from typing import Callable, Iterator
 
 import llama_cpp as llama
 
-from gemmachat import llama_log
+from gemmachat import backends, llama_log
+from gemmachat.cpu import decide_repack
 from gemmachat.errors import UserError, warn
 from gemmachat.gguf import GGUFInfo
-from gemmachat.settings import DEFAULT_CTX_CAP, Sampling, Settings
+from gemmachat.settings import DEFAULT_CTX_CAP, Sampling, Settings, default_threads
 from gemmachat.templates import Renderer, Template, make_renderer
+from gemmachat.threads import ThreadGovernor
 
 ALL_LAYERS = 999
 # Prompt tokens evaluated per step while other sequences generate: about a quarter of a second of
@@ -43,6 +45,11 @@ class EngineOptions:
     ctx_size: int | None = None
     n_gpu_layers: int = 0
     threads: int = 2
+    # Decode with as many of `threads` as other processes leave free (gemmachat/threads.py); -t
+    # on the command line fixes the count instead.
+    adapt_threads: bool = False
+    # llama.cpp's extra weight buffers (repacked and AMX kernels); off as --no-repack (cpu.py).
+    repack: bool = True
     batch_size: int = 2048
     ubatch_size: int = 512
     flash_attn: str = "auto"
@@ -64,7 +71,9 @@ class EngineOptions:
         return cls(
             ctx_size=settings.ctx_size,
             n_gpu_layers=settings.n_gpu_layers,
-            threads=settings.threads,
+            threads=settings.threads or default_threads(),
+            adapt_threads=settings.threads is None,
+            repack=not settings.no_repack,
             batch_size=settings.batch_size,
             ubatch_size=settings.ubatch_size,
             flash_attn=settings.flash_attn,
@@ -161,20 +170,36 @@ _FLASH_ATTN = {
 _backend_ready = False
 
 
+def init_backends() -> None:
+    """Load llama.cpp's backends (gemmachat/backends.py) and initialise it, once per process."""
+    global _backend_ready
+    if not _backend_ready:
+        backends.load()
+        llama.llama_backend_init()
+        _backend_ready = True
+
+
 def gpu_offload_supported() -> bool:
+    init_backends()
     return bool(llama.llama_supports_gpu_offload())
+
+
+def no_gpu_message(verbose: bool) -> str:
+    """Why -ngl offloads nothing, in one line."""
+    if not backends.gpu_modules():
+        return "no GPU found, running on the CPU (this llama.cpp build has no GPU support: README, GPU)"
+    reason = backends.gpu_module_error()
+    return "no GPU found, running on the CPU" + (f" ({reason})" if verbose and reason else "")
 
 
 class Engine:
     def __init__(self, path: Path, info: GGUFInfo, options: EngineOptions) -> None:
-        global _backend_ready
-        if not _backend_ready:
-            llama.llama_backend_init()
-            _backend_ready = True
+        init_backends()
         self.path = path
         self.info = info
         self.options = options
-        self._model = self._load_model(path, options)
+        self.repack = decide_repack(no_repack=not options.repack)
+        self._model = self._load_model(path, options, self.repack.use_extra_buffers)
         self._vocab = llama.llama_model_get_vocab(self._model)
         self.n_ctx_train = int(llama.llama_model_n_ctx_train(self._model))
         self.n_layer = int(llama.llama_model_n_layer(self._model))
@@ -200,6 +225,8 @@ class Engine:
         self._failure: BaseException | None = None
         self._closed = False
         self._scheduler: threading.Thread | None = None
+        self._governor = ThreadGovernor(options.threads) if options.adapt_threads else None
+        self.threads = options.threads  # what the next decode uses
         if options.inline:
             self._warm_up()
         else:
@@ -226,8 +253,9 @@ class Engine:
         llama.llama_set_warmup(self._ctx, False)
 
     @staticmethod
-    def _load_model(path: Path, options: EngineOptions) -> llama.llama_model_p:
+    def _load_model(path: Path, options: EngineOptions, extra_buffers: bool) -> llama.llama_model_p:
         params = llama.llama_model_default_params()
+        params.use_extra_bufts = extra_buffers
         params.n_gpu_layers = -1 if options.n_gpu_layers >= ALL_LAYERS else options.n_gpu_layers
         if options.mmap:
             params.load_mode = llama.LLAMA_LOAD_MODE_MMAP_MLOCK if options.mlock else llama.LLAMA_LOAD_MODE_MMAP
@@ -639,6 +667,9 @@ class Engine:
             if self._wants_logits(job, tokens):
                 batch.logits[index - 1] = 1
         batch.n_tokens = index
+        if self._governor is not None and self._governor.threads() != self.threads:
+            self.threads = self._governor.current
+            llama.llama_set_n_threads(self._ctx, self.threads, self.threads)
         return llama.llama_decode(self._ctx, batch)
 
     def _sample(self, parts: list[tuple[_Job, list[int]]]) -> dict[_Job, int]:
@@ -779,5 +810,8 @@ def load_engine(settings: Settings, sequences: int = 1, shared_kv: bool = True, 
     llama_log.install(settings.verbose)
     path, info = resolve_model(settings.model, settings.environ, progress)
     if settings.n_gpu_layers > 0 and not gpu_offload_supported():
-        warn("this llama.cpp build has no GPU support; running on the CPU")
-    return Engine(path, info, EngineOptions.from_settings(settings, sequences, shared_kv, inline))
+        warn(no_gpu_message(settings.verbose))
+    engine = Engine(path, info, EngineOptions.from_settings(settings, sequences, shared_kv, inline))
+    if settings.verbose and not engine.repack.use_extra_buffers:
+        warn(f"weights stay in plain CPU buffers (no repacking): {engine.repack.reason}")
+    return engine

@@ -227,7 +227,11 @@ def banner(engine: Engine, settings: Settings, server_line: str | None, session:
         offloaded = min(settings.n_gpu_layers, engine.n_layer)
         device = f"{', '.join(gpus)} ({offloaded}/{engine.n_layer} layers offloaded)"
     else:
-        device = f"{cpu_name()} (CPU, {settings.threads} threads)"
+        threads = engine.options.threads
+        count = f"up to {threads}" if engine.options.adapt_threads else str(threads)
+        device = f"{cpu_name()} (CPU, {count} thread{'s' if threads > 1 else ''})"
+        if not engine.repack.use_extra_buffers:
+            device += f"; no weight repacking: {engine.repack.reason}"
     kind = "" if engine.info.chat_template else (
         f" · base model (no chat template): replies capped at {session.n_predict} tokens")
     lines = [

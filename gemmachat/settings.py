@@ -49,12 +49,13 @@ class Settings:
     special: bool
     ctx_size: int | None  # None: min(training context, 8192); 0: training context
     n_gpu_layers: int
-    threads: int
+    threads: int | None  # None: as many as other processes leave free (gemmachat/threads.py)
     batch_size: int
     ubatch_size: int
     flash_attn: str
     mlock: bool
     mmap: bool
+    no_repack: bool
     n_predict: int
     ignore_eos: bool
     stop: tuple[str, ...]
@@ -162,8 +163,9 @@ def build_parser() -> argparse.ArgumentParser:
     engine.add_argument("-ngl", "--n-gpu-layers", "--gpu-layers", dest="n_gpu_layers",
                         type=_non_negative_int, default=0, metavar="N",
                         help="layers to offload to the GPU; 999 = all (default 0)")
-    engine.add_argument("-t", "--threads", type=_positive_int, default=default_threads(),
-                        metavar="N", help="CPU threads (default: the CPUs this process may use)")
+    engine.add_argument("-t", "--threads", type=_positive_int, metavar="N",
+                        help="CPU threads, fixed (default: the CPUs this process may use, fewer "
+                             "while other processes keep some of them busy)")
     engine.add_argument("-b", "--batch-size", type=_positive_int, default=2048, metavar="N",
                         help="logical batch size for prompt processing (default 2048)")
     engine.add_argument("-ub", "--ubatch-size", type=_positive_int, default=512, metavar="N",
@@ -172,6 +174,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="flash attention (default auto, as llama.cpp)")
     engine.add_argument("--mlock", action="store_true", help="keep the model in RAM")
     engine.add_argument("--no-mmap", action="store_true", help="read the model instead of mapping it")
+    engine.add_argument("--no-repack", action="store_true",
+                        help="keep weights in plain CPU buffers: no repacked or AMX kernels (the "
+                             "safe path; automatic on CPUs with AMX, whose kernels crash)")
     engine.add_argument("--verbose", action="store_true", help="show llama.cpp's log on stderr")
     engine.add_argument("--log-disable", action="store_true",
                         help="accepted for llamafile compatibility (gemma-chat is quiet by default)")
@@ -251,6 +256,7 @@ def parse_settings(argv: Sequence[str], environ: Mapping[str, str] | None = None
         flash_attn=args.flash_attn,
         mlock=args.mlock,
         mmap=not args.no_mmap,
+        no_repack=args.no_repack,
         n_predict=args.n_predict,
         ignore_eos=args.ignore_eos,
         stop=tuple(s for s in args.stop if s),

@@ -183,7 +183,7 @@ def test_gpu_layers_without_gpu_support_is_one_notice(run_cli) -> None:
     result = run_cli("--cli", "-p", "Hi", "-n", "2", "-ngl", "999")
     assert result.returncode == 0
     assert result.stderr.strip().splitlines() == [
-        "gemma-chat: this llama.cpp build has no GPU support; running on the CPU"
+        "gemma-chat: no GPU found, running on the CPU (this llama.cpp build has no GPU support: README, GPU)"
     ]
 
 
