@@ -218,22 +218,27 @@ class Sides:
     python: str = sys.executable
     # LD_PRELOAD for both sides of the generation and prompt rows (bench/aligned_malloc.c).
     aligned_malloc: pathlib.Path | None = None
+    # Flags for both sides, spelled alike by gemma-chat and llama.cpp (bench/gpu.py: -ngl 999).
+    extra: tuple[str, ...] = ()
 
     def ours(self, *args: str) -> list[str]:
-        return [self.python, "-m", "gemmachat", "-m", str(self.model), "-t", str(self.plan.threads),
-                "-c", str(self.plan.ctx), *args]
+        # At its default thread count (all usable CPUs, fewer while other processes keep some
+        # busy): what a user runs. Native runs at -t plan.threads, its own default here.
+        return [self.python, "-m", "gemmachat", "-m", str(self.model), "-c", str(self.plan.ctx), *self.extra, *args]
 
     def completion(self, *args: str) -> list[str]:
         return [str(native.native_bin("llama-completion")), "-m", str(self.model), "-t", str(self.plan.threads),
-                "-c", str(self.plan.ctx), "-no-cnv", "--no-display-prompt", "--color", "off", *args]
+                "-c", str(self.plan.ctx), "-no-cnv", "--no-display-prompt", "--color", "off",
+                *native.repack_args("llama-completion"), *self.extra, *args]
 
     def bench(self, *args: str) -> list[str]:
         return [str(native.native_bin("llama-bench")), "-m", str(self.model), "-t", str(self.plan.threads),
-                "-r", "1", "-o", "json", *args]
+                "-r", "1", "-o", "json", *native.repack_args("llama-bench"), *self.extra, *args]
 
     def server(self, port: int, parallel: int) -> list[str]:
         return [str(native.native_bin("llama-server")), "-m", str(self.model), "-t", str(self.plan.threads),
-                "-c", str(self.plan.ctx), "-np", str(parallel), "--host", "127.0.0.1", "--port", str(port)]
+                "-c", str(self.plan.ctx), "-np", str(parallel), "--host", "127.0.0.1", "--port", str(port),
+                *native.repack_args("llama-server"), *self.extra]
 
     def our_server(self, port: int, parallel: int) -> list[str]:
         return self.ours("--server", "--port", str(port), "-np", str(parallel))
@@ -726,6 +731,8 @@ def to_markdown(meta: dict, rows: list[Row]) -> str:
         "# gemma-chat vs native llama.cpp",
         "",
         f"- date: {meta['date']}; {meta['cpus']} CPUs ({meta['cpu']}); {meta['gpu']}",
+        f"- CPU flags: {meta.get('cpu_flags', '?')}; llama.cpp: `{meta.get('llama_system_info', '?')}`; "
+        f"native's extra flags for this CPU: {meta.get('native_repack_args', '?')}",
         f"- load average before {meta['load_before']}, after {meta['load_after']}, at the start of each section "
         f"{meta['section_load']} (a shared machine: runs alternate, so load slows both sides alike)",
         f"- model: `{meta['model_name']}` ({meta['gguf_mib']:.0f} MiB); llama.cpp {meta['llama_cpp_commit']} "
@@ -772,7 +779,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", type=pathlib.Path, help="GGUF file (default: gemma-chat's default model)")
     parser.add_argument("--threads", type=int, default=2, help="threads for both sides (default 2)")
     parser.add_argument("--only", help="comma list of sections to run: generation,prompt,multi-turn,"
-                                       "start-up,memory,server (default: all)")
+                                       "start-up,memory,server,busy (default: all)")
     parser.add_argument("--no-write", action="store_true", help="print only; leave bench/results/ alone")
     args = parser.parse_args(argv)
 
@@ -782,7 +789,7 @@ def main(argv: list[str] | None = None) -> int:
                 prompt_tokens=500 if quick else 2000, reply_tokens=16 if quick else 32,
                 client_tokens=32 if quick else 64, threads=args.threads, ctx=8192, parallel=4)
     only = set(args.only.split(",")) if args.only else {"generation", "prompt", "multi-turn", "start-up", "memory",
-                                                       "server"}
+                                                       "server", "busy"}
     try:
         native.ensure_built()
         aligned_malloc = native.aligned_malloc_library()
@@ -841,10 +848,15 @@ def main(argv: list[str] | None = None) -> int:
             prompt_file.write_text(long_prompt(plan.prompt_tokens), encoding="utf-8")
             return prompt_rows(s, prompt_file)
 
+    def busy_machine() -> list[Row]:
+        from bench.busy import busy_rows
+
+        return busy_rows(s, 1 if quick else 3)
+
     sections: list[tuple[str, Callable[[], list[Row]]]] = [
         ("generation", lambda: generation_rows(s)), ("prompt", prompt_processing),
         ("multi-turn", lambda: multi_turn_rows(s)), ("start-up", startup_and_memory),
-        ("server", lambda: concurrency_rows(s)),
+        ("server", lambda: concurrency_rows(s)), ("busy", busy_machine),
     ]
     meta = {
         "cpus": os.cpu_count(),
@@ -860,6 +872,7 @@ def main(argv: list[str] | None = None) -> int:
         "aligned_malloc": str(aligned_malloc),
         "command": " ".join(["bench/run.py", *(argv if argv is not None else sys.argv[1:])]),
         "section_load": {},
+        **native.cpu_facts(),
     }
     rows: list[Row] = []
     for name, measure in sections:
@@ -872,7 +885,7 @@ def main(argv: list[str] | None = None) -> int:
         meta["load_after"] = [round(x, 2) for x in os.getloadavg()]
         if not args.no_write:
             write_results(meta, rows)
-    print_table(meta, sorted(rows, key=lambda r: SECTION_ORDER.index(r.section)))
+    print_table(meta, sorted(rows, key=_section_rank))
     if not args.no_write:
         log(f"wrote {RESULTS_DIR / 'latest.md'} and latest.json")
     return 0
@@ -881,9 +894,14 @@ def main(argv: list[str] | None = None) -> int:
 SECTION_ORDER = ("generation", "prompt processing", "multi-turn", "start-up", "memory", "server")
 
 
+def _section_rank(row: Row) -> int:
+    # The busy-machine section's name carries its hog count.
+    return len(SECTION_ORDER) if row.section.startswith("busy") else SECTION_ORDER.index(row.section)
+
+
 def write_results(meta: dict, rows: list[Row]) -> None:
     # The --cli memory row comes out of the generation runs; keep the memory rows together.
-    rows = sorted(rows, key=lambda r: SECTION_ORDER.index(r.section))
+    rows = sorted(rows, key=_section_rank)
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     (RESULTS_DIR / "latest.md").write_text(to_markdown(meta, rows), encoding="utf-8")
     data = {**meta, "rows": [{**asdict(r), "ours_median": r.ours_median, "native_median": r.native_median,
