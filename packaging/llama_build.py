@@ -128,6 +128,17 @@ def _driver_stub(root: Path) -> None:
     log(f"driver stub with {len(names)} functions: {stub}")
 
 
+def cached_wheel(cuda: bool) -> Path | None:
+    """The newest wheel of that kind already built for the pinned version, whatever its flags."""
+    kind = "cuda" if cuda else "cpu"
+    wheels = []
+    for done in cache_root().glob(f"llama-cpp-python-{pinned_version()}-{kind}-*/wheel.json"):
+        wheel = Path(json.loads(done.read_text())["wheel"])
+        if wheel.is_file():
+            wheels.append(wheel)
+    return max(wheels, key=lambda wheel: wheel.stat().st_mtime, default=None)
+
+
 def build(cuda: bool, cuda_archs: str, tools: bool) -> tuple[Path, Path]:
     """The wheel (built once per set of flags) and its build folder."""
     version = pinned_version()
