@@ -31,13 +31,9 @@ from gemmachat.engine import Engine, load_engine, renderer_for
 from gemmachat.errors import UserError
 from gemmachat.output import Printer
 from gemmachat.session import ChatSession
-from gemmachat.settings import Settings
+from gemmachat.settings import DEFAULT_SYSTEM_PROMPT, Settings
 from gemmachat.templates import Message, Template, load_template
 
-DEFAULT_SYSTEM_PROMPT = (
-    "You are a helpful, concise assistant. Answer the user's questions accurately, and say so "
-    "when you do not know."
-)
 # A base model (no chat template in its GGUF) rarely ends a turn by itself: without a cap, each
 # reply would run until the context is full.
 BASE_MODEL_REPLY_CAP = 256
@@ -286,14 +282,14 @@ def scripted(chat: Chat, lines: Iterable[str]) -> int:
     return 0
 
 
-def system_prompt(settings: Settings) -> str:
+def system_prompt(settings: Settings, engine: Engine) -> str | None:
     if settings.prompt is not None:
         return settings.prompt
     if settings.prompt_file is not None:
         from gemmachat.oneshot import read_prompt
 
         return read_prompt(settings)
-    return DEFAULT_SYSTEM_PROMPT
+    return DEFAULT_SYSTEM_PROMPT if engine.info.chat_template else None
 
 
 def run_chat(settings: Settings, stdin: TextIO | None = None, stdout: TextIO | None = None) -> int:
@@ -355,7 +351,7 @@ def converse(engine: Engine, settings: Settings, template: Template, printer: Pr
         n_predict = BASE_MODEL_REPLY_CAP
     session = ChatSession(engine, renderer_for(engine, settings, template), settings.sampling,
                           n_predict=n_predict, special=settings.special)
-    session.conversation.system = system_prompt(settings)
+    session.conversation.system = system_prompt(settings, engine)
     chat = Chat(session, printer, template_description=f"{template.name}: {template.description}")
     if is_terminal:
         if not settings.nologo:

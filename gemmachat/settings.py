@@ -19,6 +19,12 @@ from gemmachat.config import CONFIG_ENV, apply_config, config_path, read_config
 from gemmachat.errors import UserError, warn
 
 DEFAULT_CTX_CAP = 8192
+# The chat's system prompt unless -p or -f gives one; a base model (no chat template) gets none,
+# since it only continues text and would echo it.
+DEFAULT_SYSTEM_PROMPT = (
+    "You are a helpful, concise assistant. Answer the user's questions accurately, and say so "
+    "when you do not know."
+)
 # llama.cpp's own defaults (common/common.h), so that our sampling matches llama-completion's.
 LLAMA_DEFAULT_SEED = 0xFFFFFFFF
 
@@ -167,7 +173,9 @@ def build_parser() -> argparse.ArgumentParser:
     model = parser.add_argument_group("model and prompt")
     model.add_argument("-m", "--model", type=Path, metavar="PATH", help="GGUF model file")
     model.add_argument("-p", "--prompt", metavar="TEXT",
-                       help="--cli: the prompt (else -f, else stdin); chat: the system prompt")
+                       help="--cli: the prompt (else -f, else stdin); chat: the system prompt "
+                            f"(default: \"{DEFAULT_SYSTEM_PROMPT}\"; none for a base model, which "
+                            "only continues text)")
     model.add_argument("-f", "--file", dest="prompt_file", type=Path, metavar="FILE",
                        help="read the prompt from FILE")
     model.add_argument("--system", metavar="TEXT",
