@@ -30,6 +30,9 @@ from gemmachat.templates import Renderer, Template, make_renderer
 from gemmachat.threads import ThreadGovernor
 
 ALL_LAYERS = 999
+# A base model (no chat template in its GGUF) rarely ends a turn by itself: without a cap, a reply
+# that names no limit would run until the context is full. The chat and the server both apply it.
+BASE_MODEL_REPLY_CAP = 256
 # Prompt tokens evaluated per step while other sequences generate: about a quarter of a second of
 # prompt work on a 2-core CPU with a small model, so a new request delays running ones by that much
 # per token rather than by its whole prompt.
@@ -793,6 +796,14 @@ class StopGuard:
             if stop.startswith(text[-length:]):
                 return length
         return 0
+
+
+def default_reply_limit(engine: Engine, n_predict: int) -> int:
+    """The token limit of a reply that names none: -n, else the cap for a base model, else -1 (to
+    the end of the turn, or of the context)."""
+    if n_predict < 0 and not engine.info.chat_template:
+        return BASE_MODEL_REPLY_CAP
+    return n_predict
 
 
 def renderer_for(engine: Engine, settings: Settings, template: Template) -> Renderer:

@@ -27,16 +27,13 @@ from gemmachat import __version__, commands
 from gemmachat.atomic import write_atomic
 from gemmachat.commands import ExitChat
 from gemmachat.device import cpu_name, gpu_names
-from gemmachat.engine import Engine, load_engine, renderer_for
+from gemmachat.engine import Engine, default_reply_limit, load_engine, renderer_for
 from gemmachat.errors import UserError
 from gemmachat.output import Printer
 from gemmachat.session import ChatSession
 from gemmachat.settings import DEFAULT_SYSTEM_PROMPT, Settings
 from gemmachat.templates import Message, Template, load_template
 
-# A base model (no chat template in its GGUF) rarely ends a turn by itself: without a cap, each
-# reply would run until the context is full.
-BASE_MODEL_REPLY_CAP = 256
 ROLES = ("user", "assistant", "system")
 
 
@@ -346,11 +343,8 @@ def start_server(engine: Engine, settings: Settings) -> tuple[object | None, str
 
 def converse(engine: Engine, settings: Settings, template: Template, printer: Printer,
              server_line: str | None, stdin: TextIO, is_terminal: bool) -> int:
-    n_predict = settings.n_predict
-    if n_predict < 0 and not engine.info.chat_template:
-        n_predict = BASE_MODEL_REPLY_CAP
     session = ChatSession(engine, renderer_for(engine, settings, template), settings.sampling,
-                          n_predict=n_predict, special=settings.special)
+                          n_predict=default_reply_limit(engine, settings.n_predict), special=settings.special)
     session.conversation.system = system_prompt(settings, engine)
     chat = Chat(session, printer, template_description=f"{template.name}: {template.description}")
     if is_terminal:

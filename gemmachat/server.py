@@ -34,7 +34,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message as AsgiMessage, Receive, Scope, Send
 
 from gemmachat import __version__, openai_api as api
-from gemmachat.engine import Engine, PromptTooLong, common_prefix, Sequence, Stats, load_engine, renderer_for
+from gemmachat.engine import (Engine, PromptTooLong, common_prefix, default_reply_limit, Sequence, Stats,
+                              load_engine, renderer_for)
 from gemmachat.errors import UserError
 from gemmachat.settings import LLAMA_DEFAULT_SEED, Sampling, Settings
 from gemmachat.templates import Message, Segment, load_template, to_tokens
@@ -177,6 +178,8 @@ class ServerCore:
         except OSError:
             self.created = int(time.time())
         self.n_vocab = _vocab_size(engine)
+        # For a request without max_tokens: -n, else the chat's cap for a base model.
+        self.default_max_tokens = default_reply_limit(engine, settings.n_predict)
         self.closing = False
         self.loop: asyncio.AbstractEventLoop | None = None
         self._lock = threading.Lock()  # guards _busy and _jobs, which worker threads touch
@@ -707,7 +710,7 @@ def create_app(core: ServerCore) -> FastAPI:
         body.check()
         max_tokens = core.check_max_tokens(body.token_limit())
         if max_tokens < 0:
-            max_tokens = settings.n_predict
+            max_tokens = core.default_max_tokens
         job = Job([], core.sampling_for(body), max_tokens, body.stops(), body.cache_prompt, body.ignore_eos)
         job.prompt = await run_in_threadpool(core.chat_prompt, body)
         core.check_fits(job.prompt, "messages")
@@ -735,6 +738,8 @@ def create_app(core: ServerCore) -> FastAPI:
         max_tokens = core.check_max_tokens(body.max_tokens)
         if "max_tokens" not in body.model_fields_set and settings.n_predict > 0:
             max_tokens = settings.n_predict  # -n on the command line, else OpenAI's 16
+        elif max_tokens < 0:  # "max_tokens": null
+            max_tokens = core.default_max_tokens
         job = Job([], core.sampling_for(body), max_tokens, body.stops(), body.cache_prompt, body.ignore_eos)
         job.prompt, echoed = await run_in_threadpool(core.completion_prompt, body)
         core.check_fits(job.prompt, "prompt")
