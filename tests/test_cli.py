@@ -195,6 +195,15 @@ def test_prompt_longer_than_the_context(run_cli) -> None:
     assert_one_line_error(result, "context")
 
 
+def test_a_context_over_the_training_context_is_cut_with_one_notice(run_cli) -> None:
+    result = run_cli("--cli", "-c", "999999999", "-p", "Hi", "-n", "2")
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.splitlines() == [
+        "gemma-chat: -c 999999999 is more than the model's training context; using 32768"]
+    exact = run_cli("--cli", "-c", "32768", "-p", "Hi", "-n", "2")
+    assert exact.returncode == 0 and exact.stderr == ""
+
+
 def test_flags_of_other_modes_are_accepted_in_cli_mode(run_cli) -> None:
     result = run_cli("--cli", "-p", "Hi", "-n", "2", "--port", "9999", "--host", "0.0.0.0",
                      "--nologo", "--plain", "--nobrowser", "--log-disable", "-np", "2")
