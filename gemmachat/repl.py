@@ -35,6 +35,9 @@ from gemmachat.settings import DEFAULT_SYSTEM_PROMPT, Settings
 from gemmachat.templates import Message, Template, load_template
 
 ROLES = ("user", "assistant", "system")
+# The background server takes the first free port from --port on, as llamafile does: a second
+# chat, or another program on 8080, should not leave the chat without its server.
+SERVER_PORT_TRIES = 10
 
 
 @dataclass
@@ -335,10 +338,12 @@ def start_server(engine: Engine, settings: Settings) -> tuple[object | None, str
             log_file.write(line.rstrip("\n") + "\n")
 
     try:
-        server = start_background(engine, server_settings, list(range(1, 1 + settings.parallel)), log=log)
+        server = start_background(engine, server_settings, list(range(1, 1 + settings.parallel)), log=log,
+                                  port_tries=SERVER_PORT_TRIES)
     except UserError as error:
         return None, f"server: off ({error})"
-    return server, f"server: {server.url} (OpenAI-compatible; log in {log_path})"
+    moved = f"port {settings.port} is in use; " if server.port != settings.port else ""
+    return server, f"server: {server.url} ({moved}OpenAI-compatible; log in {log_path})"
 
 
 def converse(engine: Engine, settings: Settings, template: Template, printer: Printer,

@@ -830,8 +830,24 @@ def create_app(core: ServerCore) -> FastAPI:
 # -- listening -------------------------------------------------------------------------------------
 
 
-def bind_socket(host: str, port: int) -> socket.socket:
-    """A listening socket, or a one-line ServerUnavailable saying why not."""
+class _PortInUse(ServerUnavailable):
+    pass
+
+
+def bind_socket(host: str, port: int, tries: int = 1) -> socket.socket:
+    """A listening socket on `port` or, while the port is taken, on the next of `tries` ports (as
+    llamafile looks for a free one); else a one-line ServerUnavailable saying why not."""
+    last = min(port + tries, 65536) - 1
+    for candidate in range(port, last + 1):
+        try:
+            return _bind(host, candidate)
+        except _PortInUse:
+            pass
+    taken = f"port {port} is" if last == port else f"ports {port} to {last} are"
+    raise ServerUnavailable(f"{taken} in use; choose another with --port")
+
+
+def _bind(host: str, port: int) -> socket.socket:
     try:
         family, kind, proto, _, address = socket.getaddrinfo(
             host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
@@ -846,8 +862,8 @@ def bind_socket(host: str, port: int) -> socket.socket:
     except OSError as error:
         sock.close()
         if error.errno == errno.EADDRINUSE:
-            message = f"port {port} is in use (choose another with --port)"
-        elif error.errno == errno.EACCES:
+            raise _PortInUse(f"port {port} is in use") from None
+        if error.errno == errno.EACCES:
             message = f"not allowed to listen on port {port}"
         elif error.errno == errno.EADDRNOTAVAIL:
             message = f"cannot listen on {host}: no such address on this machine"
@@ -908,6 +924,7 @@ class BackgroundServer:
 
     def __init__(self, core: ServerCore, server: _Server, handler: _LogHandler, sock: socket.socket) -> None:
         self.core = core
+        self.port = sock.getsockname()[1]
         self.url = url_of(sock, core.settings.host)
         self._server = server
         self._handler = handler
@@ -946,13 +963,14 @@ class BackgroundServer:
 
 
 def start_background(engine: Engine, settings: Settings, seq_ids: list[int], log: LogFn | None = None,
-                     max_body: int | None = None) -> BackgroundServer:
-    """Serve the API beside the chat on settings.host:settings.port, on sequences `seq_ids`.
+                     max_body: int | None = None, port_tries: int = 1) -> BackgroundServer:
+    """Serve the API beside the chat on settings.host:settings.port (or the next free one of
+    `port_tries` ports), on sequences `seq_ids`.
 
-    Raises ServerUnavailable (a UserError, one line) at once if the port cannot be bound. Access
-    log lines and server warnings go to `log` (default: stderr).
+    Raises ServerUnavailable (a UserError, one line) at once if no port can be bound. Access log
+    lines and server warnings go to `log` (default: stderr).
     """
-    sock = bind_socket(settings.host, settings.port)
+    sock = bind_socket(settings.host, settings.port, port_tries)
     try:
         core = ServerCore(engine, settings, seq_ids, log, max_body)
         server, handler = _uvicorn(core)
