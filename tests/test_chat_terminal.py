@@ -250,10 +250,11 @@ def taken_ports(count: int, free_after: int = 0) -> Iterator[int]:
                 sock.bind(("127.0.0.1", port))
                 sock.listen()
         except OSError:
-            continue
-        finally:
-            for sock in held[count:]:
+            for sock in held:
                 sock.close()
+            continue
+        for sock in held[count:]:
+            sock.close()
         try:
             yield first
         finally:
