@@ -23,7 +23,7 @@ from prompt_toolkit.document import Document
 from prompt_toolkit.history import FileHistory, History, InMemoryHistory
 from prompt_toolkit.key_binding import KeyBindings
 
-from gemmachat import __version__, commands
+from gemmachat import __version__, commands, fatal
 from gemmachat.atomic import write_atomic
 from gemmachat.commands import ExitChat
 from gemmachat.device import cpu_name, gpu_names
@@ -248,6 +248,8 @@ def interactive(chat: Chat, printer: Printer) -> int:
         history=history, completer=ChatCompleter(), key_bindings=_key_bindings(),
         complete_while_typing=False, enable_history_search=False,
     )
+    # Start-up is over: ctrl-c now stops a reply, clears the input or leaves at an empty prompt.
+    fatal.interrupts_to_python()
     while True:
         label = f"{chat.role} >>> " if chat.manual else ">>> "
         try:
@@ -271,6 +273,7 @@ def interactive(chat: Chat, printer: Printer) -> int:
 
 def scripted(chat: Chat, lines: Iterable[str]) -> int:
     """Input that is not a terminal: each line is a message (or a command); exit 0 at the end."""
+    fatal.interrupts_to_python()  # start-up is over: ctrl-c stops a reply from here on
     for raw in lines:
         line = raw.rstrip("\r\n")
         if not line.strip():

@@ -33,7 +33,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message as AsgiMessage, Receive, Scope, Send
 
-from gemmachat import __version__, openai_api as api
+from gemmachat import __version__, fatal, openai_api as api
 from gemmachat.engine import (Engine, PromptTooLong, common_prefix, default_reply_limit, Sequence, Stats,
                               load_engine, renderer_for)
 from gemmachat.errors import UserError
@@ -1004,6 +1004,7 @@ def serve(settings: Settings, log: LogFn | None = None) -> int:
         server.should_exit = True
         core.shutdown()
 
+    fatal.interrupts_to_python()  # and at once replaced by the server's graceful shutdown
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     _stderr(f"gemma-chat: serving {url_of(sock, settings.host)} (model {engine.path.name}, "
             f"{settings.parallel} slot{'s' if settings.parallel != 1 else ''})")
