@@ -25,14 +25,11 @@ from gemmachat import backends, llama_log
 from gemmachat.cpu import decide_repack
 from gemmachat.errors import UserError, warn
 from gemmachat.gguf import GGUFInfo
-from gemmachat.settings import DEFAULT_CTX_CAP, Sampling, Settings, default_threads
+from gemmachat.settings import BASE_MODEL_REPLY_CAP, DEFAULT_CTX_CAP, Sampling, Settings, default_threads
 from gemmachat.templates import Renderer, Template, make_renderer
 from gemmachat.threads import ThreadGovernor
 
 ALL_LAYERS = 999
-# A base model (no chat template in its GGUF) rarely ends a turn by itself: without a cap, a reply
-# that names no limit would run until the context is full. The chat and the server both apply it.
-BASE_MODEL_REPLY_CAP = 256
 # Prompt tokens evaluated per step while other sequences generate: about a quarter of a second of
 # prompt work on a 2-core CPU with a small model, so a new request delays running ones by that much
 # per token rather than by its whole prompt.

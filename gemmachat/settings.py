@@ -19,6 +19,9 @@ from gemmachat.config import CONFIG_ENV, apply_config, config_path, read_config
 from gemmachat.errors import UserError, warn
 
 DEFAULT_CTX_CAP = 8192
+# A base model (no chat template in its GGUF) rarely ends a turn by itself: without a cap, a reply
+# that names no limit would run until the context is full. The chat and the server both apply it.
+BASE_MODEL_REPLY_CAP = 256
 # The chat's system prompt unless -p or -f gives one; a base model (no chat template) gets none,
 # since it only continues text and would echo it.
 DEFAULT_SYSTEM_PROMPT = (
@@ -134,7 +137,7 @@ class _Parser(argparse.ArgumentParser):
         return parsed
 
     def _with_suggestion(self, word: str) -> str:
-        """`--tmep` becomes `--tmep (did you mean --temp?)`: a typo should not send anyone to --help."""
+        """`--tmep` becomes `--tmep (did you mean --temp?)`: a typo is fixed without reading --help."""
         if not word.startswith("-"):
             return word
         options = [option for action in self._actions for option in action.option_strings]
@@ -221,7 +224,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     sampling = parser.add_argument_group("generation")
     sampling.add_argument("-n", "--n-predict", type=_whole_number, default=-1, metavar="N",
-                          help="tokens to generate; -1 = until a stop or the context is full")
+                          help="tokens to generate; -1 = until a stop or the context is full (a base "
+                               "model, with no chat template, stops its chat and API replies at "
+                               f"{BASE_MODEL_REPLY_CAP})")
     sampling.add_argument("--temp", type=_number, metavar="T",
                           help="temperature; 0 = greedy (default 0 in the chat, 0.8 otherwise)")
     sampling.add_argument("--top-k", type=_whole_number, default=40, metavar="K", help="(default 40)")

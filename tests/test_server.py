@@ -19,10 +19,10 @@ import openai
 import pytest
 
 from gemmachat import llama_log
-from gemmachat.engine import BASE_MODEL_REPLY_CAP, Engine, EngineOptions
+from gemmachat.engine import Engine, EngineOptions
 from gemmachat.gguf import read_gguf
 from gemmachat.server import ServerUnavailable, bind_socket, start_background
-from gemmachat.settings import Sampling, parse_settings
+from gemmachat.settings import BASE_MODEL_REPLY_CAP, Sampling, parse_settings
 from gemmachat.templates import Message, Segment, load_template, render, to_tokens
 
 REPO = Path(__file__).resolve().parent.parent
