@@ -35,6 +35,8 @@ def _interrupted(signum: int, frame: object) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     fatal.install()
+    # Each mode hands ctrl-c back to Python once it has started (fatal.interrupts_to_python).
+    fatal.exit_on_interrupt()
     signal.signal(signal.SIGTERM, _interrupted)
     try:
         return run(parse_settings(sys.argv[1:] if argv is None else argv))

@@ -90,12 +90,12 @@ def _value_for(action: argparse.Action, key: str, value: object, path: Path) -> 
         if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
             raise wrong("a list of strings")
         return list(value)
-    kind = getattr(action.type, "__name__", "str")
-    if kind in ("str", "Path"):
+    if action.type in (None, str, Path):
         if not isinstance(value, str):
             raise wrong("a string")
-    elif isinstance(value, bool) or not isinstance(value, (int, float) if kind == "float" else int):
-        raise wrong("a number" if kind == "float" else "an integer")
+    elif isinstance(value, bool) or not isinstance(value, (int, float)):
+        # A number flag's own type then says which numbers it takes (whole, in range).
+        raise wrong("a number")
     try:
         converted = action.type(str(value)) if action.type else value
         if isinstance(converted, Path):

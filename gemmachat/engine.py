@@ -25,7 +25,7 @@ from gemmachat import backends, llama_log
 from gemmachat.cpu import decide_repack
 from gemmachat.errors import UserError, warn
 from gemmachat.gguf import GGUFInfo
-from gemmachat.settings import DEFAULT_CTX_CAP, Sampling, Settings, default_threads
+from gemmachat.settings import BASE_MODEL_REPLY_CAP, DEFAULT_CTX_CAP, Sampling, Settings, default_threads
 from gemmachat.templates import Renderer, Template, make_renderer
 from gemmachat.threads import ThreadGovernor
 
@@ -271,6 +271,9 @@ class Engine:
     def _new_context(self, options: EngineOptions) -> llama.llama_context_p:
         params = llama.llama_context_default_params()
         params.n_ctx = self.context_size_for(options.ctx_size)
+        if options.ctx_size is not None and options.ctx_size > params.n_ctx:
+            # Said once, as llama.cpp does: a silent cut would look like -c was taken.
+            warn(f"-c {options.ctx_size} is more than the model's training context; using {params.n_ctx}")
         params.n_batch = options.batch_size
         params.n_ubatch = options.ubatch_size
         params.n_seq_max = options.sequences
@@ -793,6 +796,14 @@ class StopGuard:
             if stop.startswith(text[-length:]):
                 return length
         return 0
+
+
+def default_reply_limit(engine: Engine, n_predict: int) -> int:
+    """The token limit of a reply that names none: -n, else the cap for a base model, else -1 (to
+    the end of the turn, or of the context)."""
+    if n_predict < 0 and not engine.info.chat_template:
+        return BASE_MODEL_REPLY_CAP
+    return n_predict
 
 
 def renderer_for(engine: Engine, settings: Settings, template: Template) -> Renderer:

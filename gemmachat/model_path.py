@@ -17,6 +17,7 @@ from typing import Callable, Iterator, Mapping, NamedTuple
 
 import platformdirs
 
+from gemmachat import fatal
 from gemmachat.bundle import BUNDLE_VARIABLE, read_trailer
 from gemmachat.errors import UserError
 from gemmachat.gguf import GGUFError, GGUFInfo, read_gguf
@@ -78,7 +79,8 @@ def _cached(environ: Mapping[str, str], name: str, sha256: str, pieces: list[Pie
         return target
     if progress:
         progress(f"copying the model into {target}")
-    _assemble(pieces, target, sha256)
+    with fatal.python_interrupts():  # so that ctrl-c removes the partial copy
+        _assemble(pieces, target, sha256)
     return target
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 
+from gemmachat import fatal
 from gemmachat.engine import load_engine, renderer_for
 from gemmachat.errors import UserError
 from gemmachat.settings import Settings
@@ -38,6 +39,8 @@ def run(settings: Settings) -> int:
         else:
             segments = [Segment(prompt, trusted=False)]
         tokens = to_tokens(engine, segments, special=settings.special)
+        # From the first token on, ctrl-c ends through KeyboardInterrupt: what was printed stays.
+        fatal.interrupts_to_python()
         generation = engine.generate(
             engine.new_sequence(), tokens, settings.sampling, max_tokens=settings.n_predict,
             stop=settings.stop, ignore_eos=settings.ignore_eos,

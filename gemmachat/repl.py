@@ -23,25 +23,21 @@ from prompt_toolkit.document import Document
 from prompt_toolkit.history import FileHistory, History, InMemoryHistory
 from prompt_toolkit.key_binding import KeyBindings
 
-from gemmachat import __version__, commands
+from gemmachat import __version__, commands, fatal
 from gemmachat.atomic import write_atomic
 from gemmachat.commands import ExitChat
 from gemmachat.device import cpu_name, gpu_names
-from gemmachat.engine import Engine, load_engine, renderer_for
+from gemmachat.engine import Engine, default_reply_limit, load_engine, renderer_for
 from gemmachat.errors import UserError
 from gemmachat.output import Printer
 from gemmachat.session import ChatSession
-from gemmachat.settings import Settings
+from gemmachat.settings import DEFAULT_SYSTEM_PROMPT, Settings
 from gemmachat.templates import Message, Template, load_template
 
-DEFAULT_SYSTEM_PROMPT = (
-    "You are a helpful, concise assistant. Answer the user's questions accurately, and say so "
-    "when you do not know."
-)
-# A base model (no chat template in its GGUF) rarely ends a turn by itself: without a cap, each
-# reply would run until the context is full.
-BASE_MODEL_REPLY_CAP = 256
 ROLES = ("user", "assistant", "system")
+# The background server takes the first free port from --port on, as llamafile does: a second
+# chat, or another program on 8080, should not leave the chat without its server.
+SERVER_PORT_TRIES = 10
 
 
 @dataclass
@@ -252,6 +248,8 @@ def interactive(chat: Chat, printer: Printer) -> int:
         history=history, completer=ChatCompleter(), key_bindings=_key_bindings(),
         complete_while_typing=False, enable_history_search=False,
     )
+    # Start-up is over: ctrl-c now stops a reply, clears the input or leaves at an empty prompt.
+    fatal.interrupts_to_python()
     while True:
         label = f"{chat.role} >>> " if chat.manual else ">>> "
         try:
@@ -275,6 +273,7 @@ def interactive(chat: Chat, printer: Printer) -> int:
 
 def scripted(chat: Chat, lines: Iterable[str]) -> int:
     """Input that is not a terminal: each line is a message (or a command); exit 0 at the end."""
+    fatal.interrupts_to_python()  # start-up is over: ctrl-c stops a reply from here on
     for raw in lines:
         line = raw.rstrip("\r\n")
         if not line.strip():
@@ -286,14 +285,14 @@ def scripted(chat: Chat, lines: Iterable[str]) -> int:
     return 0
 
 
-def system_prompt(settings: Settings) -> str:
+def system_prompt(settings: Settings, engine: Engine) -> str | None:
     if settings.prompt is not None:
         return settings.prompt
     if settings.prompt_file is not None:
         from gemmachat.oneshot import read_prompt
 
         return read_prompt(settings)
-    return DEFAULT_SYSTEM_PROMPT
+    return DEFAULT_SYSTEM_PROMPT if engine.info.chat_template else None
 
 
 def run_chat(settings: Settings, stdin: TextIO | None = None, stdout: TextIO | None = None) -> int:
@@ -342,20 +341,19 @@ def start_server(engine: Engine, settings: Settings) -> tuple[object | None, str
             log_file.write(line.rstrip("\n") + "\n")
 
     try:
-        server = start_background(engine, server_settings, list(range(1, 1 + settings.parallel)), log=log)
+        server = start_background(engine, server_settings, list(range(1, 1 + settings.parallel)), log=log,
+                                  port_tries=SERVER_PORT_TRIES)
     except UserError as error:
         return None, f"server: off ({error})"
-    return server, f"server: {server.url} (OpenAI-compatible; log in {log_path})"
+    moved = f"port {settings.port} is in use; " if server.port != settings.port else ""
+    return server, f"server: {server.url} ({moved}OpenAI-compatible; log in {log_path})"
 
 
 def converse(engine: Engine, settings: Settings, template: Template, printer: Printer,
              server_line: str | None, stdin: TextIO, is_terminal: bool) -> int:
-    n_predict = settings.n_predict
-    if n_predict < 0 and not engine.info.chat_template:
-        n_predict = BASE_MODEL_REPLY_CAP
     session = ChatSession(engine, renderer_for(engine, settings, template), settings.sampling,
-                          n_predict=n_predict, special=settings.special)
-    session.conversation.system = system_prompt(settings)
+                          n_predict=default_reply_limit(engine, settings.n_predict), special=settings.special)
+    session.conversation.system = system_prompt(settings, engine)
     chat = Chat(session, printer, template_description=f"{template.name}: {template.description}")
     if is_terminal:
         if not settings.nologo:

@@ -33,8 +33,9 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message as AsgiMessage, Receive, Scope, Send
 
-from gemmachat import __version__, openai_api as api
-from gemmachat.engine import Engine, PromptTooLong, common_prefix, Sequence, Stats, load_engine, renderer_for
+from gemmachat import __version__, fatal, openai_api as api
+from gemmachat.engine import (Engine, PromptTooLong, common_prefix, default_reply_limit, Sequence, Stats,
+                              load_engine, renderer_for)
 from gemmachat.errors import UserError
 from gemmachat.settings import LLAMA_DEFAULT_SEED, Sampling, Settings
 from gemmachat.templates import Message, Segment, load_template, to_tokens
@@ -177,6 +178,8 @@ class ServerCore:
         except OSError:
             self.created = int(time.time())
         self.n_vocab = _vocab_size(engine)
+        # For a request without max_tokens: -n, else the chat's cap for a base model.
+        self.default_max_tokens = default_reply_limit(engine, settings.n_predict)
         self.closing = False
         self.loop: asyncio.AbstractEventLoop | None = None
         self._lock = threading.Lock()  # guards _busy and _jobs, which worker threads touch
@@ -707,7 +710,7 @@ def create_app(core: ServerCore) -> FastAPI:
         body.check()
         max_tokens = core.check_max_tokens(body.token_limit())
         if max_tokens < 0:
-            max_tokens = settings.n_predict
+            max_tokens = core.default_max_tokens
         job = Job([], core.sampling_for(body), max_tokens, body.stops(), body.cache_prompt, body.ignore_eos)
         job.prompt = await run_in_threadpool(core.chat_prompt, body)
         core.check_fits(job.prompt, "messages")
@@ -735,6 +738,8 @@ def create_app(core: ServerCore) -> FastAPI:
         max_tokens = core.check_max_tokens(body.max_tokens)
         if "max_tokens" not in body.model_fields_set and settings.n_predict > 0:
             max_tokens = settings.n_predict  # -n on the command line, else OpenAI's 16
+        elif max_tokens < 0:  # "max_tokens": null
+            max_tokens = core.default_max_tokens
         job = Job([], core.sampling_for(body), max_tokens, body.stops(), body.cache_prompt, body.ignore_eos)
         job.prompt, echoed = await run_in_threadpool(core.completion_prompt, body)
         core.check_fits(job.prompt, "prompt")
@@ -825,8 +830,24 @@ def create_app(core: ServerCore) -> FastAPI:
 # -- listening -------------------------------------------------------------------------------------
 
 
-def bind_socket(host: str, port: int) -> socket.socket:
-    """A listening socket, or a one-line ServerUnavailable saying why not."""
+class _PortInUse(ServerUnavailable):
+    pass
+
+
+def bind_socket(host: str, port: int, tries: int = 1) -> socket.socket:
+    """A listening socket on `port` or, while the port is taken, on the next of `tries` ports (as
+    llamafile looks for a free one); else a one-line ServerUnavailable saying why not."""
+    last = min(port + tries, 65536) - 1
+    for candidate in range(port, last + 1):
+        try:
+            return _bind(host, candidate)
+        except _PortInUse:
+            pass
+    taken = f"port {port} is" if last == port else f"ports {port} to {last} are"
+    raise ServerUnavailable(f"{taken} in use; choose another with --port")
+
+
+def _bind(host: str, port: int) -> socket.socket:
     try:
         family, kind, proto, _, address = socket.getaddrinfo(
             host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
@@ -841,8 +862,8 @@ def bind_socket(host: str, port: int) -> socket.socket:
     except OSError as error:
         sock.close()
         if error.errno == errno.EADDRINUSE:
-            message = f"port {port} is in use (choose another with --port)"
-        elif error.errno == errno.EACCES:
+            raise _PortInUse(f"port {port} is in use") from None
+        if error.errno == errno.EACCES:
             message = f"not allowed to listen on port {port}"
         elif error.errno == errno.EADDRNOTAVAIL:
             message = f"cannot listen on {host}: no such address on this machine"
@@ -903,6 +924,7 @@ class BackgroundServer:
 
     def __init__(self, core: ServerCore, server: _Server, handler: _LogHandler, sock: socket.socket) -> None:
         self.core = core
+        self.port = sock.getsockname()[1]
         self.url = url_of(sock, core.settings.host)
         self._server = server
         self._handler = handler
@@ -941,13 +963,14 @@ class BackgroundServer:
 
 
 def start_background(engine: Engine, settings: Settings, seq_ids: list[int], log: LogFn | None = None,
-                     max_body: int | None = None) -> BackgroundServer:
-    """Serve the API beside the chat on settings.host:settings.port, on sequences `seq_ids`.
+                     max_body: int | None = None, port_tries: int = 1) -> BackgroundServer:
+    """Serve the API beside the chat on settings.host:settings.port (or the next free one of
+    `port_tries` ports), on sequences `seq_ids`.
 
-    Raises ServerUnavailable (a UserError, one line) at once if the port cannot be bound. Access
-    log lines and server warnings go to `log` (default: stderr).
+    Raises ServerUnavailable (a UserError, one line) at once if no port can be bound. Access log
+    lines and server warnings go to `log` (default: stderr).
     """
-    sock = bind_socket(settings.host, settings.port)
+    sock = bind_socket(settings.host, settings.port, port_tries)
     try:
         core = ServerCore(engine, settings, seq_ids, log, max_body)
         server, handler = _uvicorn(core)
@@ -981,6 +1004,7 @@ def serve(settings: Settings, log: LogFn | None = None) -> int:
         server.should_exit = True
         core.shutdown()
 
+    fatal.interrupts_to_python()  # and at once replaced by the server's graceful shutdown
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     _stderr(f"gemma-chat: serving {url_of(sock, settings.host)} (model {engine.path.name}, "
             f"{settings.parallel} slot{'s' if settings.parallel != 1 else ''})")

@@ -8,6 +8,7 @@ keep tripping over its two parsers).
 from __future__ import annotations
 
 import argparse
+import difflib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +19,15 @@ from gemmachat.config import CONFIG_ENV, apply_config, config_path, read_config
 from gemmachat.errors import UserError, warn
 
 DEFAULT_CTX_CAP = 8192
+# A base model (no chat template in its GGUF) rarely ends a turn by itself: without a cap, a reply
+# that names no limit would run until the context is full. The chat and the server both apply it.
+BASE_MODEL_REPLY_CAP = 256
+# The chat's system prompt unless -p or -f gives one; a base model (no chat template) gets none,
+# since it only continues text and would echo it.
+DEFAULT_SYSTEM_PROMPT = (
+    "You are a helpful, concise assistant. Answer the user's questions accurately, and say so "
+    "when you do not know."
+)
 # llama.cpp's own defaults (common/common.h), so that our sampling matches llama-completion's.
 LLAMA_DEFAULT_SEED = 0xFFFFFFFF
 
@@ -79,24 +89,38 @@ def default_threads() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+def _whole_number(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expects a whole number, not {text!r}") from None
+
+
+def _number(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expects a number, not {text!r}") from None
+
+
 def _positive_int(text: str) -> int:
-    value = int(text)
+    value = _whole_number(text)
     if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, not {text}")
+        raise argparse.ArgumentTypeError(f"expects a whole number of 1 or more, not {text!r}")
     return value
 
 
 def _non_negative_int(text: str) -> int:
-    value = int(text)
+    value = _whole_number(text)
     if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, not {text}")
+        raise argparse.ArgumentTypeError(f"expects a whole number of 0 or more, not {text!r}")
     return value
 
 
 def _port(text: str) -> int:
-    value = int(text)
+    value = _whole_number(text)
     if not 0 < value < 65536:
-        raise argparse.ArgumentTypeError(f"must be between 1 and 65535, not {text}")
+        raise argparse.ArgumentTypeError(f"expects a port number from 1 to 65535, not {text!r}")
     return value
 
 
@@ -104,6 +128,21 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # type: ignore[override]
         # argparse prints usage and exits; we want our one-line error and exit status 2.
         raise UserError(f"{message} (see gemma-chat --help)")
+
+    def parse_args(self, args: Sequence[str] | None = None,  # type: ignore[override]
+                   namespace: argparse.Namespace | None = None) -> argparse.Namespace:
+        parsed, unknown = self.parse_known_args(args, namespace)
+        if unknown:
+            self.error("unrecognized arguments: " + " ".join(self._with_suggestion(word) for word in unknown))
+        return parsed
+
+    def _with_suggestion(self, word: str) -> str:
+        """`--tmep` becomes `--tmep (did you mean --temp?)`: a typo is fixed without reading --help."""
+        if not word.startswith("-"):
+            return word
+        options = [option for action in self._actions for option in action.option_strings]
+        close = difflib.get_close_matches(word.partition("=")[0], options, n=1)
+        return f"{word} (did you mean {close[0]}?)" if close else word
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -137,7 +176,9 @@ def build_parser() -> argparse.ArgumentParser:
     model = parser.add_argument_group("model and prompt")
     model.add_argument("-m", "--model", type=Path, metavar="PATH", help="GGUF model file")
     model.add_argument("-p", "--prompt", metavar="TEXT",
-                       help="--cli: the prompt (else -f, else stdin); chat: the system prompt")
+                       help="--cli: the prompt (else -f, else stdin); chat: the system prompt "
+                            f"(default: \"{DEFAULT_SYSTEM_PROMPT}\"; none for a base model, which "
+                            "only continues text)")
     model.add_argument("-f", "--file", dest="prompt_file", type=Path, metavar="FILE",
                        help="read the prompt from FILE")
     model.add_argument("--system", metavar="TEXT",
@@ -182,20 +223,22 @@ def build_parser() -> argparse.ArgumentParser:
                         help="accepted for llamafile compatibility (gemma-chat is quiet by default)")
 
     sampling = parser.add_argument_group("generation")
-    sampling.add_argument("-n", "--n-predict", type=int, default=-1, metavar="N",
-                          help="tokens to generate; -1 = until a stop or the context is full")
-    sampling.add_argument("--temp", type=float, metavar="T",
+    sampling.add_argument("-n", "--n-predict", type=_whole_number, default=-1, metavar="N",
+                          help="tokens to generate; -1 = until a stop or the context is full (a base "
+                               "model, with no chat template, stops its chat and API replies at "
+                               f"{BASE_MODEL_REPLY_CAP})")
+    sampling.add_argument("--temp", type=_number, metavar="T",
                           help="temperature; 0 = greedy (default 0 in the chat, 0.8 otherwise)")
-    sampling.add_argument("--top-k", type=int, default=40, metavar="K", help="(default 40)")
-    sampling.add_argument("--top-p", type=float, default=0.95, metavar="P", help="(default 0.95)")
-    sampling.add_argument("--min-p", type=float, default=0.05, metavar="P", help="(default 0.05)")
-    sampling.add_argument("--repeat-penalty", type=float, default=1.0, metavar="X",
+    sampling.add_argument("--top-k", type=_whole_number, default=40, metavar="K", help="(default 40)")
+    sampling.add_argument("--top-p", type=_number, default=0.95, metavar="P", help="(default 0.95)")
+    sampling.add_argument("--min-p", type=_number, default=0.05, metavar="P", help="(default 0.05)")
+    sampling.add_argument("--repeat-penalty", type=_number, default=1.0, metavar="X",
                           help="(default 1.0 = off)")
-    sampling.add_argument("--repeat-last-n", type=int, default=64, metavar="N",
+    sampling.add_argument("--repeat-last-n", type=_whole_number, default=64, metavar="N",
                           help="tokens the penalties look back on (default 64)")
-    sampling.add_argument("--presence-penalty", type=float, default=0.0, metavar="X")
-    sampling.add_argument("--frequency-penalty", type=float, default=0.0, metavar="X")
-    sampling.add_argument("--seed", type=int, default=-1, metavar="N",
+    sampling.add_argument("--presence-penalty", type=_number, default=0.0, metavar="X")
+    sampling.add_argument("--frequency-penalty", type=_number, default=0.0, metavar="X")
+    sampling.add_argument("--seed", type=_whole_number, default=-1, metavar="N",
                           help="random seed; -1 = a new one each run")
     sampling.add_argument("--ignore-eos", action="store_true",
                           help="keep generating past the end-of-turn and end-of-text tokens")

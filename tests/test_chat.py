@@ -12,7 +12,7 @@ from gemmachat.engine import Engine, EngineOptions, PromptTooLong
 from gemmachat.errors import UserError
 from gemmachat.gguf import read_gguf
 from gemmachat.session import ChatSession
-from gemmachat.settings import Sampling
+from gemmachat.settings import DEFAULT_SYSTEM_PROMPT, Sampling
 from gemmachat.templates import Message, load_template, render
 
 GREEDY = Sampling(temperature=0)
@@ -114,3 +114,19 @@ def test_load_of_a_bad_file_keeps_the_conversation(run_cli, tmp_path: Path) -> N
     result = run_chat(run_cli, f"Hi\n/load {bad}\n/context\n/dump\n")
     assert "cannot load" in result.stdout
     assert result.stdout.count("<start_of_turn>user\n") == 1 and "Hi" in result.stdout
+
+
+def test_a_base_model_gets_no_default_system_prompt(run_cli) -> None:
+    # The default model is a base model: it would only continue (echo) a system prompt.
+    result = run_chat(run_cli, "/show system\nHi\n/dump\n")
+    assert result.returncode == 0, result.stderr
+    assert "(no system prompt)" in result.stdout
+    assert DEFAULT_SYSTEM_PROMPT not in result.stdout and "helpful" not in result.stdout
+    assert result.stdout.count("<start_of_turn>") == 2  # the user's turn and the reply, nothing before
+    given = run_chat(run_cli, "/show system\nHi\n/dump\n", "-p", "Answer in French.")
+    assert given.stdout.count("Answer in French.") == 2
+
+
+def test_help_shows_the_default_system_prompt(run_cli) -> None:
+    help_text = " ".join(run_cli("--help").stdout.split())
+    assert DEFAULT_SYSTEM_PROMPT in help_text and "none for a base model" in help_text

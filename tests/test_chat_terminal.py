@@ -10,7 +10,10 @@ import json
 import socket
 import sys
 import time
+import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import openai
 import pexpect
@@ -233,14 +236,48 @@ def test_the_chat_and_its_background_server_load_the_weights_once(cli_env: dict[
     assert both_peak - alone_peak < gguf_size / 2, (both_peak, alone_peak)
 
 
-def test_a_taken_port_leaves_the_chat_running_without_server(cli_env: dict[str, str]) -> None:
-    with socket.socket() as taken:
-        taken.bind(("127.0.0.1", 0))
-        taken.listen()
-        port = taken.getsockname()[1]
+@contextmanager
+def taken_ports(count: int, free_after: int = 0) -> Iterator[int]:
+    """Listens on `count` consecutive ports of 127.0.0.1 (the next `free_after` free when checked),
+    and yields the first."""
+    for _ in range(100):
+        first = free_port()
+        held: list[socket.socket] = []
+        try:
+            for port in range(first, first + count + free_after):
+                sock = socket.socket()
+                held.append(sock)
+                sock.bind(("127.0.0.1", port))
+                sock.listen()
+        except OSError:
+            for sock in held:
+                sock.close()
+            continue
+        for sock in held[count:]:
+            sock.close()
+        try:
+            yield first
+        finally:
+            for sock in held[:count]:
+                sock.close()
+        return
+    raise AssertionError("no run of free ports found")
+
+
+def test_a_taken_port_moves_the_background_server_to_the_next(cli_env: dict[str, str]) -> None:
+    with taken_ports(1, free_after=1) as port:
         child = open_chat(cli_env, "-n", "3", "--port", str(port))
-        child.expect(r"server: off \(")
-        child.expect(str(port))
+        child.expect(rf"server: http://127.0.0.1:{port + 1} \(port {port} is in use; OpenAI-compatible")
+        child.expect(">>>")
+        with urllib.request.urlopen(f"http://127.0.0.1:{port + 1}/health", timeout=30) as health:
+            assert health.status == 200 and json.load(health)["status"] == "ok"
+        leave(child)
+
+
+def test_every_port_taken_leaves_the_chat_running_without_server(cli_env: dict[str, str]) -> None:
+    with taken_ports(10) as port:
+        child = open_chat(cli_env, "-n", "3", "--port", str(port))
+        child.expect(rf"server: off \(ports {port} to {port + 9} are in use; choose another with --port\)")
         child.expect(">>>")
         child.send_line("Still here?")
         child.expect(">>>", timeout=30)

@@ -167,9 +167,41 @@ def test_bad_flags_and_prompts(run_cli, tmp_path: Path) -> None:
     assert_one_line_error(run_cli("--cli", "-p", "x", "--template", "nope"), "unknown template")
 
 
+FLAG_ERRORS = {
+    "not a whole number": (("-c", "abc"),
+                           "argument -c/--ctx-size: expects a whole number, not 'abc' (see gemma-chat --help)"),
+    "a fraction for a whole number": (("-n", "2.5"), "argument -n/--n-predict: expects a whole number, not '2.5'"),
+    "not a number": (("--temp", "hot"), "argument --temp: expects a number, not 'hot'"),
+    "not a port": (("--port", "99999"), "argument --port: expects a port number from 1 to 65535, not '99999'"),
+    "not positive": (("-t", "0"), "argument -t/--threads: expects a whole number of 1 or more, not '0'"),
+    "negative": (("-c", "-5"), "argument -c/--ctx-size: expects a whole number of 0 or more, not '-5'"),
+    "a typo": (("--tmep", "0.5"),
+               "unrecognized arguments: --tmep (did you mean --temp?) 0.5 (see gemma-chat --help)"),
+    "a typo with its value": (("--ctx-sise=64",), "unrecognized arguments: --ctx-sise=64 (did you mean --ctx-size?)"),
+    "nothing close": (("--zzzzzz",), "unrecognized arguments: --zzzzzz (see gemma-chat --help)"),
+}
+
+
+@pytest.mark.parametrize("case", list(FLAG_ERRORS), ids=list(FLAG_ERRORS))
+def test_flag_errors_read_as_words_and_typos_get_a_suggestion(run_cli, case: str) -> None:
+    args, message = FLAG_ERRORS[case]
+    result = run_cli("--cli", "-p", "x", *args)
+    assert_one_line_error(result, message)
+    assert "_int" not in result.stderr and "invalid" not in result.stderr
+
+
 def test_prompt_longer_than_the_context(run_cli) -> None:
     result = run_cli("--cli", "-c", "64", "-p", "word " * 1000)
     assert_one_line_error(result, "context")
+
+
+def test_a_context_over_the_training_context_is_cut_with_one_notice(run_cli) -> None:
+    result = run_cli("--cli", "-c", "999999999", "-p", "Hi", "-n", "2")
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.splitlines() == [
+        "gemma-chat: -c 999999999 is more than the model's training context; using 32768"]
+    exact = run_cli("--cli", "-c", "32768", "-p", "Hi", "-n", "2")
+    assert exact.returncode == 0 and exact.stderr == ""
 
 
 def test_flags_of_other_modes_are_accepted_in_cli_mode(run_cli) -> None:

@@ -54,12 +54,12 @@ def test_no_config_file_gives_the_defaults(tmp_path: Path) -> None:
 BAD_CONFIGS = {
     "unknown key": ("ctxsize = 4096\n", "unknown key 'ctxsize'"),
     "help is not a setting": ("help = true\n", "unknown key 'help'"),
-    "string for an integer": ('ctx-size = "4096"\n', "key 'ctx-size' must be an integer"),
-    "float for an integer": ("port = 80.5\n", "key 'port' must be an integer"),
+    "string for an integer": ('ctx-size = "4096"\n', "key 'ctx-size' must be a number"),
+    "float for an integer": ("port = 80.5\n", "key 'port': expects a whole number, not '80.5'"),
     "bool for a number": ("temp = true\n", "key 'temp' must be a number"),
     "number for a string": ("model = 5\n", "key 'model' must be a string"),
     "string for a switch": ('mlock = "yes"\n', "key 'mlock' must be true or false"),
-    "out of range": ("port = 70000\n", "key 'port': must be between 1 and 65535"),
+    "out of range": ("port = 70000\n", "key 'port': expects a port number from 1 to 65535"),
     "not a choice": ('flash-attn = "maybe"\n', "key 'flash-attn' must be one of on, off, auto"),
     "stop not a list": ('stop = "###"\n', "key 'stop' must be a list of strings"),
 }

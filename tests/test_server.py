@@ -22,7 +22,7 @@ from gemmachat import llama_log
 from gemmachat.engine import Engine, EngineOptions
 from gemmachat.gguf import read_gguf
 from gemmachat.server import ServerUnavailable, bind_socket, start_background
-from gemmachat.settings import Sampling, parse_settings
+from gemmachat.settings import BASE_MODEL_REPLY_CAP, Sampling, parse_settings
 from gemmachat.templates import Message, Segment, load_template, render, to_tokens
 
 REPO = Path(__file__).resolve().parent.parent
@@ -201,6 +201,41 @@ def test_stop_strings_end_the_reply_before_them(client: openai.OpenAI, engine: E
     streamed = client.completions.create(model="gemma", prompt=prompt, max_tokens=16, stop="7", stream=True,
                                          **GREEDY)
     assert "".join(chunk.choices[0].text for chunk in streamed) == full[:full.index("7")]
+
+
+def long_reply(client: openai.OpenAI, **limit: Any) -> tuple[str | None, int]:
+    """A chat reply that would run to the end of the slot but for a limit: (finish_reason, tokens)."""
+    reply = client.with_options(timeout=600).chat.completions.create(
+        model="gemma", messages=[{"role": "user", "content": "Count to a thousand."}], temperature=0,
+        extra_body={"ignore_eos": True, "cache_prompt": False}, **limit)
+    return reply.choices[0].finish_reason, reply.usage.completion_tokens
+
+
+def test_a_base_model_reply_without_max_tokens_is_capped_as_in_the_chat(client: openai.OpenAI,
+                                                                        server: ServerProcess) -> None:
+    # The default model has no chat template: without a cap these would run to the end of the slot.
+    def null_completion() -> tuple[str, int]:
+        status, reply = server.request("POST", "/v1/completions", {
+            "prompt": "1, 2, 3,", "max_tokens": None, "ignore_eos": True, "temperature": 0}, timeout=600)
+        assert status == 200, reply
+        return reply["choices"][0]["finish_reason"], reply["usage"]["completion_tokens"]
+
+    with ThreadPoolExecutor(2) as pool:  # the server's two slots, decoded together
+        chat, completion = pool.submit(long_reply, client), pool.submit(null_completion)
+        assert chat.result() == ("length", BASE_MODEL_REPLY_CAP)
+        assert completion.result() == ("length", BASE_MODEL_REPLY_CAP)
+    assert long_reply(client, max_tokens=300) == ("length", 300)
+
+
+def test_n_on_the_command_line_replaces_the_cap_and_a_request_still_wins(server_env: dict[str, str],
+                                                                          model_path: Path) -> None:
+    limited = ServerProcess(server_env, "-n", "20")
+    try:
+        client = openai.OpenAI(base_url=limited.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+        assert long_reply(client) == ("length", 20)
+        assert long_reply(client, max_completion_tokens=30) == ("length", 30)
+    finally:
+        limited.stop()
 
 
 def test_models_and_health(client: openai.OpenAI, server: ServerProcess, model_path: Path) -> None:
@@ -400,8 +435,9 @@ def test_a_taken_port_is_one_line_and_exit_2(server_env: dict[str, str]) -> None
         port = taken.getsockname()[1]
         result = subprocess.run([*SERVER, "--port", str(port)], env=server_env, cwd=REPO,
                                 capture_output=True, text=True, timeout=60)
+    # Unlike the chat's background server, --server never moves to another port.
     assert result.returncode == 2
-    assert result.stderr.count("\n") == 1 and f"port {port} is in use" in result.stderr
+    assert result.stderr == f"gemma-chat: port {port} is in use; choose another with --port\n"
 
 
 # -- the background server, in-process ---------------------------------------------------------------
