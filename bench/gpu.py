@@ -40,10 +40,14 @@ ALL_LAYERS = ("-ngl", "999")
 
 
 def gpu_facts() -> dict[str, str]:
-    query = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader"],
-                           capture_output=True, text=True)
+    try:
+        query = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total",
+                                "--format=csv,noheader"], capture_output=True, text=True)
+        gpu = query.stdout.strip() or f"nvidia-smi failed: {query.stderr.strip()[-200:]}"
+    except FileNotFoundError:
+        gpu = "none (no nvidia-smi)"
     facts = native.cpu_facts()
-    facts["gpu"] = query.stdout.strip() or f"nvidia-smi failed: {query.stderr.strip()[-200:]}"
+    facts["gpu"] = gpu
     facts["cpus"] = str(os.cpu_count())
     facts["python"] = platform.python_version()
     return facts

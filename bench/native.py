@@ -317,11 +317,10 @@ def repack_args(tool: str) -> list[str]:
 @functools.lru_cache(maxsize=None)
 def _gemma_chat_repacks() -> bool:
     sys.path.insert(0, str(REPO_ROOT))
-    import llama_cpp
-
     from gemmachat.cpu import decide_repack
+    from gemmachat.engine import init_backends
 
-    llama_cpp.llama_backend_init()
+    init_backends()  # as gemma-chat does: a modular build's CPU backend decides the features
     return decide_repack(no_repack=False).use_extra_buffers
 
 

@@ -189,7 +189,10 @@ def _add_backend_modules(wheel: Path, build_dir: Path) -> None:
         for module in modules:
             data = module.read_bytes()
             name = f"llama_cpp/lib/{module.name}"
-            target.writestr(name, data)
+            entry = zipfile.ZipInfo(name, date_time=time.localtime(module.stat().st_mtime)[:6])
+            entry.external_attr = 0o755 << 16  # as pip installs the others: readable by every user
+            entry.compress_type = zipfile.ZIP_DEFLATED
+            target.writestr(entry, data)
             digest = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
             lines.append(f"{name},sha256={digest},{len(data)}")
         target.writestr(record, "\n".join(lines + [f"{record},,"]) + "\n")

@@ -47,5 +47,8 @@ def test_without_a_driver_it_runs_on_the_cpu(cuda_llama_cpp: Path, run_cli) -> N
     assert cuda.stderr.strip().splitlines() == ["gemma-chat: no GPU found, running on the CPU"]
     assert cuda.stdout == cpu.stdout and len(cpu.stdout) > 20
     verbose = run_cli(*args, "-ngl", "999", "--verbose", env={"PYTHONPATH": f"{cuda_llama_cpp}:{REPO}"})
-    # --verbose names the CPU kernels chosen and why the GPU backend did not load.
-    assert "loaded CPU backend from" in verbose.stderr and "libcuda.so.1" in verbose.stderr
+    # --verbose names the CPU kernels chosen and why the GPU backend did not load (the first
+    # library of CUDA's that this machine lacks).
+    assert "loaded CPU backend from" in verbose.stderr
+    assert "no GPU found, running on the CPU (lib" in verbose.stderr
+    assert "cannot open shared object file" in verbose.stderr
