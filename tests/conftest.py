@@ -28,12 +28,43 @@ def model_path(cache_dir: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
-def engine(model_path: Path):
+def engine(model_path: Path, cache_dir: Path):
+    # llama.cpp crashing on this machine (a SIGILL, say) would kill pytest itself if it first
+    # happened in process: try a decode in a child first, so that a crash fails these tests, with
+    # its one line, and the run goes on to its summary.
+    canary = subprocess.run([sys.executable, "-m", "gemmachat", "--cli", "-m", str(model_path), "-p", "Hi", "-n", "2"],
+                            capture_output=True, text=True, timeout=300, cwd=REPO,
+                            env={**os.environ, "GEMMA_CHAT_CACHE_DIR": str(cache_dir)})
+    if canary.returncode < 0:
+        pytest.fail(f"llama.cpp crashed on this machine (signal {-canary.returncode}): {canary.stderr.strip()}")
     from gemmachat import llama_log
 
     llama_log.install(verbose=False)
     with Engine(model_path, read_gguf(model_path), EngineOptions(ctx_size=2048, threads=2)) as loaded:
         yield loaded
+
+
+@pytest.fixture(scope="session")
+def native_tools(pytestconfig: pytest.Config) -> Path:
+    """llama.cpp's own tools, built from the vendored source once (bench/native.py): the first
+    build takes minutes, so its progress goes to the terminal instead of a silent wait."""
+    sys.path.insert(0, str(REPO))
+    from bench import native
+
+    if not native._built(native.pinned_version()):
+        reporter = pytestconfig.pluginmanager.getplugin("terminalreporter")
+        capture = pytestconfig.pluginmanager.getplugin("capturemanager")
+        with capture.global_and_fixture_disabled():
+            reporter.write_line("building native llama.cpp tools for the fidelity and bench tests "
+                                "(several minutes, once; cached after)")
+            build = subprocess.Popen([sys.executable, str(REPO / "bench" / "native.py")], cwd=REPO,
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+            assert build.stderr is not None
+            for line in build.stderr:
+                reporter.write_line(f"  {line.rstrip()}")
+            if build.wait() != 0:
+                pytest.fail("bench/native.py could not build llama.cpp's tools (see above)")
+    return native.ensure_built()
 
 
 @pytest.fixture(scope="module")

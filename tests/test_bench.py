@@ -19,8 +19,7 @@ from bench import native, run  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def sides(model_path: Path) -> run.Sides:
-    native.ensure_built()
+def sides(model_path: Path, native_tools: Path) -> run.Sides:
     return run.Sides(model_path, run.Plan(reps=1, speed_reps=1, gen_tokens=6, prompt_tokens=0, reply_tokens=0,
                                           client_tokens=0, threads=2, ctx=2048, parallel=1),
                      aligned_malloc=native.aligned_malloc_library())

@@ -1,7 +1,7 @@
 """Greedy output equals native llama.cpp's, token for token (bench/fidelity.py, for real).
 
 The native `llama-completion` is built once from the llama.cpp source that the pinned
-llama-cpp-python vendors (bench/native.py; several minutes the first time, cached after).
+llama-cpp-python vendors (the native_tools fixture; several minutes the first time, cached after).
 """
 
 from __future__ import annotations
@@ -18,11 +18,8 @@ NATIVE_CACHE = os.environ.get("GEMMA_CHAT_BENCH_CACHE") or str(Path.home() / ".c
 
 
 def fidelity(model_path: Path, cli_env: dict[str, str], prompts: list[str], *extra: str) -> str:
-    """bench/fidelity.py's summary for these prompts, after building the native tools if needed."""
+    """bench/fidelity.py's output for these prompts."""
     cli_env = {**cli_env, "GEMMA_CHAT_BENCH_CACHE": NATIVE_CACHE}
-    build = subprocess.run([sys.executable, str(REPO / "bench" / "native.py")], capture_output=True,
-                           text=True, env=cli_env, timeout=3600)
-    assert build.returncode == 0, build.stderr[-2000:]
     command = [sys.executable, str(REPO / "bench" / "fidelity.py"), "--model", str(model_path),
                "-n", "24", "--flash-attn", "auto", "--no-write",
                "--ours", f"{sys.executable} -m gemmachat", *extra]
@@ -33,13 +30,13 @@ def fidelity(model_path: Path, cli_env: dict[str, str], prompts: list[str], *ext
     return result.stdout + result.stderr
 
 
-def test_cli_matches_native_llama_completion(model_path: Path, cli_env: dict[str, str]) -> None:
+def test_cli_matches_native_llama_completion(model_path: Path, cli_env: dict[str, str], native_tools: Path) -> None:
     prompts = ["The capital of France is", "def fibonacci(n):",
                "日本の首都は東京です。Translation:", "Q: What is 2 + 2?\nA:"]
     assert "4/4 match" in fidelity(model_path, cli_env, prompts)
 
 
-def test_no_repack_matches_native_no_repack(model_path: Path, cli_env: dict[str, str]) -> None:
+def test_no_repack_matches_native_no_repack(model_path: Path, cli_env: dict[str, str], native_tools: Path) -> None:
     # The safe path that an AMX CPU takes by itself (gemmachat/cpu.py), forced here on any CPU.
     assert "2/2 match" in fidelity(model_path, cli_env, ["The capital of France is", "def fibonacci(n):"],
                                    "--no-repack")
