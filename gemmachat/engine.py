@@ -198,6 +198,9 @@ class Engine:
         self.path = path
         self.info = info
         self.options = options
+        # Its first reading now: loading the model is the window its first decision looks at.
+        self._governor = ThreadGovernor(options.threads) if options.adapt_threads else None
+        self.threads = options.threads  # what the next decode uses
         self.repack = decide_repack(no_repack=not options.repack)
         self._model = self._load_model(path, options, self.repack.use_extra_buffers)
         self._vocab = llama.llama_model_get_vocab(self._model)
@@ -225,8 +228,6 @@ class Engine:
         self._failure: BaseException | None = None
         self._closed = False
         self._scheduler: threading.Thread | None = None
-        self._governor = ThreadGovernor(options.threads) if options.adapt_threads else None
-        self.threads = options.threads  # what the next decode uses
         if options.inline:
             self._warm_up()
         else:
@@ -243,6 +244,7 @@ class Engine:
         its tokens/s."""
         tokens = [token for token in (self.bos, self.eos) if token != llama.LLAMA_TOKEN_NULL] or [0]
         array = (llama.llama_token * len(tokens))(*tokens)
+        self._follow_load()
         llama.llama_set_warmup(self._ctx, True)
         # As in llama.cpp, the status is not checked: a context that cannot decode fails on the
         # first real decode, with the error reported there.
@@ -670,10 +672,14 @@ class Engine:
             if self._wants_logits(job, tokens):
                 batch.logits[index - 1] = 1
         batch.n_tokens = index
+        self._follow_load()
+        return llama.llama_decode(self._ctx, batch)
+
+    def _follow_load(self) -> None:
+        """As many threads for the next decode as other processes leave CPUs (gemmachat/threads.py)."""
         if self._governor is not None and self._governor.threads() != self.threads:
             self.threads = self._governor.current
             llama.llama_set_n_threads(self._ctx, self.threads, self.threads)
-        return llama.llama_decode(self._ctx, batch)
 
     def _sample(self, parts: list[tuple[_Job, list[int]]]) -> dict[_Job, int]:
         sampled: dict[_Job, int] = {}
