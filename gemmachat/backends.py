@@ -22,6 +22,8 @@ from llama_cpp._ggml import libggml
 
 _PREFIX, _SUFFIX = ("", ".dll") if sys.platform == "win32" else ("lib", ".dylib" if sys.platform == "darwin" else ".so")
 _GPU_MODULES = ("ggml-cuda", "ggml-hip", "ggml-vulkan", "ggml-metal", "ggml-sycl")
+# In dependency order: cuBLAS needs cuBLASLt, both need the runtime.
+_CUDA_RUNTIME = ("libcudart.so.13", "libcublasLt.so.13", "libcublas.so.13")
 _LOADED = re.compile(r"loaded (\w+) backend from (.+)")
 
 libggml.ggml_backend_load_all_from_path.argtypes = [ctypes.c_char_p]
@@ -50,7 +52,26 @@ def is_modular() -> bool:
 def load() -> None:
     """Load the backends of a modular build, once, before llama_backend_init()."""
     if is_modular():
+        _preload_cuda_runtime()
         libggml.ggml_backend_load_all_from_path(str(library_folder()).encode())
+
+
+def _preload_cuda_runtime() -> None:
+    """The CUDA backend needs NVIDIA's runtime and cuBLAS. From PyPI they come as packages
+    (nvidia-cuda-runtime, nvidia-cublas) that no loader path points at: load them first, by full
+    path, so that the backend's own dependencies resolve to them (the loader matches by soname).
+    Where they are not installed, the system's are used, if any."""
+    if not any(path.name.startswith(f"{_PREFIX}ggml-cuda") for path in gpu_modules()):
+        return
+    roots = [Path(getattr(sys, "_MEIPASS", ""))] if getattr(sys, "frozen", False) else []
+    roots += [Path(entry) for entry in sys.path if entry]
+    for root in roots:
+        folder = root / "nvidia" / "cu13" / "lib"
+        if (folder / "libcudart.so.13").is_file():
+            for name in _CUDA_RUNTIME:
+                if (folder / name).is_file():
+                    ctypes.CDLL(str(folder / name), mode=ctypes.RTLD_GLOBAL)
+            return
 
 
 def note_log_line(message: str) -> None:

@@ -52,8 +52,10 @@ CUDA_WHEELS = (
 # Turing to Blackwell, as llama.cpp's own CUDA releases: 75 (T4, RTX 20), 80 (A100, RTX 30 with
 # 86), 89 (RTX 40, L4), 90 (H100, H200), 120 (RTX 50). Each one adds build time and size.
 DEFAULT_CUDA_ARCHS = "75;80;86;89;90;120"
-# The CUDA runtime libraries the backend needs at run time (never the driver, libcuda.so).
+# The CUDA runtime libraries the backend needs at run time (never the driver, libcuda.so), and
+# the wheels that carry them.
 CUDA_RUNTIME_LIBS = ("libcudart.so.13", "libcublas.so.13", "libcublasLt.so.13")
+CUDA_RUNTIME_WHEELS = tuple(pin for pin in CUDA_WHEELS if pin.startswith(("nvidia-cuda-runtime", "nvidia-cublas")))
 
 COMMON_CMAKE = (
     "-DGGML_NATIVE=OFF",
@@ -219,6 +221,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.install:
         subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--force-reinstall", str(wheel)],
                        check=True)
+        if args.cuda:  # what the CUDA backend loads at run time (gemmachat/backends.py finds it)
+            subprocess.run([sys.executable, "-m", "pip", "install", *CUDA_RUNTIME_WHEELS], check=True)
     print(wheel)
     if args.tools:
         print(build_dir / "bin")
