@@ -12,13 +12,13 @@ folder before the first llama_backend_init.
 
 from __future__ import annotations
 
+import _ctypes
 import ctypes
 import re
 import sys
 from pathlib import Path
 
 import llama_cpp
-from llama_cpp._ggml import libggml
 
 _PREFIX, _SUFFIX = ("", ".dll") if sys.platform == "win32" else ("lib", ".dylib" if sys.platform == "darwin" else ".so")
 _GPU_MODULES = ("ggml-cuda", "ggml-hip", "ggml-vulkan", "ggml-metal", "ggml-sycl")
@@ -26,9 +26,13 @@ _GPU_MODULES = ("ggml-cuda", "ggml-hip", "ggml-vulkan", "ggml-metal", "ggml-sycl
 _CUDA_RUNTIME = ("libcudart.so.13", "libcublasLt.so.13", "libcublas.so.13")
 _LOADED = re.compile(r"loaded (\w+) backend from (.+)")
 
-libggml.ggml_backend_load_all_from_path.argtypes = [ctypes.c_char_p]
-libggml.ggml_backend_load_all_from_path.restype = None
-libggml.ggml_backend_reg_count.restype = ctypes.c_size_t
+# ggml's backend registry through libllama's own handle: a wheel stores libggml.so and
+# libggml.so.0 as two files, and llama_cpp._ggml opens the first by path while libllama links the
+# second, so each has a registry of its own. Symbols looked up in libllama resolve to its copy.
+_registry = llama_cpp.llama_cpp._lib
+_registry.ggml_backend_load_all_from_path.argtypes = [ctypes.c_char_p]
+_registry.ggml_backend_load_all_from_path.restype = None
+_registry.ggml_backend_reg_count.restype = ctypes.c_size_t
 
 _loaded: dict[str, Path] = {}  # backend name -> module file, as llama.cpp reported them
 
@@ -46,14 +50,14 @@ def modules(folder: Path | None = None) -> list[Path]:
 
 def is_modular() -> bool:
     """A build with loadable backends: no backend is registered until one is loaded."""
-    return int(libggml.ggml_backend_reg_count()) == 0 and bool(modules())
+    return int(_registry.ggml_backend_reg_count()) == 0 and bool(modules())
 
 
 def load() -> None:
     """Load the backends of a modular build, once, before llama_backend_init()."""
     if is_modular():
         _preload_cuda_runtime()
-        libggml.ggml_backend_load_all_from_path(str(library_folder()).encode())
+        _registry.ggml_backend_load_all_from_path(str(library_folder()).encode())
 
 
 def _preload_cuda_runtime() -> None:
@@ -97,10 +101,13 @@ def gpu_modules() -> list[Path]:
 
 def gpu_module_error() -> str | None:
     """Why a GPU module shipped here did not load (no NVIDIA driver, say), else None."""
+    # The loader's own words (no NVIDIA driver: "libcuda.so.1: cannot open shared object file"):
+    # a frozen program's ctypes.CDLL replaces them with its own guess.
+    dlopen = getattr(_ctypes, "dlopen", None) or (lambda name, mode: ctypes.CDLL(name, mode))
     for path in gpu_modules():
         if path not in _loaded.values():
             try:
-                ctypes.CDLL(str(path))
+                dlopen(str(path), ctypes.RTLD_LOCAL)
             except OSError as error:
                 return str(error)
     return None
