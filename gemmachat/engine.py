@@ -273,7 +273,7 @@ class Engine:
     def _new_context(self, options: EngineOptions) -> llama.llama_context_p:
         params = llama.llama_context_default_params()
         params.n_ctx = self.context_size_for(options.ctx_size)
-        if options.ctx_size is not None and options.ctx_size > params.n_ctx:
+        if options.ctx_size is not None and options.ctx_size > params.n_ctx > 0:
             # Said once, as llama.cpp does: a silent cut would look like -c was taken.
             warn(f"-c {options.ctx_size} is more than the model's training context; using {params.n_ctx}")
         params.n_batch = options.batch_size
