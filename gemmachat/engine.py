@@ -267,7 +267,7 @@ class Engine:
         model = llama.llama_model_load_from_file(str(path).encode(), params)
         if not model:
             reason = llama_log.last_error() or "llama.cpp could not load it"
-            raise UserError(f"cannot load model {path}: {reason}")
+            raise UserError(f"cannot load model {path}: {reason}{_gpu_memory_hint(reason, options)}")
         return model
 
     def _new_context(self, options: EngineOptions) -> llama.llama_context_p:
@@ -293,7 +293,8 @@ class Engine:
         if not ctx:
             llama.llama_model_free(self._model)
             reason = llama_log.last_error() or "out of memory?"
-            raise UserError(f"cannot create a context of {params.n_ctx} tokens: {reason}")
+            raise UserError(f"cannot create a context of {params.n_ctx} tokens: {reason}"
+                            f"{_gpu_memory_hint(reason, options)}")
         return ctx
 
     def context_size_for(self, requested: int | None) -> int:
@@ -761,6 +762,15 @@ class Engine:
         return self._eog_tokens
 
 
+def _gpu_memory_hint(reason: str, options: EngineOptions) -> str:
+    """What to try when llama.cpp could not allocate with layers on a GPU (CUDA's "out of memory",
+    llama.cpp's "unable to allocate CUDA0 buffer"): fewer layers there, or a smaller context."""
+    if options.n_gpu_layers > 0 and any(words in reason.lower() for words in
+                                        ("out of memory", "unable to allocate", "failed to allocate")):
+        return " (the GPU is out of memory: try a smaller -ngl, or a smaller -c)"
+    return ""
+
+
 def common_prefix(a: list[int], b: list[int]) -> int:
     length = min(len(a), len(b))
     for index in range(length):
@@ -820,12 +830,13 @@ def renderer_for(engine: Engine, settings: Settings, template: Template) -> Rend
 
 
 def load_engine(settings: Settings, sequences: int = 1, shared_kv: bool = True, inline: bool = False,
-                progress: Callable[[str], None] | None = None) -> Engine:
-    """Resolve, validate and load the model the settings name, quietly unless --verbose."""
+                model: tuple[Path, GGUFInfo] | None = None) -> Engine:
+    """Load the model the settings name (resolved and validated here unless `model` already is),
+    quietly unless --verbose."""
     from gemmachat.model_path import resolve_model
 
     llama_log.install(settings.verbose)
-    path, info = resolve_model(settings.model, settings.environ, progress)
+    path, info = model or resolve_model(settings.model, settings.environ)
     if settings.n_gpu_layers > 0 and not gpu_offload_supported():
         warn(no_gpu_message(settings.verbose))
     engine = Engine(path, info, EngineOptions.from_settings(settings, sequences, shared_kv, inline))

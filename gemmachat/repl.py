@@ -29,6 +29,7 @@ from gemmachat.commands import ExitChat
 from gemmachat.device import cpu_name, gpu_names
 from gemmachat.engine import Engine, default_reply_limit, load_engine, renderer_for
 from gemmachat.errors import UserError
+from gemmachat.model_path import resolve_model
 from gemmachat.output import Printer
 from gemmachat.session import ChatSession
 from gemmachat.settings import DEFAULT_SYSTEM_PROMPT, Settings
@@ -304,8 +305,11 @@ def run_chat(settings: Settings, stdin: TextIO | None = None, stdout: TextIO | N
     with_server = settings.mode == "chat"
     sequences = 1 + settings.parallel if with_server else 1
     if is_terminal and not printer.plain:
+        # First, outside the spinner: the first start copies the model with a progress bar of its
+        # own, which the spinner's live display would freeze at its first frame.
+        model = resolve_model(settings.model, settings.environ)
         with printer.console.status("loading model…"):
-            engine = load_engine(settings, sequences)
+            engine = load_engine(settings, sequences, model=model)
     else:
         engine = load_engine(settings, sequences)
     with engine:

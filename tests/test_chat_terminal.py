@@ -282,3 +282,18 @@ def test_every_port_taken_leaves_the_chat_running_without_server(cli_env: dict[s
         child.send_line("Still here?")
         child.expect(">>>", timeout=30)
         leave(child)
+
+
+def test_the_first_start_copies_the_model_with_a_bar_that_reaches_the_end(cli_env: dict[str, str],
+                                                                         model_path: Path, tmp_path: Path) -> None:
+    # A fresh cache: the chat copies the model into it once, with a progress bar, and only then
+    # loads it under its spinner (whose live display used to freeze the bar at 0.0/253.1 MB).
+    child = Terminal(sys.executable, ["-m", "gemmachat", "--chat"], encoding="utf-8", timeout=120,
+                     env={**cli_env, "PROMPT_TOOLKIT_NO_CPR": "1", "GEMMA_CHAT_CACHE_DIR": str(tmp_path / "cache")},
+                     dimensions=(40, 400))  # wide enough for the bar's whole line
+    child.expect(">>>")
+    output = child.before
+    total = f"{model_path.stat().st_size / 1e6:.1f}"
+    copying, complete = output.find("copying the model once"), output.rfind(f"{total}/{total} MB")
+    assert 0 <= copying < complete < output.find("loading model"), output[-2000:]
+    leave(child)

@@ -234,3 +234,18 @@ def test_console_script_is_installed() -> None:
     assert script, "pip install should put gemma-chat beside the interpreter"
     result = subprocess.run([script, "--version"], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0 and result.stdout.startswith("gemma-chat ")
+
+
+def test_a_gpu_out_of_memory_says_what_to_try() -> None:
+    # No GPU here, so no real out-of-memory: these are the reasons llama.cpp gives for one, as its
+    # log words them (llama-model.cpp, ggml-alloc.c, ggml-cuda.cu), through the engine's hint.
+    from gemmachat.engine import EngineOptions, _gpu_memory_hint
+
+    on_gpu, on_cpu = EngineOptions(n_gpu_layers=999), EngineOptions()
+    for reason in ("unable to allocate CUDA0 buffer",
+                   "ggml_gallocr_reserve_n: failed to allocate CUDA0 buffer of size 1073741824",
+                   "ggml_backend_cuda_buffer_type_alloc_buffer: allocating 2048.00 MiB on device 0: "
+                   "cudaMalloc failed: out of memory"):
+        assert "try a smaller -ngl, or a smaller -c" in _gpu_memory_hint(reason, on_gpu)
+        assert _gpu_memory_hint(reason, on_cpu) == ""
+    assert _gpu_memory_hint("unknown model architecture: 'llama9'", on_gpu) == ""
