@@ -145,12 +145,14 @@ def build(cuda: bool, cuda_archs: str, tools: bool) -> tuple[Path, Path]:
     """The wheel (built once per set of flags) and its build folder."""
     version = pinned_version()
     args = cmake_args(cuda, cuda_archs, tools)
-    key = hashlib.sha256(json.dumps([version, args, CUDA_WHEELS if cuda else []]).encode()).hexdigest()[:12]
+    # The tools change nothing in the wheel: one cache entry serves builds with and without them.
+    shape = cmake_args(cuda, cuda_archs, tools=True)
+    key = hashlib.sha256(json.dumps([version, shape, CUDA_WHEELS if cuda else []]).encode()).hexdigest()[:12]
     folder = cache_root() / f"llama-cpp-python-{version}-{'cuda' if cuda else 'cpu'}-{key}"
     done = folder / "wheel.json"
     if done.is_file():
         wheel = Path(json.loads(done.read_text())["wheel"])
-        if wheel.is_file():
+        if wheel.is_file() and (not tools or (folder / "build" / "bin" / "llama-completion").is_file()):
             return wheel, folder / "build"
     env = dict(os.environ, CMAKE_ARGS=" ".join(args), CMAKE_BUILD_PARALLEL_LEVEL=str(_jobs()))
     if cuda:
