@@ -15,6 +15,7 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
+from gemmachat import backends
 from gemmachat.conversation import Conversation
 from gemmachat.errors import UserError
 
@@ -333,7 +334,8 @@ def _show(chat: Chat, argument: str) -> None:
                 ("layers", engine.n_layer), ("chat template", "yes" if info.chat_template else "no (base model)"),
                 ("threads", f"{engine.threads} now, of {engine.options.threads}"
                             + (" (fewer while other processes are busy)" if engine.options.adapt_threads else "")),
-                ("weight repacking", "yes" if engine.repack.use_extra_buffers else f"no: {engine.repack.reason}")]
+                ("weight repacking", "yes" if engine.repack.use_extra_buffers else f"no: {engine.repack.reason}"),
+                ("CPU kernels", backends.cpu_variant() or "built for this machine's CPU")]
         chat.printer.text("\n".join(f"  {name:<18} {value}" for name, value in rows))
     elif what == "system":
         _system(chat, "")

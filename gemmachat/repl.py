@@ -23,7 +23,7 @@ from prompt_toolkit.document import Document
 from prompt_toolkit.history import FileHistory, History, InMemoryHistory
 from prompt_toolkit.key_binding import KeyBindings
 
-from gemmachat import __version__, commands, fatal
+from gemmachat import __version__, backends, commands, fatal
 from gemmachat.atomic import write_atomic
 from gemmachat.commands import ExitChat
 from gemmachat.device import cpu_name, gpu_names
@@ -226,7 +226,9 @@ def banner(engine: Engine, settings: Settings, server_line: str | None, session:
     else:
         threads = engine.options.threads
         count = f"up to {threads}" if engine.options.adapt_threads else str(threads)
-        device = f"{cpu_name()} (CPU, {count} thread{'s' if threads > 1 else ''})"
+        variant = backends.cpu_variant()  # in a build with kernels for every CPU: the ones chosen
+        kernels = f", {variant} kernels" if variant else ""
+        device = f"{cpu_name()} (CPU, {count} thread{'s' if threads > 1 else ''}{kernels})"
         if not engine.repack.use_extra_buffers:
             device += f"; no weight repacking: {engine.repack.reason}"
     kind = "" if engine.info.chat_template else (

@@ -9,6 +9,7 @@ saying how to make it. The GPU side itself is measured on a GPU machine by bench
 from __future__ import annotations
 
 import importlib.util
+import re
 import shutil
 import subprocess
 import sys
@@ -64,6 +65,10 @@ def test_the_cuda_build_without_a_driver_runs_on_the_cpu(cuda_build: Path, run_c
     assert "loaded CPU backend from" in verbose.stderr
     assert "no GPU found, running on the CPU (lib" in verbose.stderr
     assert "cannot open shared object file" in verbose.stderr
+    # and the chat's /show model names the kernels llama.cpp chose for this CPU.
+    variant = re.search(r"libggml-cpu-(\w+)\.so", verbose.stderr)[1]
+    shown = run_cli("--chat", "-n", "2", input="/show model\n", env={"PYTHONPATH": f"{cuda_build}:{REPO}"})
+    assert re.search(rf"CPU kernels\s+{variant}\n", shown.stdout), shown.stdout
 
 
 @pytest.mark.skipif(shutil.which("qemu-x86_64") is None, reason="needs qemu-user (apt-get install qemu-user)")
