@@ -17,6 +17,7 @@ from typing import Callable, Mapping, Sequence
 from gemmachat import __version__
 from gemmachat.config import CONFIG_ENV, apply_config, config_path, read_config
 from gemmachat.errors import UserError, warn
+from gemmachat.threads import usable_cpus
 
 DEFAULT_CTX_CAP = 8192
 # A base model (no chat template in its GGUF) rarely ends a turn by itself: without a cap, a reply
@@ -83,10 +84,7 @@ class Settings:
 
 def default_threads() -> int:
     # The CPUs this process may run on, not all of the machine's: containers and taskset narrow them.
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # macOS and Windows have no affinity call
-        return max(1, os.cpu_count() or 1)
+    return max(1, len(usable_cpus()))
 
 
 def _whole_number(text: str) -> int:

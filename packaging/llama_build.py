@@ -37,7 +37,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.native import pinned_version  # noqa: E402  one place for the pinned llama-cpp-python
+from bench.native import _jobs as native_jobs, pinned_version  # noqa: E402  one place for each
 
 # NVIDIA's toolkit as PyPI wheels, CUDA 13.0: what driver 580 (the first for CUDA 13) runs without
 # the forward-compatibility package. cuBLAS and the runtime are what the CUDA backend links.
@@ -154,7 +154,7 @@ def build(cuda: bool, cuda_archs: str, tools: bool) -> tuple[Path, Path]:
         wheel = Path(json.loads(done.read_text())["wheel"])
         if wheel.is_file() and (not tools or (folder / "build" / "bin" / "llama-completion").is_file()):
             return wheel, folder / "build"
-    env = dict(os.environ, CMAKE_ARGS=" ".join(args), CMAKE_BUILD_PARALLEL_LEVEL=str(_jobs()))
+    env = dict(os.environ, CMAKE_ARGS=" ".join(args), CMAKE_BUILD_PARALLEL_LEVEL=str(native_jobs()))
     if cuda:
         toolkit = cuda_toolkit()
         env.update(CUDACXX=str(toolkit / "bin" / "nvcc"), CUDAToolkit_ROOT=str(toolkit),
@@ -201,13 +201,6 @@ def _add_backend_modules(wheel: Path, build_dir: Path) -> None:
             lines.append(f"{name},sha256={digest},{len(data)}")
         target.writestr(record, "\n".join(lines + [f"{record},,"]) + "\n")
     os.replace(partial, wheel)
-
-
-def _jobs() -> int:
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:
-        return os.cpu_count() or 1
 
 
 def main(argv: list[str] | None = None) -> int:
