@@ -7,12 +7,14 @@ import signal
 import sys
 from typing import Sequence
 
-from gemmachat import fatal
+from gemmachat import cache, fatal
 from gemmachat.errors import UserError
 from gemmachat.settings import Settings, parse_settings
 
 
 def run(settings: Settings) -> int:
+    if settings.mode == "cache-info":
+        return cache.print_cache_info(settings.environ)
     if settings.mode == "cli":
         from gemmachat import oneshot
 
@@ -38,6 +40,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Each mode hands ctrl-c back to Python once it has started (fatal.interrupts_to_python).
     fatal.exit_on_interrupt()
     signal.signal(signal.SIGTERM, _interrupted)
+    cache.clean_in_background(os.environ)
     try:
         return run(parse_settings(sys.argv[1:] if argv is None else argv))
     except UserError as error:

@@ -329,7 +329,8 @@ def _show(chat: Chat, argument: str) -> None:
     elif what in ("model", "info"):
         engine = session.engine
         info = engine.info
-        rows = [("file", engine.path), ("architecture", info.architecture), ("name", info.name),
+        where = f"{engine.name}, inside {engine.path} from byte {info.start}" if info.start else engine.path
+        rows = [("file", where), ("architecture", info.architecture), ("name", info.name),
                 ("training context", engine.n_ctx_train), ("context", session.context_size),
                 ("layers", engine.n_layer), ("chat template", "yes" if info.chat_template else "no (base model)"),
                 ("threads", f"{engine.threads} now, of {engine.options.threads}"

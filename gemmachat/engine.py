@@ -11,13 +11,15 @@ from __future__ import annotations
 
 import codecs
 import ctypes
+import functools
+import os
 import threading
 import time
 import weakref
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 import llama_cpp as llama
 
@@ -28,6 +30,9 @@ from gemmachat.gguf import GGUFInfo
 from gemmachat.settings import BASE_MODEL_REPLY_CAP, DEFAULT_CTX_CAP, Sampling, Settings, default_threads
 from gemmachat.templates import Renderer, Template, make_renderer
 from gemmachat.threads import ThreadGovernor
+
+if TYPE_CHECKING:
+    from gemmachat.model_path import ModelFile
 
 ALL_LAYERS = 999
 # Prompt tokens evaluated per step while other sequences generate: about a quarter of a second of
@@ -192,17 +197,67 @@ def no_gpu_message(verbose: bool) -> str:
     return "no GPU found, running on the CPU" + (f" ({reason})" if verbose and reason else "")
 
 
+@functools.cache
+def _stdio() -> ctypes.CDLL | None:
+    """The C library's stdio, to hand llama.cpp a FILE positioned inside the single file. Not on
+    Windows: a FILE cannot cross from one C runtime (Python's) to another (llama.dll's)."""
+    if os.name == "nt":
+        return None
+    libc = ctypes.CDLL(None)
+    libc.fdopen.argtypes, libc.fdopen.restype = [ctypes.c_int, ctypes.c_char_p], ctypes.c_void_p
+    libc.fseeko.argtypes, libc.fseeko.restype = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int], ctypes.c_int
+    libc.fclose.argtypes, libc.fclose.restype = [ctypes.c_void_p], ctypes.c_int
+    return libc
+
+
+@functools.cache
+def _load_from_file_ptr() -> Callable[..., int] | None:
+    """llama.cpp's loader for a GGUF that starts where an open FILE stands (llama.h:
+    llama_model_load_from_file_ptr); llama-cpp-python has no binding for it, libllama has."""
+    function = getattr(llama.llama_cpp._lib, "llama_model_load_from_file_ptr", None)
+    if function is None:
+        return None
+    function.argtypes = [ctypes.c_void_p, llama.llama_model_params]
+    function.restype = llama.llama_model_p_ctypes
+    return function
+
+
+def loads_at_offset() -> bool:
+    """Whether llama.cpp can map a GGUF in place inside a larger file here."""
+    return _stdio() is not None and _load_from_file_ptr() is not None
+
+
+def _load_at(path: Path, start: int, params: llama.llama_model_params) -> llama.llama_model_p:
+    """Load the GGUF that starts at byte `start` of `path`. llama.cpp maps the whole file and
+    reads the tensors at their offsets in it, so the weights are used where they lie."""
+    libc, load = _stdio(), _load_from_file_ptr()
+    assert libc is not None and load is not None, "the caller checks loads_at_offset()"
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    stream = libc.fdopen(fd, b"rb")
+    if not stream:
+        os.close(fd)
+        raise UserError(f"cannot load model {path}: cannot open it")
+    try:
+        if libc.fseeko(stream, start, os.SEEK_SET) != 0:
+            raise UserError(f"cannot load model {path}: cannot seek to its GGUF at byte {start}")
+        # Once loaded, the model keeps its mapping, not the stream.
+        return load(stream, params)
+    finally:
+        libc.fclose(stream)
+
+
 class Engine:
-    def __init__(self, path: Path, info: GGUFInfo, options: EngineOptions) -> None:
+    def __init__(self, path: Path, info: GGUFInfo, options: EngineOptions, name: str | None = None) -> None:
         init_backends()
-        self.path = path
+        self.path = path  # the file that holds the GGUF from byte info.start on
+        self.name = name or path.name  # the GGUF's file name, for people to read
         self.info = info
         self.options = options
         # Its first reading now: loading the model is the window its first decision looks at.
         self._governor = ThreadGovernor(options.threads) if options.adapt_threads else None
         self.threads = options.threads  # what the next decode uses
         self.repack = decide_repack(no_repack=not options.repack)
-        self._model = self._load_model(path, options, self.repack.use_extra_buffers)
+        self._model = self._load_model(path, info.start, options, self.repack.use_extra_buffers)
         self._vocab = llama.llama_model_get_vocab(self._model)
         self.n_ctx_train = int(llama.llama_model_n_ctx_train(self._model))
         self.n_layer = int(llama.llama_model_n_layer(self._model))
@@ -255,7 +310,7 @@ class Engine:
         llama.llama_set_warmup(self._ctx, False)
 
     @staticmethod
-    def _load_model(path: Path, options: EngineOptions, extra_buffers: bool) -> llama.llama_model_p:
+    def _load_model(path: Path, start: int, options: EngineOptions, extra_buffers: bool) -> llama.llama_model_p:
         params = llama.llama_model_default_params()
         params.use_extra_bufts = extra_buffers
         params.n_gpu_layers = -1 if options.n_gpu_layers >= ALL_LAYERS else options.n_gpu_layers
@@ -264,7 +319,10 @@ class Engine:
         else:
             params.load_mode = llama.LLAMA_LOAD_MODE_MLOCK if options.mlock else llama.LLAMA_LOAD_MODE_NONE
         llama_log.clear_errors()
-        model = llama.llama_model_load_from_file(str(path).encode(), params)
+        if start:
+            model = _load_at(path, start, params)
+        else:
+            model = llama.llama_model_load_from_file(str(path).encode(), params)
         if not model:
             reason = llama_log.last_error() or "llama.cpp could not load it"
             raise UserError(f"cannot load model {path}: {reason}{_gpu_memory_hint(reason, options)}")
@@ -830,16 +888,16 @@ def renderer_for(engine: Engine, settings: Settings, template: Template) -> Rend
 
 
 def load_engine(settings: Settings, sequences: int = 1, shared_kv: bool = True, inline: bool = False,
-                model: tuple[Path, GGUFInfo] | None = None) -> Engine:
+                model: ModelFile | None = None) -> Engine:
     """Load the model the settings name (resolved and validated here unless `model` already is),
     quietly unless --verbose."""
     from gemmachat.model_path import resolve_model
 
     llama_log.install(settings.verbose)
-    path, info = model or resolve_model(settings.model, settings.environ)
+    path, info, name = model or resolve_model(settings.model, settings.environ)
     if settings.n_gpu_layers > 0 and not gpu_offload_supported():
         warn(no_gpu_message(settings.verbose))
-    engine = Engine(path, info, EngineOptions.from_settings(settings, sequences, shared_kv, inline))
+    engine = Engine(path, info, EngineOptions.from_settings(settings, sequences, shared_kv, inline), name)
     if settings.verbose and not engine.repack.use_extra_buffers:
         warn(f"weights stay in plain CPU buffers (no repacking): {engine.repack.reason}")
     return engine

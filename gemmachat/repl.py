@@ -234,7 +234,7 @@ def banner(engine: Engine, settings: Settings, server_line: str | None, session:
     kind = "" if engine.info.chat_template else (
         f" · base model (no chat template): replies capped at {session.n_predict} tokens")
     lines = [
-        f"gemma-chat {__version__} · {engine.path.name}{kind}",
+        f"gemma-chat {__version__} · {engine.name}{kind}",
         f"device: {device} · context: {engine.n_ctx_seq} tokens",
     ]
     if server_line:

@@ -172,7 +172,7 @@ class ServerCore:
         self.sequences = [engine.new_sequence(seq_id) for seq_id in seq_ids]
         self.slots = SlotQueue(self.sequences)
         self.render = renderer_for(engine, settings, load_template(settings.template))
-        self.model_id = engine.path.name
+        self.model_id = engine.name
         try:
             self.created = int(engine.path.stat().st_mtime)
         except OSError:
@@ -1006,7 +1006,7 @@ def serve(settings: Settings, log: LogFn | None = None) -> int:
 
     fatal.interrupts_to_python()  # and at once replaced by the server's graceful shutdown
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
-    _stderr(f"gemma-chat: serving {url_of(sock, settings.host)} (model {engine.path.name}, "
+    _stderr(f"gemma-chat: serving {url_of(sock, settings.host)} (model {engine.name}, "
             f"{settings.parallel} slot{'s' if settings.parallel != 1 else ''})")
     try:
         asyncio.run(_serve(core, server, sock))

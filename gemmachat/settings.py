@@ -49,7 +49,7 @@ class Sampling:
 
 @dataclass(frozen=True)
 class Settings:
-    mode: str  # "chat" (with background server), "chat-only", "cli" or "server"
+    mode: str  # "chat" (with background server), "chat-only", "cli", "server" or "cache-info"
     model: Path | None
     prompt: str | None
     prompt_file: Path | None
@@ -170,6 +170,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="the interactive chat without the background server")
     modes.add_argument("--server", dest="mode", action="store_const", const="server",
                        help="only the OpenAI-compatible HTTP server")
+    modes.add_argument("--cache-info", dest="mode", action="store_const", const="cache-info",
+                       help="list what the user cache folder holds (unpacked programs, model copies) "
+                            "and their sizes, then exit")
 
     model = parser.add_argument_group("model and prompt")
     model.add_argument("-m", "--model", type=Path, metavar="PATH", help="GGUF model file")

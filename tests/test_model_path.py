@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
+from gemmachat import engine as engine_module
+from gemmachat.bundle import BUNDLE_VARIABLE, read_trailer
+from gemmachat.engine import Engine
 from gemmachat.errors import UserError
 from gemmachat.model_path import default_model, resolve_model
-from gemmachat.settings import parse_settings
+from gemmachat.settings import Sampling, parse_settings
+
+REPO = Path(__file__).resolve().parent.parent
 
 
 def test_default_model_is_assembled_once_and_reused(tmp_path: Path) -> None:
@@ -51,11 +58,69 @@ def test_flag_beats_environment_beats_default(tmp_path: Path, model_path: Path) 
     assert parse_settings(["--cli"], env).model == copy
     assert parse_settings(["--cli", "-m", str(model_path)], env).model == model_path
     assert parse_settings(["--cli"], {}).model is None
-    path, info = resolve_model(None, {"GEMMA_CHAT_CACHE_DIR": str(model_path.parent.parent)})
-    assert path == model_path and info.architecture == "gemma3"
+    path, info, name = resolve_model(None, {"GEMMA_CHAT_CACHE_DIR": str(model_path.parent.parent)})
+    assert path == model_path and name == model_path.name and info.architecture == "gemma3" and info.start == 0
 
 
 def test_resolve_reports_bad_files_in_one_line(tmp_path: Path) -> None:
     with pytest.raises(UserError) as error:
         resolve_model(tmp_path / "missing.gguf", {})
     assert "missing.gguf" in str(error.value) and "\n" not in str(error.value)
+
+
+def single_file(tmp_path: Path, model: Path) -> Path:
+    """A file laid out as packaging/build.py lays out the single file, around a stand-in program."""
+    spec = importlib.util.spec_from_file_location("gemma_chat_build", REPO / "packaging" / "build.py")
+    build = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(build)
+    launcher = tmp_path / "launcher"
+    launcher.write_bytes(b"\x7fELF stand-in launcher")
+    program = tmp_path / "program"
+    program.mkdir()
+    (program / "gemma-chat").write_bytes(b"stand-in program")
+    return build.pack(launcher, program, model, "gemma.gguf", tmp_path / "dist" / "gemma-chat", external_model=False)
+
+
+def test_the_single_files_gguf_is_used_in_place(tmp_path: Path, model_path: Path, engine: Engine) -> None:
+    bundle = single_file(tmp_path, model_path)
+    env = {"GEMMA_CHAT_CACHE_DIR": str(tmp_path / "cache"), BUNDLE_VARIABLE: str(bundle)}
+    messages: list[str] = []
+    path, info, name = resolve_model(None, env, messages.append)
+    trailer = read_trailer(bundle)
+    assert (path, info.start, name) == (bundle, trailer.model_offset, "gemma.gguf")
+    assert info.start % 4096 == 0 and info.tensor_count == engine.info.tensor_count
+    assert messages == [] and not (tmp_path / "cache").exists(), "nothing copied"
+    # llama.cpp loads it from inside the file and answers as from the GGUF itself.
+    tokens = engine.tokenize("The capital of France is", add_bos=True)
+    expected = engine.generate(engine.new_sequence(), tokens, Sampling(temperature=0.0), max_tokens=12).text()
+    with Engine(path, info, replace(engine.options, inline=True), name) as embedded:
+        assert embedded.name == "gemma.gguf"
+        assert embedded.generate(embedded.new_sequence(), tokens, Sampling(temperature=0.0), max_tokens=12).text() == expected
+
+
+def test_the_single_files_gguf_is_copied_where_it_cannot_be_used_in_place(tmp_path: Path, model_path: Path,
+                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    # Stands in for Windows, where a FILE cannot pass from Python's C runtime to llama.dll's: that
+    # platform cannot run here, so the capability is switched off instead.
+    monkeypatch.setattr(engine_module, "loads_at_offset", lambda: False)
+    bundle = single_file(tmp_path, model_path)
+    env = {"GEMMA_CHAT_CACHE_DIR": str(tmp_path / "cache"), BUNDLE_VARIABLE: str(bundle)}
+    messages: list[str] = []
+    path, info, name = resolve_model(None, env, messages.append)
+    assert path.parent == tmp_path / "cache" / "models" and info.start == 0 and name == "gemma.gguf"
+    assert path.read_bytes() == model_path.read_bytes()
+    assert len(messages) == 1 and "cannot read it in place" in messages[0]
+    assert resolve_model(None, env, messages.append).path == path and len(messages) == 1, "copied once"
+
+
+def test_a_single_file_whose_gguf_is_cut_short_is_one_line(tmp_path: Path, model_path: Path) -> None:
+    bundle = single_file(tmp_path, model_path)
+    trailer = read_trailer(bundle)
+    # The trailer promises more bytes than the GGUF has: validation holds to the GGUF's own range.
+    forged = replace(trailer, model_size=trailer.model_size - 4096)
+    with bundle.open("r+b") as handle:
+        handle.seek(-len(forged.pack()), os.SEEK_END)
+        handle.write(forged.pack())
+    with pytest.raises(UserError, match="truncated") as error:
+        resolve_model(None, {"GEMMA_CHAT_CACHE_DIR": str(tmp_path / "cache"), BUNDLE_VARIABLE: str(bundle)})
+    assert "\n" not in str(error.value)

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
+import pexpect
 import pytest
 
 from gemmachat.bundle import read_trailer
@@ -111,15 +112,62 @@ def test_answers_exactly_as_the_source_install(built: Built, home: Path, tmp_pat
     assert first.returncode == 0, first.stderr
     assert first.stdout == expected
     cache = home / ".cache" / "gemma-chat"
-    (app,) = (cache / "app").iterdir()
-    (model,) = (cache / "models").iterdir()
-    assert (app / "gemma-chat").is_file() and model.stat().st_size == read_trailer(built.file).model_size
-    stamp = model.stat()
-    # A later start reuses both as they are: no second copy of the program or the model.
+    (app,) = program_folders(cache)
+    assert (app / "gemma-chat").is_file()
+    # The weights are read where they lie: the cache holds the program only, no copy of the GGUF.
+    assert not (cache / "models").exists()
+    assert folder_size(cache) <= read_trailer(built.file).app_size
+    # A later start reuses the program as it is.
+    stamp = (app / "gemma-chat").stat()
     second = run_bare(built.file, *PROMPT, home=home, cwd=tmp_path)
     assert second.stdout == expected and second.stderr == ""
-    assert [p.name for p in (cache / "app").iterdir()] == [app.name]
-    assert model.stat().st_mtime_ns == stamp.st_mtime_ns and model.stat().st_ino == stamp.st_ino
+    assert sorted(p.name for p in (cache / "app").iterdir()) == [app.name, app.name + ".lock"]
+    assert (app / "gemma-chat").stat().st_ino == stamp.st_ino
+
+
+def program_folders(cache: Path) -> list[Path]:
+    """The unpacked programs (each beside its .lock file, which the launcher holds while it runs)."""
+    return sorted(p for p in (cache / "app").iterdir() if not p.name.endswith(".lock"))
+
+
+def folder_size(folder: Path) -> int:
+    """The bytes of the files and links under `folder` (what the archive carries)."""
+    return sum(p.lstat().st_size for p in folder.rglob("*") if not p.is_dir() or p.is_symlink())
+
+
+def spawn_chat(file: Path, home: Path, cwd: Path, extra: dict[str, str] | None = None) -> pexpect.spawn:
+    chat = pexpect.spawn(str(file), ["--chat", "--nologo"], cwd=str(cwd), timeout=120,
+                         env={"PATH": "/usr/bin:/bin", "HOME": str(home), "PROMPT_TOOLKIT_NO_CPR": "1",
+                              **(extra or {})})
+    chat.expect(">>>")
+    return chat
+
+
+def end_chat(chat: pexpect.spawn) -> None:
+    chat.sendcontrol("d")
+    chat.expect(pexpect.EOF)
+    chat.close()
+    assert chat.exitstatus == 0
+
+
+def test_a_running_chat_maps_the_weights_from_the_file_itself(built: Built, home: Path, tmp_path: Path) -> None:
+    chat = spawn_chat(built.file, home, tmp_path)
+    try:
+        maps = Path(f"/proc/{chat.pid}/maps").read_text()  # the launcher execs: the same process
+    finally:
+        end_chat(chat)
+    trailer = read_trailer(built.file)
+    model = range(trailer.model_offset, trailer.model_offset + trailer.model_size)
+    covered = []
+    for line in maps.splitlines():
+        fields = line.split()
+        if len(fields) == 6 and fields[5] == str(built.file):
+            low, high = (int(address, 16) for address in fields[0].split("-"))
+            offset = int(fields[2], 16)
+            covered.append(range(offset, offset + high - low))
+    # Mappings of the executable itself cover the GGUF's bytes: the weights, not a copy of them.
+    assert sum(len(range(max(r.start, model.start), min(r.stop, model.stop))) for r in covered) > 0.9 * len(model), maps
+    assert ".gguf" not in maps
 
 
 def test_help_from_an_empty_folder(built: Built, home: Path, tmp_path: Path) -> None:
@@ -134,48 +182,80 @@ def test_a_missing_model_file_is_one_line(built: Built, home: Path, tmp_path: Pa
     assert_one_line_error(result, "missing.gguf")
 
 
-def test_killed_extractions_are_never_used_and_are_redone(built: Built, tmp_path: Path, expected: str) -> None:
+def dead_pid() -> int:
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    return gone.pid
+
+
+def test_killed_extractions_are_never_used_and_are_cleaned(built: Built, tmp_path: Path, expected: str) -> None:
     cache = tmp_path / "cache"
     extra = {"GEMMA_CHAT_CACHE_DIR": str(cache)}
     assert run_bare(built.file, "--help", home=tmp_path, cwd=tmp_path, extra=extra).returncode == 0
-    (app,) = (cache / "app").iterdir()
+    (app,) = program_folders(cache)
     # What a kill during the first start leaves: a half-unpacked program folder under its temporary
-    # name (the complete one never got renamed into place) and a truncated model file.
-    app.rename(app.with_name(app.name + ".partial-1-1"))
-    (app.with_name(app.name + ".partial-1-1") / "gemma-chat").write_bytes(b"")
-    trailer = read_trailer(built.file)
-    models = cache / "models"
-    models.mkdir()
-    name = f"{trailer.model_name.removesuffix('.gguf')}-{trailer.model_sha256[:16]}.gguf"
-    with built.file.open("rb") as source, (models / name).open("wb") as out:
-        source.seek(trailer.model_offset)
-        out.write(source.read(trailer.model_size // 3))
+    # name, naming a process that is gone (the complete one never got renamed into place).
+    leftover = app.with_name(f"{app.name}.partial-{dead_pid()}-1")
+    app.rename(leftover)
+    (leftover / "gemma-chat").write_bytes(b"")
     result = run_bare(built.file, *PROMPT, home=tmp_path, cwd=tmp_path, extra=extra)
     assert result.returncode == 0, result.stderr
     assert result.stdout == expected
     assert (app / "gemma-chat").stat().st_size > 0
-    assert (models / name).stat().st_size == trailer.model_size
-    assert [p.name for p in models.iterdir()] == [name], "no temporary files left behind"
-    # A program folder damaged by hand (its program deleted) is set aside and unpacked again.
+    assert not leftover.exists(), "the next start removes what a killed one left"
+    # A program folder damaged by hand (its program deleted) is set aside, unpacked again, and what
+    # was set aside is removed.
     (app / "gemma-chat").unlink()
     assert run_bare(built.file, "--help", home=tmp_path, cwd=tmp_path, extra=extra).returncode == 0
-    assert (app / "gemma-chat").is_file() and list(app.parent.glob(app.name + ".damaged-*"))
+    assert (app / "gemma-chat").is_file()
+    assert sorted(p.name for p in app.parent.iterdir()) == [app.name, app.name + ".lock"]
+
+
+def test_a_new_build_removes_older_ones_unless_they_run(built: Built, tmp_path: Path, model_path: Path,
+                                                       expected: str) -> None:
+    build = build_module()
+    # A second build: the same program with one more file, so another app id (no second PyInstaller run).
+    program = tmp_path / "program"
+    shutil.copytree(built.work / "dist" / "gemma-chat", program, symlinks=True)
+    (program / "another-build").write_text("2")
+    newer = build.pack(build.compile_launcher(built.work), program, model_path, "gemma.gguf",
+                       tmp_path / "newer" / "gemma-chat", external_model=False)
+    cache = tmp_path / "cache"
+    env = {"GEMMA_CHAT_CACHE_DIR": str(cache)}
+    old_id, new_id = read_trailer(built.file).app_id, read_trailer(newer).app_id
+
+    def folders() -> set[str]:
+        return {p.name for p in program_folders(cache)}
+
+    assert run_bare(built.file, "--help", home=tmp_path, cwd=tmp_path, extra=env).returncode == 0
+    assert folders() == {old_id}
+    # While the older build runs, the newer one leaves its folder alone ...
+    chat = spawn_chat(built.file, tmp_path, tmp_path, env)
+    try:
+        result = run_bare(newer, *PROMPT, home=tmp_path, cwd=tmp_path, extra=env)
+        assert result.returncode == 0 and result.stdout == expected, result.stderr
+        assert folders() == {old_id, new_id}
+        info = run_bare(newer, "--cache-info", home=tmp_path, cwd=tmp_path, extra=env)
+        assert info.returncode == 0, info.stderr
+        assert f"app/{new_id}  program of this build" in info.stdout
+        assert f"app/{old_id}  program of another build, running now" in info.stdout
+    finally:
+        end_chat(chat)
+    # ... and removes it at its first start after the older one has ended; the reverse holds too.
+    assert run_bare(newer, "--help", home=tmp_path, cwd=tmp_path, extra=env).returncode == 0
+    assert folders() == {new_id}
+    assert run_bare(built.file, "--help", home=tmp_path, cwd=tmp_path, extra=env).returncode == 0
+    assert folders() == {old_id}
+    assert folder_size(cache) < folder_size(program) + MB
 
 
 def test_an_unwritable_cache_names_the_variable(built: Built, home: Path, tmp_path: Path) -> None:
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
-    # The launcher cannot unpack the program there ...
+    # The launcher cannot unpack the program there.
     result = run_bare(built.file, "--help", home=home, cwd=tmp_path,
                       extra={"GEMMA_CHAT_CACHE_DIR": str(blocker / "cache")})
     assert_one_line_error(result, "GEMMA_CHAT_CACHE_DIR", str(blocker))
-    # ... and the program cannot copy the model there (the program unpacked, the models folder blocked).
-    cache = tmp_path / "cache"
-    assert run_bare(built.file, "--help", home=home, cwd=tmp_path,
-                    extra={"GEMMA_CHAT_CACHE_DIR": str(cache)}).returncode == 0
-    (cache / "models").write_text("not a folder")
-    result = run_bare(built.file, *PROMPT, home=home, cwd=tmp_path, extra={"GEMMA_CHAT_CACHE_DIR": str(cache)})
-    assert_one_line_error(result, "GEMMA_CHAT_CACHE_DIR")
 
 
 def test_external_model_runs_beside_its_gguf(built: Built, tmp_path: Path, model_path: Path,

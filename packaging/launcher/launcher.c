@@ -5,7 +5,8 @@
  * trailer from the end of our own file (one read, whatever the size of the weights), look for the
  * program already unpacked in the cache folder under the archive's content hash, unpack it once if
  * it is missing (into a temporary folder renamed when complete, so a killed unpacking is never
- * used), and run it with GEMMA_CHAT_BUNDLE naming this file. The Python side extracts the GGUF.
+ * used), and run it with GEMMA_CHAT_BUNDLE naming this file, holding a lock that tells newer
+ * builds the folder is in use. The Python side has llama.cpp map the GGUF from this file.
  *
  * Archive entries, little-endian: u8 kind ('d' folder, 'f' file, 'l' symbolic link), u32 mode,
  * u32 name length, u64 data length, the name (UTF-8, '/'-separated, relative), the data (a
@@ -27,7 +28,9 @@
 #define SEP "\\"
 #define PROGRAM_NAME "gemma-chat.exe"
 #else
+#include <fcntl.h>
 #include <pwd.h>
+#include <sys/file.h>
 #include <sys/stat.h>
 #include <unistd.h>
 #ifdef __APPLE__
@@ -134,6 +137,9 @@ static void set_bundle_variable(void) {
 
 static long process_id(void) { return (long)GetCurrentProcessId(); }
 
+/* Windows will not rename a folder whose program runs, which is what a cleaner tries first. */
+static void hold_lock(const char *folder) { (void)folder; }
+
 static int attended(void) { return _isatty(2); }
 
 /* Windows has no exec: run the program with our command line and hand back its exit status.
@@ -219,6 +225,29 @@ static int rename_dir(const char *from, const char *to) { return rename(from, to
 static void set_bundle_variable(void) { setenv("GEMMA_CHAT_BUNDLE", self_path, 1); }
 
 static long process_id(void) { return (long)getpid(); }
+
+/* A shared lock on <folder>.lock for as long as the program runs: the descriptor is not
+ * close-on-exec, so the program inherits it. A newer build removes an older build's folder only
+ * when it can take this lock exclusively (gemmachat/cache.py). A cleaner unlinks the lock file
+ * while holding it, so a lock taken on an unlinked file is taken again. Without a lock (a
+ * read-only cache) the program still runs. */
+static void hold_lock(const char *folder) {
+    char lock[PATH_SIZE];
+    if (snprintf(lock, PATH_SIZE, "%s.lock", folder) >= PATH_SIZE) return;
+    for (;;) {
+        struct stat held, named;
+        int fd = open(lock, O_RDWR | O_CREAT, 0644);
+        if (fd < 0) return;
+        if (flock(fd, LOCK_SH) != 0) {
+            close(fd);
+            return;
+        }
+        if (fstat(fd, &held) == 0 && stat(lock, &named) == 0 && held.st_ino == named.st_ino &&
+            held.st_dev == named.st_dev)
+            return;
+        close(fd);
+    }
+}
 
 static int attended(void) { return isatty(2); }
 
@@ -334,12 +363,13 @@ int main(int argc, char **argv) {
         fail("cannot use the cache folder", cache, CACHE_HINT);
     }
 
+    if (snprintf(partial, PATH_SIZE, "%s" SEP "app", cache) >= PATH_SIZE) {
+        errno = ENAMETOOLONG;
+        fail("cannot use the cache folder", cache, CACHE_HINT);
+    }
+    if (!is_file(program)) make_dirs(partial);
+    hold_lock(folder);
     if (!is_file(program)) {
-        if (snprintf(partial, PATH_SIZE, "%s" SEP "app", cache) >= PATH_SIZE) {
-            errno = ENAMETOOLONG;
-            fail("cannot use the cache folder", cache, CACHE_HINT);
-        }
-        make_dirs(partial);
         if (snprintf(partial, PATH_SIZE, "%s.partial-%ld-%ld", folder, process_id(), (long)time(NULL)) >= PATH_SIZE ||
             make_dir(partial) != 0)
             fail("cannot write the cache folder", partial, CACHE_HINT);
