@@ -1,9 +1,13 @@
 """Build gemma-chat as one runnable file: the program, llama.cpp's libraries and a GGUF.
 
-    python packaging/build.py [--model PATH.gguf] [--external-model] [-o dist/gemma-chat]
+    python packaging/build.py [--model PATH.gguf] [--external-model] [--llama portable|installed]
+                              [-o dist/gemma-chat]
 
 Three steps (docs/packaging.md explains the layout):
-1. PyInstaller freezes the program as a one-folder build (packaging/gemma-chat.spec);
+1. PyInstaller freezes the program as a one-folder build (packaging/gemma-chat.spec), with a
+   llama-cpp-python whose CPU kernels are built for every microarchitecture and chosen at run time
+   (packaging/llama_build.py builds it once, about 9 minutes on 2 cores, and caches it), or with
+   --llama installed, this environment's own (pip's build runs only on CPUs like this one);
 2. cmake compiles the small native launcher (packaging/launcher/);
 3. the output is the launcher, an archive of the folder, the GGUF and a trailer
    (gemmachat/bundle.py). At its first start the launcher unpacks the program into the user cache
@@ -22,6 +26,7 @@ import os
 import shutil
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 from typing import BinaryIO
 
@@ -48,6 +53,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="the file to write (default: dist/gemma-chat)")
     parser.add_argument("--external-model", action="store_true",
                         help="leave the GGUF out; copy it beside the output, where the program loads it")
+    parser.add_argument("--llama", choices=("portable", "installed"), default="portable",
+                        help="the llama.cpp the file carries: 'portable' (default) runs on any CPU of "
+                             "this architecture, with the best kernels for it (built once and cached); "
+                             "'installed' is this environment's llama-cpp-python as it is (a CUDA build, say)")
     parser.add_argument("--work-dir", type=Path, default=ROOT / "build" / "pkg",
                         help="PyInstaller's and cmake's build folder (default: build/pkg)")
     return parser.parse_args(argv)
@@ -62,11 +71,30 @@ def default_model_file() -> tuple[Path, str]:
     return default_model(os.environ), package.MODEL_NAME
 
 
-def freeze(work: Path) -> Path:
-    """The one-folder build of the program (PyInstaller)."""
+def portable_llama(work: Path) -> Path:
+    """A folder holding the portable build's llama_cpp package, to put ahead of the installed one."""
+    sys.path.insert(0, str(HERE))
+    import llama_build
+
+    wheel, _ = llama_build.build(cuda=False, cuda_archs=llama_build.DEFAULT_CUDA_ARCHS, tools=False)
+    folder = work / "llama-portable"
+    shutil.rmtree(folder, ignore_errors=True)
+    with zipfile.ZipFile(wheel) as archive:
+        for item in archive.infolist():
+            if item.filename.startswith("llama_cpp/"):
+                archive.extract(item, folder)
+                (folder / item.filename).chmod(item.external_attr >> 16 or 0o644)
+    return folder
+
+
+def freeze(work: Path, llama_folder: Path | None) -> Path:
+    """The one-folder build of the program (PyInstaller), with llama_cpp from `llama_folder` if given."""
+    env = dict(os.environ)
+    if llama_folder:
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(llama_folder), env.get("PYTHONPATH")]))
     subprocess.run([sys.executable, "-m", "PyInstaller", "--noconfirm", "--log-level", "WARN",
                     "--distpath", str(work / "dist"), "--workpath", str(work / "build"),
-                    str(HERE / "gemma-chat.spec")], check=True)
+                    str(HERE / "gemma-chat.spec")], check=True, env=env)
     return work / "dist" / "gemma-chat"
 
 
@@ -138,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
             model, name = args.model, args.model.name
         else:
             model, name = default_model_file()
-        app = freeze(args.work_dir)
+        app = freeze(args.work_dir, portable_llama(args.work_dir) if args.llama == "portable" else None)
         launcher = compile_launcher(args.work_dir)
         output = pack(launcher, app, model, name, args.output, args.external_model)
     except UserError as error:

@@ -180,7 +180,10 @@ def build(cuda: bool, cuda_archs: str, tools: bool) -> tuple[Path, Path]:
 def _add_backend_modules(wheel: Path, build_dir: Path) -> None:
     """llama-cpp-python installs the libraries it names (ggml-cpu, ggml-cuda, ...), not the CPU
     variants (ggml-cpu-haswell, ...): write the wheel again with them in llama_cpp/lib."""
-    modules = sorted(build_dir.glob("bin/libggml-cpu-*.so"))
+    # libggml-cpu-haswell.so on Linux and macOS (CMake's suffix for modules), ggml-cpu-haswell.dll
+    # on Windows, under bin/ or the Visual Studio generator's bin/Release/.
+    modules = sorted(path for pattern in ("bin/*ggml-cpu-*.so", "bin/*ggml-cpu-*.dll", "bin/Release/ggml-cpu-*.dll")
+                     for path in build_dir.glob(pattern))
     if not modules:
         raise SystemExit(f"llama_build: no CPU backend variants in {build_dir}/bin")
     partial = wheel.with_suffix(".partial")
