@@ -1,12 +1,15 @@
-"""Start-up of the single file (packaging/build.py) against the source install.
+"""Start-up and speed of the single file (packaging/build.py) against the source install.
 
 Each case is timed in a fresh process: to the first byte of the completion of
 `--cli -p PROMPT -n 1 --temp 0` (start, model load, prompt, one token), to its exit, and `--help`.
-The single file is run once first so that its program and model are already unpacked into the
-cache: what is timed is every later start. If a --external variant is given (a file built with
---external-model, which carries no weights), it is timed too: its start against the embedded
-one's shows whether the start grows with the weights. The runs of each round alternate their
-order, because the machine is shared and its load drifts.
+The single file is run once first so that its program is already unpacked into the cache: what
+is timed is every later start. Its first start is timed too, each run with an empty cache folder
+(the program unpacked, the weights used in place). Generation speed (`-n 128 --ignore-eos`,
+llama.cpp's tokens/s as --verbose reports it) compares the kernels the single file picks at run
+time with the source install's, built for this CPU. If a --external variant is given (a file built
+with --external-model, which carries no weights), it is timed too: its start against the
+embedded one's shows whether the start grows with the weights. The runs of each round alternate
+their order, because the machine is shared and its load drifts.
 
 Usage:
     python bench/startup_single_file.py [--file dist/gemma-chat] [--external PATH] [--runs 7]
@@ -20,6 +23,7 @@ import datetime as _dt
 import json
 import os
 import platform
+import re
 import shutil
 import statistics
 import subprocess
@@ -43,6 +47,21 @@ def time_run(command: list[str], env: dict[str, str]) -> tuple[float, float]:
     if process.wait() != 0 or not first:
         raise SystemExit(f"startup_single_file: {command[0]} failed (exit {process.returncode})")
     return first_byte, time.perf_counter() - start
+
+
+def cpu_flags() -> str:
+    flags = set(Path("/proc/cpuinfo").read_text().split()) if Path("/proc/cpuinfo").exists() else set()
+    return " ".join(flag for flag in ("avx2", "avx512f", "avx512_vnni", "amx_int8") if flag in flags) or "unknown"
+
+
+def generation_speed(command: list[str], env: dict[str, str]) -> float:
+    """Tokens/s of 128 generated tokens, as llama.cpp's timers give them (--verbose)."""
+    run = subprocess.run(command + ["--cli", "-p", PROMPT, "-n", "128", "--ignore-eos", "--temp", "0", "--verbose"],
+                         capture_output=True, text=True, env=env, cwd=env["HOME"])
+    found = re.search(r"generated (\d+) tokens, ([\d.]+) tokens/s", run.stderr)
+    if run.returncode != 0 or not found:
+        raise SystemExit(f"startup_single_file: {command[0]} failed (exit {run.returncode}): {run.stderr[-500:]}")
+    return float(found[2])
 
 
 def main() -> int:
@@ -77,21 +96,31 @@ def measure(args: argparse.Namespace, work: Path) -> int:
     for command, env in programs.values():  # first starts: assemble or unpack, not timed
         time_run(command + cli, env)
 
-    samples: dict[str, dict[str, list[float]]] = {name: {"first_token": [], "cli_total": [], "help": []}
-                                                  for name in programs}
+    first_start = "single file, first start (empty cache)"
+    samples: dict[str, dict[str, list[float]]] = {name: {"first_token": [], "cli_total": [], "help": [],
+                                                         "tokens_per_s": []} for name in programs}
+    samples[first_start] = {"first_token": [], "cli_total": []}
     for round_ in range(args.runs):
-        order = list(programs) if round_ % 2 == 0 else list(reversed(programs))
-        for name in order:
-            command, env = programs[name]
-            first_token, total = time_run(command + cli, env)
+        order = [*programs, first_start]
+        for name in order if round_ % 2 == 0 else reversed(order):
+            if name == first_start:
+                fresh = work / f"fresh-cache-{round_}"
+                first_token, total = time_run(programs["single file"][0] + cli,
+                                              {**bare_env, "GEMMA_CHAT_CACHE_DIR": str(fresh)})
+                shutil.rmtree(fresh)
+            else:
+                command, env = programs[name]
+                first_token, total = time_run(command + cli, env)
+                samples[name]["help"].append(time_run(command + ["--help"], env)[1])
+                samples[name]["tokens_per_s"].append(generation_speed(command, env))
             samples[name]["first_token"].append(first_token)
             samples[name]["cli_total"].append(total)
-            samples[name]["help"].append(time_run(command + ["--help"], env)[1])
 
     medians = {name: {key: statistics.median(values) for key, values in measures.items()}
                for name, measures in samples.items()}
     ratios = {name: {key: medians[name][key] / medians["source"][key] for key in medians[name]}
-              for name in programs if name != "source"}
+              for name in medians if name != "source"}
+    first_to_later = {key: medians[first_start][key] / medians["single file"][key] for key in medians[first_start]}
     result = {
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "machine": f"{platform.machine()} {platform.system()}, {os.cpu_count()} cores, shared with other jobs",
@@ -102,6 +131,7 @@ def measure(args: argparse.Namespace, work: Path) -> int:
         "samples_s": samples,
         "medians_s": medians,
         "ratios_to_source": ratios,
+        "first_start_to_later_starts": first_to_later,
     }
     RESULTS_DIR.mkdir(exist_ok=True)
     (RESULTS_DIR / "startup_single_file.json").write_text(json.dumps(result, indent=2) + "\n")
@@ -109,18 +139,23 @@ def measure(args: argparse.Namespace, work: Path) -> int:
         "# Single-file start-up against the source install",
         "",
         f"{result['date']}, {result['machine']}, load average at the end {result['load_average_at_end'][0]:.1f}; "
-        f"median of {args.runs} runs, alternating order; single file {args.file.stat().st_size / 1e6:.0f} MB, "
-        "second and later starts (already unpacked).",
+        f"median of {args.runs} runs, alternating order; single file {args.file.stat().st_size / 1e6:.0f} MB; "
+        f"CPU {cpu_flags()}.",
         "",
-        "| program | first token (`--cli -n 1`) | `--cli -n 1` exit | `--help` |",
-        "| --- | --- | --- | --- |",
+        "| program | first token (`--cli -n 1`) | `--cli -n 1` exit | `--help` | generation, tokens/s |",
+        "| --- | --- | --- | --- | --- |",
     ]
-    for name in programs:
-        m = medians[name]
+    for name, m in medians.items():
         r = ratios.get(name)
-        cells = [f"{m[key]:.2f} s" + (f" ({r[key]:.2f}x)" if r else "") for key in ("first_token", "cli_total", "help")]
+        cells = [f"{m[key]:.2f} s" + (f" ({r[key]:.2f}x)" if r else "") if key in m else "–"
+                 for key in ("first_token", "cli_total", "help")]
+        speed = m.get("tokens_per_s")
+        cells.append("–" if speed is None else f"{speed:.1f}" + (f" ({r['tokens_per_s']:.2f}x)" if r else ""))
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines += ["", "Ratios are to the source install (`python -m gemmachat` from its virtual environment).",
+              f"First start (empty cache: the program unpacked, the weights used in place) against later "
+              f"starts: {first_to_later['first_token']:.2f}x to the first token, "
+              f"{first_to_later['cli_total']:.2f}x to the exit (target ≤ 1.3x).",
               "Command: `python bench/startup_single_file.py` (see its docstring)."]
     (RESULTS_DIR / "startup_single_file.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
