@@ -15,6 +15,11 @@ from gemmachat.settings import Settings, parse_settings
 def run(settings: Settings) -> int:
     if settings.mode == "cache-info":
         return cache.print_cache_info(settings.environ)
+    if settings.mode == "list-models":
+        from gemmachat import hub
+        from gemmachat.model_path import cache_dir
+
+        return hub.print_model_list(cache_dir(settings.environ))
     if settings.mode == "cli":
         from gemmachat import oneshot
 

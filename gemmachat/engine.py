@@ -881,8 +881,12 @@ def default_reply_limit(engine: Engine, n_predict: int) -> int:
 
 
 def renderer_for(engine: Engine, settings: Settings, template: Template) -> Renderer:
-    """The prompt renderer the settings ask for, bound to this model's tokens and template."""
-    return make_renderer(template, settings.jinja, engine.info.chat_template,
+    """The prompt renderer the settings ask for, bound to this model's tokens and template. Ours
+    is a Gemma template: another family's instruct model speaks through its own (sandboxed)
+    unless --template names one."""
+    foreign = (engine.info.chat_template is not None and settings.template == "gemma"
+               and not (engine.info.architecture or "").startswith("gemma"))
+    return make_renderer(template, settings.jinja or foreign, engine.info.chat_template,
                          bos_token=engine.token_text(engine.bos), eos_token=engine.token_text(engine.eos),
                          warn=warn)
 
@@ -894,7 +898,8 @@ def load_engine(settings: Settings, sequences: int = 1, shared_kv: bool = True, 
     from gemmachat.model_path import resolve_model
 
     llama_log.install(settings.verbose)
-    path, info, name = model or resolve_model(settings.model, settings.environ)
+    path, info, name = model or resolve_model(settings.model, settings.environ, hf_repo=settings.hf_repo,
+                                              hf_file=settings.hf_file)
     if settings.n_gpu_layers > 0 and not gpu_offload_supported():
         warn(no_gpu_message(settings.verbose))
     engine = Engine(path, info, EngineOptions.from_settings(settings, sequences, shared_kv, inline), name)

@@ -160,9 +160,14 @@ def _progress_bar(target: Path, total: int) -> Iterator[Callable[[int], None]]:
 
 
 def resolve_model(model: Path | None, environ: Mapping[str, str],
-                  progress: Callable[[str], None] | None = None) -> ModelFile:
+                  progress: Callable[[str], None] | None = None,
+                  hf_repo: str | None = None, hf_file: str | None = None) -> ModelFile:
     """The model to load and its validated header; UserError names any problem."""
     size: int | None = None  # the whole file
+    if hf_repo:
+        from gemmachat import hub
+
+        model = hub.resolve(hub.parse_spec(hf_repo, hf_file), cache_dir(environ), environ)
     if model:
         path, start, name = model, 0, model.name
     elif embedded := embedded_model(environ, progress):

@@ -309,7 +309,8 @@ def run_chat(settings: Settings, stdin: TextIO | None = None, stdout: TextIO | N
     if is_terminal and not printer.plain:
         # First, outside the spinner: the first start copies the model with a progress bar of its
         # own, which the spinner's live display would freeze at its first frame.
-        model = resolve_model(settings.model, settings.environ)
+        model = resolve_model(settings.model, settings.environ, hf_repo=settings.hf_repo,
+                               hf_file=settings.hf_file)
         with printer.console.status("loading model…"):
             engine = load_engine(settings, sequences, model=model)
     else:

@@ -49,8 +49,10 @@ class Sampling:
 
 @dataclass(frozen=True)
 class Settings:
-    mode: str  # "chat" (with background server), "chat-only", "cli", "server" or "cache-info"
+    mode: str  # "chat" (with background server), "chat-only", "cli", "server", "list-models" or "cache-info"
     model: Path | None
+    hf_repo: str | None
+    hf_file: str | None
     prompt: str | None
     prompt_file: Path | None
     system: str | None
@@ -170,12 +172,19 @@ def build_parser() -> argparse.ArgumentParser:
                        help="the interactive chat without the background server")
     modes.add_argument("--server", dest="mode", action="store_const", const="server",
                        help="only the OpenAI-compatible HTTP server")
+    modes.add_argument("--list-models", dest="mode", action="store_const", const="list-models",
+                       help="list the Gemma short names for -hf and the models downloaded with -hf, then exit")
     modes.add_argument("--cache-info", dest="mode", action="store_const", const="cache-info",
                        help="list what the user cache folder holds (unpacked programs, model copies) "
                             "and their sizes, then exit")
 
     model = parser.add_argument_group("model and prompt")
     model.add_argument("-m", "--model", type=Path, metavar="PATH", help="GGUF model file")
+    model.add_argument("-hf", "--hf-repo", metavar="USER/REPO[:QUANT]",
+                       help="a GGUF from Hugging Face, downloaded once into the cache (quantisation "
+                            "default Q4_K_M), or a short name such as gemma3:1b (--list-models); "
+                            "HF_TOKEN, HF_ENDPOINT and HF_HUB_OFFLINE apply")
+    model.add_argument("--hf-file", metavar="NAME", help="with -hf: the repository's file to use")
     model.add_argument("-p", "--prompt", metavar="TEXT",
                        help="--cli: the prompt (else -f, else stdin); chat: the system prompt "
                             f"(default: \"{DEFAULT_SYSTEM_PROMPT}\"; none for a base model, which "
@@ -263,6 +272,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_model(args: argparse.Namespace, argv: Sequence[str], environ: Mapping[str, str]) -> tuple[Path | None, str | None]:
+    """-m or -hf, whichever comes from the stronger source (flags, then environment, then config)."""
+    def on_command_line(*names: str) -> bool:
+        return any(word in names or word.startswith(tuple(f"{n}=" for n in names if n.startswith("--")))
+                   for word in argv)
+
+    if not args.hf_repo or not args.model:
+        return args.model, args.hf_repo
+    model_rank = 3 if on_command_line("-m", "--model") else 2 if environ.get("GEMMA_CHAT_MODEL") else 1
+    hf_rank = 3 if on_command_line("-hf", "--hf-repo") else 1
+    if model_rank == hf_rank:
+        where = "the command line" if model_rank == 3 else "the config file"
+        raise UserError(f"{where} gives both a model (-m) and a Hugging Face repository (-hf): give one")
+    return (args.model, None) if model_rank > hf_rank else (None, args.hf_repo)
+
+
 def parse_settings(argv: Sequence[str], environ: Mapping[str, str] | None = None,
                    warn: Callable[[str], None] = warn) -> Settings:
     environ = dict(os.environ if environ is None else environ)
@@ -282,9 +307,14 @@ def parse_settings(argv: Sequence[str], environ: Mapping[str, str] | None = None
         raise UserError("give the prompt with -p or -f, not both")
     if args.repeat_penalty <= 0:
         raise UserError("--repeat-penalty must be greater than 0")
+    if args.hf_file and not args.hf_repo:
+        raise UserError("--hf-file names a file of the repository given with -hf")
+    model, hf_repo = _one_model(args, argv, environ)
     return Settings(
         mode=mode,
-        model=args.model,
+        model=model,
+        hf_repo=hf_repo,
+        hf_file=args.hf_file if hf_repo else None,
         prompt=args.prompt,
         prompt_file=args.prompt_file,
         system=args.system,

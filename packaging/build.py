@@ -1,6 +1,6 @@
 """Build gemma-chat as one runnable file: the program, llama.cpp's libraries and a GGUF.
 
-    python packaging/build.py [--model PATH.gguf] [--external-model] [--llama portable|installed]
+    python packaging/build.py [--model PATH.gguf|hf:USER/REPO[:QUANT]] [--external-model] [--llama portable|installed]
                               [-o dist/gemma-chat]
 
 Three steps (docs/packaging.md explains the layout):
@@ -48,7 +48,9 @@ MODEL_ALIGNMENT = 1 << 16
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Build gemma-chat as one runnable file.")
-    parser.add_argument("--model", type=Path, help="the GGUF to carry (default: the default model package's)")
+    parser.add_argument("--model", metavar="PATH.gguf|hf:USER/REPO[:QUANT]",
+                        help="the GGUF to carry: a file, or one from Hugging Face as -hf takes it (downloaded "
+                             "once into the user cache); default: the default model package's")
     parser.add_argument("-o", "--output", type=Path, default=ROOT / "dist" / f"gemma-chat{SUFFIX}",
                         help="the file to write (default: dist/gemma-chat)")
     parser.add_argument("--external-model", action="store_true",
@@ -85,6 +87,22 @@ def portable_llama(work: Path) -> Path:
                 archive.extract(item, folder)
                 (folder / item.filename).chmod(item.external_attr >> 16 or 0o644)
     return folder
+
+
+def model_to_carry(spec: str | None) -> tuple[Path, str]:
+    """The GGUF for --model and the name it goes by: a file, hf:USER/REPO[:QUANT], or the default."""
+    if spec and spec.startswith("hf:"):
+        from gemmachat import hub
+        from gemmachat.model_path import cache_dir
+
+        model = hub.resolve(hub.parse_spec(spec[3:]), cache_dir(os.environ), os.environ)
+        return model, model.name
+    if spec:
+        model = Path(spec)
+        if not model.is_file():
+            raise UserError(f"no such model file: {model}")
+        return model, model.name
+    return default_model_file()
 
 
 def freeze(work: Path, llama_folder: Path | None) -> Path:
@@ -160,12 +178,7 @@ def _place_beside(model: Path, beside: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        if args.model:
-            if not args.model.is_file():
-                raise UserError(f"no such model file: {args.model}")
-            model, name = args.model, args.model.name
-        else:
-            model, name = default_model_file()
+        model, name = model_to_carry(args.model)
         app = freeze(args.work_dir, portable_llama(args.work_dir) if args.llama == "portable" else None)
         launcher = compile_launcher(args.work_dir)
         output = pack(launcher, app, model, name, args.output, args.external_model)

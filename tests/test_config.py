@@ -119,3 +119,23 @@ def test_help_documents_the_config_file(run_cli) -> None:
     result = run_cli("--help")
     text = " ".join(result.stdout.split())
     assert "$GEMMA_CHAT_CONFIG" in text and "config.toml" in text and "ctx-size = 4096" in text
+
+
+def test_one_model_source_wins_between_m_and_hf(tmp_path: Path) -> None:
+    config = tmp_path / "config.toml"
+    config.write_text('hf-repo = "gemma3:1b"\n')
+    # hf-repo in the config file is the model unless a stronger source names a file ...
+    def chosen(*argv: str, **environ: str) -> tuple[str | None, Path | None]:
+        settings = settings_with(config, "--cli", *argv, **environ)[0]
+        return settings.hf_repo, settings.model
+
+    assert chosen() == ("gemma3:1b", None)
+    assert chosen("-m", "x.gguf") == (None, Path("x.gguf"))
+    assert chosen(GEMMA_CHAT_MODEL="y.gguf") == (None, Path("y.gguf"))
+    # ... and -hf on the command line beats a file from the environment; both flags at once is an error.
+    assert chosen("-hf", "a/b", GEMMA_CHAT_MODEL="y.gguf") == ("a/b", None)
+    with pytest.raises(UserError, match="both a model"):
+        chosen("-hf", "a/b", "-m", "x.gguf")
+    config.write_text("")
+    with pytest.raises(UserError, match="--hf-file"):
+        chosen("--hf-file", "x.gguf")

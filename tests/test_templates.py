@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import jinja2
@@ -147,3 +148,29 @@ def test_jinja_raise_exception_is_a_refusal() -> None:
     with pytest.raises(TemplateRefused, match="alternate"):
         render_jinja(OFFICIAL, None, [Message("user", "a"), Message("user", "b")],
                      bos_token="<bos>", eos_token="<eos>")
+
+
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+@pytest.mark.parametrize(("architecture", "flags", "speaks"), [
+    ("llama", [], "chatml"),  # another family's instruct model: its own template
+    ("gemma3", [], "gemma"),  # a Gemma: ours, the official one
+    ("llama", ["--template", "llamafile"], "llamafile"),  # a template named on the command line wins
+])
+def test_the_template_follows_the_models_family(engine, architecture: str, flags: list[str], speaks: str) -> None:
+    from types import SimpleNamespace
+
+    from gemmachat.engine import renderer_for
+    from gemmachat.settings import parse_settings
+
+    metadata = {**engine.info.metadata, "general.architecture": architecture, "tokenizer.chat_template": CHATML}
+    # The real engine's tokens with another model's header: what renderer_for reads of a model.
+    model = SimpleNamespace(info=replace(engine.info, metadata=metadata), token_text=engine.token_text,
+                            bos=engine.bos, eos=engine.eos)
+    settings = parse_settings(["--cli", *flags], {})
+    text = prompt_text(renderer_for(model, settings, load_template(settings.template))(None, [Message("user", "Hi")]))
+    marker = {"chatml": "<|im_start|>user\nHi<|im_end|>", "gemma": "<start_of_turn>user\nHi<end_of_turn>",
+              "llamafile": "<start_of_turn>user\nHi"}[speaks]
+    assert marker in text and ("<|im_start|>" in text) == (speaks == "chatml")
