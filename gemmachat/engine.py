@@ -499,10 +499,9 @@ class Engine:
                 f"the prompt is {len(prompt)} tokens, but the context holds {self.n_ctx_seq} "
                 "(raise -c, or shorten the prompt)"
             )
-        job = _Job(sequence, self._sampler_chain(sampling, ignore_eos), max_tokens, ignore_eos, cancelled,
+        history = prompt[-sampling.repeat_last_n:] if sampling.repeat_last_n > 0 else []
+        job = _Job(sequence, self._sampler_chain(sampling, ignore_eos, history), max_tokens, ignore_eos, cancelled,
                    pending=list(prompt))
-        for token in prompt[-sampling.repeat_last_n:] if sampling.repeat_last_n > 0 else []:
-            llama.llama_sampler_accept(job.sampler, token)
         stats = Stats(prompt_tokens=len(prompt))
         tokens: list[int] = []
         with self._cond:
@@ -778,7 +777,7 @@ class Engine:
         else:
             job.next_token = token  # decoded at the next step
 
-    def _sampler_chain(self, sampling: Sampling, ignore_eos: bool) -> llama.llama_sampler_p:
+    def _sampler_chain(self, sampling: Sampling, ignore_eos: bool, history: list[int]) -> llama.llama_sampler_p:
         # The same chain, in the same order, as llama.cpp's common_sampler with default settings,
         # so that a seeded or greedy run gives llama-completion's tokens.
         chain = llama.llama_sampler_chain_init(llama.llama_sampler_chain_default_params())
@@ -795,10 +794,23 @@ class Engine:
                 chain, llama.llama_sampler_init_logit_bias(llama.llama_vocab_n_tokens(self._vocab), len(biases), array)
             )
         add = lambda sampler: llama.llama_sampler_chain_add(chain, sampler)  # noqa: E731
-        add(llama.llama_sampler_init_penalties(
+        if sampling.grammar:
+            # Before the truncating samplers: they then choose among the tokens the grammar allows,
+            # and the output stays inside its language whatever the temperature.
+            grammar = llama.llama_sampler_init_grammar(self._vocab, sampling.grammar.encode("utf-8"), b"root")
+            if not grammar:
+                llama.llama_sampler_free(chain)
+                raise UserError(f"llama.cpp refused the grammar: {llama_log.last_error() or 'it does not parse'}")
+            add(grammar)
+        penalties = llama.llama_sampler_init_penalties(
             llama.llama_vocab_n_tokens(self._vocab), sampling.repeat_last_n, sampling.repeat_penalty,
             sampling.frequency_penalty, sampling.presence_penalty,
-        ))
+        )
+        # The prompt's last tokens count for the penalties (as llama.cpp's common_sampler); only
+        # the penalties sampler sees them: the grammar describes the reply, not the prompt.
+        for token in history:
+            llama.llama_sampler_accept(penalties, token)
+        add(penalties)
         add(llama.llama_sampler_init_top_k(sampling.top_k))
         add(llama.llama_sampler_init_top_p(sampling.top_p, 0))
         add(llama.llama_sampler_init_min_p(sampling.min_p, 0))

@@ -14,6 +14,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic_core import ErrorDetails
 
+from gemmachat.structured import JSON_OBJECT_SCHEMA, SchemaRefused, check_grammar, grammar_for_schema
+
 MAX_STOPS = 16
 
 # Fields whose numbers must be finite: JSON parsers in Python accept NaN and Infinity.
@@ -120,6 +122,17 @@ class ChatMessage(_Strict):
         return "".join(pieces)
 
 
+def _grammar(*, param: str, grammar: str | None = None, schema: object = None) -> str | None:
+    if grammar is not None and schema is not None:
+        raise ApiError(400, "give grammar or json_schema, not both", code="invalid_value", param=param)
+    try:
+        if grammar is not None:
+            return check_grammar(grammar)
+        return None if schema is None else grammar_for_schema(schema)
+    except SchemaRefused as refused:
+        raise ApiError(400, str(refused), code="unsupported_value", param=param) from None
+
+
 class StreamOptions(_Strict):
     include_usage: bool = False
 
@@ -145,6 +158,13 @@ class _Generation(_Strict):
         "reuse what the slot's KV cache holds of this prompt (llama.cpp's option); false evaluates the "
         "prompt from scratch, which makes temperature-0 output independent of earlier requests"))
     ignore_eos: bool = Field(False, description="never end at an end-of-generation token (llama.cpp's option)")
+    grammar: str | None = Field(None, description="a llama.cpp GBNF grammar the output must follow (llama.cpp's option)")
+    json_schema: dict[str, Any] | None = Field(None, description=(
+        "a JSON schema the output must be valid under (llama.cpp's option; see response_format)"))
+
+    def output_grammar(self) -> str | None:
+        """The grammar this request constrains its output with, if any."""
+        return _grammar(grammar=self.grammar, schema=self.json_schema, param="json_schema")
 
     def stops(self) -> tuple[str, ...]:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -174,9 +194,21 @@ class ChatCompletionRequest(_Generation):
             raise ApiError(400, "logprobs are not supported", code="unsupported_value", param="logprobs")
         if self.tools:
             raise ApiError(400, "tools are not supported", code="unsupported_value", param="tools")
-        if self.response_format and self.response_format.get("type", "text") != "text":
-            raise ApiError(400, "only the text response_format is supported", code="unsupported_value",
-                           param="response_format")
+
+    def output_grammar(self) -> str | None:
+        kind = (self.response_format or {}).get("type", "text")
+        if kind == "text":
+            return super().output_grammar()
+        if kind == "json_object":
+            return _grammar(schema=JSON_OBJECT_SCHEMA, param="response_format")
+        if kind == "json_schema":
+            spec = self.response_format.get("json_schema")
+            if not isinstance(spec, dict) or "schema" not in spec:
+                raise ApiError(400, "response_format json_schema needs {\"json_schema\": {\"name\": ..., \"schema\": {...}}}",
+                               code="invalid_value", param="response_format")
+            return _grammar(schema=spec["schema"], param="response_format")
+        raise ApiError(400, f"response_format type {kind!r} is not one of text, json_object, json_schema",
+                       code="invalid_value", param="response_format")
 
     def token_limit(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens

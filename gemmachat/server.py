@@ -263,6 +263,9 @@ class ServerCore:
                                        code="invalid_value", param="logit_bias")
                 biases.append((token, float(bias)))
             changes["logit_bias"] = tuple(biases)
+        grammar = body.output_grammar()
+        if grammar is not None:
+            changes["grammar"] = grammar
         return replace(self.settings.sampling, **changes)
 
     def detokenize(self, tokens: list[int]) -> str:

@@ -17,6 +17,7 @@ from typing import Callable, Mapping, Sequence
 from gemmachat import __version__
 from gemmachat.config import CONFIG_ENV, apply_config, config_path, read_config
 from gemmachat.errors import UserError, warn
+from gemmachat.structured import grammar_from_flags
 from gemmachat.threads import usable_cpus
 
 DEFAULT_CTX_CAP = 8192
@@ -45,6 +46,7 @@ class Sampling:
     presence_penalty: float = 0.0
     seed: int = LLAMA_DEFAULT_SEED
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token, bias) pairs, as OpenAI's logit_bias
+    grammar: str | None = None  # GBNF the output must follow (gemmachat/structured.py)
 
 
 @dataclass(frozen=True)
@@ -246,6 +248,11 @@ def build_parser() -> argparse.ArgumentParser:
                           help="(default 1.0 = off)")
     sampling.add_argument("--repeat-last-n", type=_whole_number, default=64, metavar="N",
                           help="tokens the penalties look back on (default 64)")
+    sampling.add_argument("--json-schema", metavar="SCHEMA|@FILE",
+                          help="the output is JSON valid under this JSON schema (keywords that cannot be "
+                               "enforced are refused by name)")
+    sampling.add_argument("--grammar", metavar="GBNF", help="the output follows this llama.cpp grammar")
+    sampling.add_argument("--grammar-file", type=Path, metavar="FILE", help="--grammar, read from a file")
     sampling.add_argument("--presence-penalty", type=_number, default=0.0, metavar="X")
     sampling.add_argument("--frequency-penalty", type=_number, default=0.0, metavar="X")
     sampling.add_argument("--seed", type=_whole_number, default=-1, metavar="N",
@@ -344,6 +351,7 @@ def parse_settings(argv: Sequence[str], environ: Mapping[str, str] | None = None
             frequency_penalty=args.frequency_penalty,
             presence_penalty=args.presence_penalty,
             seed=LLAMA_DEFAULT_SEED if args.seed < 0 else args.seed,
+            grammar=grammar_from_flags(args.json_schema, args.grammar, args.grammar_file),
         ),
         verbose=args.verbose,
         nologo=args.nologo,

@@ -1,0 +1,172 @@
+"""Structured output: JSON schemas and grammars, enforced by llama.cpp's grammar sampler.
+
+The real model at temperature 1 (the hardest case for a constraint), the real server, the
+official openai SDK's `parse` with pydantic models, and jsonschema as the judge.
+"""
+
+from __future__ import annotations
+
+import datetime
+import enum
+import json
+import uuid
+from pathlib import Path
+from typing import Iterator, Literal, Optional
+
+import jsonschema
+import openai
+import pydantic
+import pytest
+from pydantic import BaseModel, Field
+from test_server import ServerProcess
+
+from gemmachat.structured import SchemaRefused, grammar_for_schema
+
+Name = Field(max_length=24)  # the base model could otherwise write one string to the token limit
+
+
+class Colour(str, enum.Enum):
+    red = "red"
+    green = "green"
+    blue = "blue"
+
+
+class Point(BaseModel):
+    x: int
+    y: int
+
+
+class Person(BaseModel):
+    name: str = Name
+    age: int
+
+
+class Circle(BaseModel):
+    kind: Literal["circle"]
+    radius: int
+
+
+class Square(BaseModel):
+    kind: Literal["square"]
+    side: int
+
+
+SCHEMAS: list[type[BaseModel]] = [
+    Point,
+    Person,
+    pydantic.create_model("Flag", on=(bool, ...)),
+    pydantic.create_model("Price", amount=(float, ...), currency=(Literal["EUR", "USD"], ...)),
+    pydantic.create_model("Paint", colour=(Colour, ...)),
+    pydantic.create_model("Maybe", nickname=(Optional[str], Field(max_length=24))),
+    pydantic.create_model("Tags", tags=(list[str], Field(max_length=3)), count=(int, ...)),
+    pydantic.create_model("Line", start=(Point, ...), end=(Point, ...)),
+    pydantic.create_model("Team", members=(list[Person], Field(max_length=2))),
+    pydantic.create_model("Event", day=(datetime.date, ...)),
+    pydantic.create_model("Stamp", at=(datetime.datetime, ...)),
+    pydantic.create_model("Ticket", id=(uuid.UUID, ...)),
+    pydantic.create_model("Code", code=(str, Field(pattern=r"^[A-Z]{3}-[0-9]{2}$"))),
+    pydantic.create_model("Pair", pair=(tuple[int, str], ...)),
+    pydantic.create_model("Either", value=(int | bool, ...)),
+    pydantic.create_model("Const", kind=(Literal["circle"], ...), radius=(int, ...)),
+    pydantic.create_model("Nested", outer=(pydantic.create_model("Inner", inner=(Person, ...)), ...)),
+    pydantic.create_model("Shape", shape=(Circle | Square, ...)),
+    pydantic.create_model("Matrix", rows=(list[list[int]], Field(max_length=2))),
+    pydantic.create_model("Record", title=(str, Name), done=(bool, ...), rank=(Optional[int], ...),
+                          colour=(Colour, ...)),
+]
+
+
+@pytest.fixture(scope="module")
+def server(server_env: dict[str, str], model_path: Path) -> Iterator[ServerProcess]:
+    running = ServerProcess(server_env)
+    yield running
+    running.stop()
+
+
+@pytest.fixture(scope="module")
+def client(server: ServerProcess) -> openai.OpenAI:
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+@pytest.mark.parametrize("model", SCHEMAS, ids=[model.__name__ for model in SCHEMAS])
+def test_parse_returns_a_valid_object_at_temperature_1(client: openai.OpenAI, model: type[BaseModel]) -> None:
+    completion = client.chat.completions.parse(
+        model="gemma", response_format=model, temperature=1.0, max_tokens=400, seed=7,
+        messages=[{"role": "user", "content": f"Give an example {model.__name__} as JSON."}])
+    message = completion.choices[0].message
+    assert completion.choices[0].finish_reason == "stop", message.content
+    assert isinstance(message.parsed, model), message.content
+
+
+def test_json_object_is_any_object_streamed_too(client: openai.OpenAI) -> None:
+    stream = client.chat.completions.create(
+        model="gemma", response_format={"type": "json_object"}, temperature=1.0, max_tokens=300, seed=3,
+        stream=True, messages=[{"role": "user", "content": "Describe a cat as JSON."}])
+    text = "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices)
+    assert isinstance(json.loads(text), dict), text
+
+
+def test_completions_take_llama_cpp_grammar_and_json_schema(server: ServerProcess) -> None:
+    status, body = server.request("POST", "/v1/completions", {
+        "prompt": "Is the sky blue? Answer:", "max_tokens": 8, "temperature": 1.0,
+        "grammar": 'root ::= " yes" | " no"'})
+    assert status == 200 and body["choices"][0]["text"] in (" yes", " no"), body
+    schema = {"type": "array", "items": {"type": "integer"}, "minItems": 2, "maxItems": 4}
+    status, body = server.request("POST", "/v1/completions", {
+        "prompt": "Some numbers:", "max_tokens": 60, "temperature": 1.0, "json_schema": schema})
+    assert status == 200, body
+    jsonschema.validate(json.loads(body["choices"][0]["text"]), schema)
+
+
+@pytest.mark.parametrize(("schema", "named"), [
+    ({"type": "integer", "minimum": 3}, "'minimum'"),
+    ({"type": "string", "format": "email"}, "'email'"),
+    ({"type": "object", "patternProperties": {"^x": {"type": "string"}}}, "'patternProperties'"),
+    ({"$ref": "https://example.com/schema.json"}, "local $ref"),
+    ({"type": "wat"}, "unknown type"),
+    # The converter would pass over a constraint beside the branch it takes: refused, not dropped.
+    ({"anyOf": [{"type": "integer"}, {"type": "string"}], "maxLength": 24}, "'maxLength'"),
+    ({"type": "string", "pattern": "^a+$", "maxLength": 3}, "'maxLength'"),
+])
+def test_a_constraint_that_cannot_be_enforced_is_a_400_naming_it(server: ServerProcess, schema: dict,
+                                                                   named: str) -> None:
+    status, body = server.request("POST", "/v1/chat/completions", {
+        "messages": [{"role": "user", "content": "hi"}],
+        "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}})
+    assert status == 400 and body["error"]["param"] == "response_format", body
+    assert named in body["error"]["message"]
+
+
+def test_pathological_schemas_and_grammars_are_refused_quickly(server: ServerProcess) -> None:
+    deep: dict = {"type": "integer"}
+    for _ in range(200):
+        deep = {"type": "array", "items": deep}
+    with pytest.raises(SchemaRefused, match="nests deeper"):
+        grammar_for_schema(deep)
+    wide = {"enum": list(range(10_000))}
+    with pytest.raises(SchemaRefused, match="more than"):
+        grammar_for_schema({"type": "object", "properties": {f"p{i}": wide for i in range(6_000)}})
+    # Grammars llama.cpp cannot parse (or would recurse on forever) are a 400, never a stuck slot.
+    for grammar in ("root ::= root", "root ::= ( ", "not a grammar"):
+        status, body = server.request("POST", "/v1/completions", {"prompt": "x", "max_tokens": 4, "grammar": grammar})
+        assert status == 400, (grammar, body)
+    status, _ = server.request("POST", "/v1/completions", {"prompt": "x", "max_tokens": 2})
+    assert status == 200, "the server still answers"
+
+
+def test_cli_json_schema_and_grammar_flags(run_cli, tmp_path: Path) -> None:
+    schema = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 20},
+                                               "tags": {"type": "array", "items": {"enum": ["a", "b"]}, "maxItems": 3}},
+              "required": ["name", "tags"], "additionalProperties": False}
+    (tmp_path / "schema.json").write_text(json.dumps(schema))
+    for seed in (1, 2, 3):
+        result = run_cli("--cli", "-p", "A record as JSON:", "-n", "200", "--temp", "1", "--seed", str(seed),
+                         "--json-schema", f"@{tmp_path / 'schema.json'}")
+        assert result.returncode == 0, result.stderr
+        jsonschema.validate(json.loads(result.stdout), schema)
+    answer = run_cli("--cli", "-p", "Answer:", "-n", "8", "--temp", "0", "--grammar", 'root ::= "yes" | "no"')
+    assert answer.returncode == 0 and answer.stdout in ("yes", "no"), answer.stderr
+    refused = run_cli("--cli", "-p", "x", "--json-schema", '{"type": "integer", "maximum": 3}')
+    assert refused.returncode == 2 and "'maximum'" in refused.stderr and len(refused.stderr.splitlines()) == 1
+    both = run_cli("--cli", "-p", "x", "--grammar", "root ::= \"a\"", "--json-schema", "{}")
+    assert both.returncode == 2 and "give one of" in both.stderr
