@@ -14,6 +14,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic_core import ErrorDetails
 
+from gemmachat.errors import one_line
+
 MAX_STOPS = 16
 
 # Fields whose numbers must be finite: JSON parsers in Python accept NaN and Infinity.
@@ -35,12 +37,6 @@ class ApiError(Exception):
 
     def body(self) -> dict[str, Any]:
         return error_body(self.message, self.type, self.code, self.param)
-
-
-def one_line(text: str, limit: int = 500) -> str:
-    """A message that quotes request text (a field name, say) stays one printable line."""
-    text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
-    return text if len(text) <= limit else text[:limit] + "…"
 
 
 def error_body(message: str, type: str = "invalid_request_error", code: str | None = None,

@@ -36,11 +36,13 @@ from starlette.types import ASGIApp, Message as AsgiMessage, Receive, Scope, Sen
 from gemmachat import __version__, fatal, openai_api as api
 from gemmachat.engine import (Engine, PromptTooLong, common_prefix, default_reply_limit, Sequence, Stats,
                               load_engine, renderer_for)
-from gemmachat.errors import UserError
+from gemmachat.errors import UserError, escaped, one_line, report
 from gemmachat.settings import LLAMA_DEFAULT_SEED, Sampling, Settings
 from gemmachat.templates import Message, Segment, load_template, to_tokens
 
 DEFAULT_MAX_BODY = 10 * 1024 * 1024
+# The longest URL path (with its query) an access log line shows.
+PATH_LOG_LIMIT = 1000
 SHUTDOWN_SECONDS = 3.0  # how long in-flight work gets to wind down once cancelled
 LogFn = Callable[[str], None]
 
@@ -165,7 +167,7 @@ class ServerCore:
             raise ValueError("the server needs at least one sequence")
         self.engine = engine
         self.settings = settings
-        self.log: LogFn = log or _stderr
+        self._sink: LogFn = log or _stderr
         self.verbose = settings.verbose
         self.api_key = settings.api_key
         self.max_body = max_body if max_body is not None else getattr(settings, "max_body_size", DEFAULT_MAX_BODY)
@@ -185,6 +187,11 @@ class ServerCore:
         self._lock = threading.Lock()  # guards _busy and _jobs, which worker threads touch
         self._busy: set[int] = set()
         self._jobs: set[Job] = set()
+
+    def log(self, line: str) -> None:
+        """Every line the server logs goes out here, escaped: what a client sent (a URL path with
+        %0A or %1b, an error quoting a field) can neither forge a log line nor reach the terminal."""
+        self._sink(escaped(line))
 
     # -- requests to prompts --
 
@@ -603,7 +610,7 @@ class Gatekeeper:
         client = scope.get("client")
         who = client[0] if client else "-"
         query = scope.get("query_string", b"")
-        path = scope["path"] + ("?" + query.decode("latin-1") if query else "")
+        path = one_line(scope["path"] + ("?" + query.decode("latin-1") if query else ""), PATH_LOG_LIMIT)
         line = f'{who} "{scope["method"]} {path}" {status or 499} {seconds:.2f}s'
         detail = scope.get("gemma.log")
         if detail:
@@ -1028,8 +1035,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return serve(parse_settings(["--server", *(sys.argv[1:] if argv is None else argv)]))
     except UserError as error:
-        print(f"gemma-chat: {error}", file=sys.stderr)
-        return error.status
+        return report(error)
     except KeyboardInterrupt:  # while loading, before the server handles signals
         print(file=sys.stderr)
         return 130

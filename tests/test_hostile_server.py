@@ -227,3 +227,17 @@ def test_no_request_can_name_a_file(server: ServerProcess, tmp_path: Path) -> No
         status, reply = server.request("POST", path, {"filename": str(target)})
         assert status in (404, 405), (path, status)
     assert not target.exists() and secret.read_text() == "TOP SECRET"
+
+
+def test_a_path_with_newlines_escapes_and_nul_stays_one_escaped_log_line(server: ServerProcess) -> None:
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
+        sock.sendall(b"GET /v1/models%0A127.0.0.1%20%22GET%20/forged%22%20200%1b[31m%00%0d%07 HTTP/1.1\r\n"
+                     b"Host: x\r\nConnection: close\r\n\r\n")
+        assert sock.recv(65536).startswith(b"HTTP/1.1 404")
+    deadline = time.monotonic() + 5
+    while not server.log_lines("/v1/models\\n") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    [line] = server.log_lines("/v1/models\\n")
+    assert '/forged" 200\\x1b[31m\\x00\\r\\x07" 404 ' in line, line
+    assert not [other for other in server.lines if other.startswith('127.0.0.1 "GET /forged')]
+    assert not any(char in "".join(server.lines) for char in "\x1b\x00\r\x07")
