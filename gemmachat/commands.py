@@ -18,11 +18,13 @@ from typing import TYPE_CHECKING, Callable
 from gemmachat import backends
 from gemmachat.conversation import Conversation
 from gemmachat.errors import UserError
+from gemmachat.safe_io import read_file, write_file
 
 if TYPE_CHECKING:
     from gemmachat.repl import Chat
 
 UPLOAD_LIMIT_BYTES = 1 << 20
+MESSAGE_LIMIT = 10 << 20  # /edit's file: a message longer than any context is refused anyway
 
 
 class ExitChat(Exception):
@@ -183,7 +185,7 @@ def _edit(chat: Chat, argument: str) -> None:
             status = subprocess.call([*shlex.split(editor), str(path)])
         except OSError as error:
             raise UserError(f"cannot run the editor {editor!r}: {error.strerror}") from None
-        text = path.read_text(errors="replace")
+        text = read_file(path, MESSAGE_LIMIT, "a message may be").decode("utf-8", errors="replace")
     if status != 0 or not text.strip():
         chat.printer.info("nothing sent")
         return
@@ -195,13 +197,7 @@ def _edit(chat: Chat, argument: str) -> None:
 @command("upload", "/upload FILE", "share a text file with the model", takes_path=True)
 def _upload(chat: Chat, argument: str) -> None:
     path = _path_argument(argument, "/upload FILE")
-    try:
-        data = path.read_bytes()
-    except OSError as error:
-        raise UserError(f"cannot read {path}: {error.strerror}") from None
-    if len(data) > UPLOAD_LIMIT_BYTES:
-        raise UserError(f"{path} is {len(data) // 1024} KiB; /upload takes text files up to "
-                        f"{UPLOAD_LIMIT_BYTES // 1024} KiB")
+    data = read_file(path, UPLOAD_LIMIT_BYTES, "/upload takes text files")
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError:
@@ -235,10 +231,8 @@ def _load(chat: Chat, argument: str) -> None:
 def _dump(chat: Chat, argument: str) -> None:
     text = chat.session.dump()
     if argument:
-        from gemmachat.atomic import write_atomic
-
         path = Path(argument).expanduser()
-        write_atomic(path, text.encode("utf-8"))
+        write_file(path, text.encode("utf-8"), streams=True)  # /dump /dev/stdout, /dump FIFO
         chat.printer.info(f"wrote {len(text)} characters to {path}")
     else:
         chat.printer.text(text)

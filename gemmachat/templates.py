@@ -16,11 +16,13 @@ from pathlib import Path
 from typing import Callable, Protocol, Sequence
 
 from gemmachat.errors import UserError
+from gemmachat.safe_io import read_file
 
 ROLE_NAMES = {"user": "user", "assistant": "model", "model": "model", "system": "system"}
 _PLACEHOLDER = re.compile(r"\{\{(\w+)\}\}")
 # Candidates for special tokens in template text; the vocabulary decides which really are.
 _SPECIAL_CANDIDATE = re.compile(r"<[^<>\s]{1,64}>")
+TEMPLATE_LIMIT = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -74,9 +76,9 @@ def load_template(name_or_path: str) -> Template:
     if name_or_path.endswith(".toml") or "/" in name_or_path:
         path = Path(name_or_path)
         try:
-            source = path.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as error:
-            raise UserError(f"cannot read template {path}: {getattr(error, 'strerror', None) or error}") from None
+            source = read_file(path, TEMPLATE_LIMIT, "a template may be", name="template").decode("utf-8")
+        except UnicodeDecodeError:
+            raise UserError(f"cannot read template {path}: it is not UTF-8") from None
         name = path.stem
     else:
         if name_or_path not in builtin_names():
