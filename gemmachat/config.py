@@ -47,8 +47,10 @@ def read_config(path: Path, *, required: bool, warn: Callable[[str], None]) -> d
         return {}
     try:
         return tomllib.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as error:
-        reason = "not UTF-8" if isinstance(error, UnicodeDecodeError) else f"not valid TOML ({error})"
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError, RecursionError) as error:
+        reason = ("not UTF-8" if isinstance(error, UnicodeDecodeError) else
+                  "not valid TOML (nested too deeply)" if isinstance(error, RecursionError) else
+                  f"not valid TOML ({error})")
         aside = path.with_name(path.name + ".corrupt")
         try:
             os.replace(path, aside)

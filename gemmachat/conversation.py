@@ -103,6 +103,8 @@ class Conversation:
             document = json.loads(raw.decode("utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as error:
             raise UserError(f"cannot load {path}: not a gemma-chat conversation ({error})") from None
+        except RecursionError:  # [[[[... 200,000 deep: the parser's own limit, not a crash
+            raise UserError(f"cannot load {path}: not a gemma-chat conversation (nested too deeply)") from None
         return cls.from_document(document, str(path))
 
     @classmethod

@@ -97,6 +97,8 @@ def load_template(name_or_path: str) -> Template:
         )
     except (tomllib.TOMLDecodeError, KeyError) as error:
         raise UserError(f"template {name_or_path} is malformed: {error}") from None
+    except RecursionError:  # x = [[[... 50,000 deep
+        raise UserError(f"template {name_or_path} is malformed: nested too deeply") from None
     if "{{history}}" not in template.prompt:
         raise UserError(f"template {name_or_path}: `prompt` must contain {{{{history}}}}")
     return template

@@ -110,3 +110,24 @@ def test_reads_of_endless_sparse_fifo_and_device_files_are_refused_at_once(run_c
     assert run_cli("--cli", "-f", "/dev/stdin", "-n", "1", *GREEDY, input="Hello").returncode == 0
     endless = run_cli("--cli", "-n", "1", input=b"x" * ((10 << 20) + 1))
     assert endless.returncode == 2 and "stdin is more than 10240 KiB" in endless.stderr.decode()
+
+
+def test_deep_nesting_is_one_line_keeps_the_conversation_and_sets_a_config_aside(run_cli, tmp_path: Path) -> None:
+    deep_json = tmp_path / "deep.json"
+    deep_json.write_text('{"x": ' + "[" * 200_000 + "]" * 200_000 + "}")
+    deep_toml = "x = " + "[" * 50_000 + "]" * 50_000 + "\n"
+    dump = tmp_path / "dump.txt"
+    result = piped_chat(run_cli, f"Hello\n/load {deep_json}\n/dump {dump}\n")
+    assert f"cannot load {deep_json}: not a gemma-chat conversation (nested too deeply)" in result.stdout
+    assert "<start_of_turn>user\nHello<end_of_turn>" in dump.read_text(), "the conversation is kept"
+    template = tmp_path / "deep.toml"
+    template.write_text(deep_toml)
+    cli = run_cli("--cli", "-p", "x", "--template", str(template))
+    assert cli.returncode == 2 and cli.stderr == f"gemma-chat: template {template} is malformed: nested too deeply\n"
+    config = tmp_path / "config.toml"
+    config.write_text(deep_toml)
+    cli = run_cli("--cli", "-p", "Hi", "-n", "1", *GREEDY, env={"GEMMA_CHAT_CONFIG": str(config)})
+    assert cli.returncode == 0 and "Traceback" not in cli.stderr, cli.stderr
+    assert cli.stderr == (f"gemma-chat: config file {config} is not valid TOML (nested too deeply); moved it to "
+                          f"{config}.corrupt and started without it\n")
+    assert not config.exists() and Path(f"{config}.corrupt").read_text() == deep_toml
