@@ -603,7 +603,8 @@ class Gatekeeper:
                         await _drain(receive, 4 * core.max_body)
                     await _error(send, scope, _too_large(core.max_body))
                     return
-            receive = _replay(bytes(body), receive)
+            # Every string a client sends is text we can answer with: no lone surrogates.
+            receive = _replay(api.replace_lone_surrogates(bytes(body)), receive)
         await self.app(scope, receive, send)
 
     def _log(self, scope: Scope, status: int, seconds: float) -> None:

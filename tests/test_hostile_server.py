@@ -241,3 +241,23 @@ def test_a_path_with_newlines_escapes_and_nul_stays_one_escaped_log_line(server:
     assert '/forged" 200\\x1b[31m\\x00\\r\\x07" 404 ' in line, line
     assert not [other for other in server.lines if other.startswith('127.0.0.1 "GET /forged')]
     assert not any(char in "".join(server.lines) for char in "\x1b\x00\r\x07")
+
+
+def test_lone_surrogates_in_any_string_read_as_replacement_characters(server: ServerProcess) -> None:
+    # json.dumps writes them as escapes ("\ud800"), as a hostile client would.
+    status, reply = server.request("POST", "/v1/completions", {"prompt": "A\ud800B", "max_tokens": 2, "echo": True})
+    assert status == 200 and reply["choices"][0]["text"].startswith("A\ufffdB"), reply
+    status, body = raw_request(server.port, "POST", "/v1/completions",
+                               {"prompt": "A\udc00B", "max_tokens": 2, "echo": True, "stream": True,
+                                "stop": ["\ud800"], "user": "\udfff"})
+    assert status == 200 and body.rstrip().endswith(b"data: [DONE]"), body
+    assert "A\ufffdB" in json.loads(body.split(b"\n")[0][len(b"data: "):])["choices"][0]["text"]
+    status, reply = server.request("POST", "/v1/chat/completions", {
+        "messages": [{"role": "user\ud800", "content": "x"}], "max_tokens": 1})
+    assert status == 400 and "user\ufffd" in reply["error"]["message"], reply
+    status, reply = server.request("POST", "/v1/chat/completions", {
+        "messages": [{"role": "user", "content": [{"type": "text", "text": "\ud83d\ude00 \ud83d"}]}], "max_tokens": 1})
+    assert status == 200, reply
+    status, reply = server.request("POST", "/tokenize", {"content": "\\ud800 \ud800", "with_pieces": True})
+    assert status == 200 and "".join(piece["piece"] for piece in reply["tokens"]) == "\\ud800 \ufffd", reply
+    assert not [line for line in server.lines if "Traceback" in line or " 500 " in line]
