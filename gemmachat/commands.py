@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Callable
 
 from gemmachat import backends
 from gemmachat.conversation import Conversation
-from gemmachat.errors import UserError
+from gemmachat.errors import PromptTooLong, UserError
 from gemmachat.safe_io import read_file, write_file
 
 if TYPE_CHECKING:
@@ -205,9 +205,11 @@ def _upload(chat: Chat, argument: str) -> None:
     if not text.strip() or "\x00" in text:
         raise UserError(f"{path} is not a text file (or it is empty)")
     content = f"{path.name}:\n```\n{text.rstrip()}\n```"
-    needed = len(chat.session.engine.tokenize(content))
-    if needed >= chat.session.context_size:
-        raise UserError(f"{path} is {needed} tokens; the context holds {chat.session.context_size}")
+    size = chat.session.context_size
+    try:
+        needed = len(chat.session.engine.tokenize(content, limit=size - 1))
+    except PromptTooLong:
+        raise UserError(f"{path} is {size} tokens or more; the context holds {size}") from None
     chat.session.say(content)
     chat.printer.info(f"uploaded {path.name} ({needed} tokens)")
 
@@ -248,8 +250,13 @@ def _path_argument(argument: str, usage: str) -> Path:
 
 @command("context", "/context", "how much of the context window is used")
 def _context(chat: Chat, argument: str) -> None:
-    used = chat.session.context_used()
     total = chat.session.context_size
+    try:
+        used = chat.session.context_used()
+    except PromptTooLong:
+        chat.printer.text(f"context: the conversation is more than the {total} tokens it holds; the oldest "
+                          "messages are dropped at the next reply")
+        return
     width = 30
     filled = min(width, round(width * used / total))
     bar = "#" * filled + "." * (width - filled)

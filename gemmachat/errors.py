@@ -19,6 +19,11 @@ class UserError(Exception):
         self.status = status
 
 
+class PromptTooLong(UserError):
+    """Text that does not fit in the context: refused before it is tokenized whole, or before it is
+    evaluated."""
+
+
 def escaped(text: str, keep: str = "") -> str:
     """`text` with each control character written as its Python escape (\\x1b, \\n, \\x00), except
     those in `keep`: text from a request, a model or a file can then neither forge a log line nor

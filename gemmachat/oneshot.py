@@ -38,7 +38,7 @@ def run(settings: Settings) -> int:
             segments = renderer_for(engine, settings, template)(settings.system, [Message("user", prompt)], True)
         else:
             segments = [Segment(prompt, trusted=False)]
-        tokens = to_tokens(engine, segments, special=settings.special)
+        tokens = to_tokens(engine, segments, special=settings.special, limit=engine.n_ctx_seq)
         # From the first token on, ctrl-c ends through KeyboardInterrupt: what was printed stays.
         fatal.interrupts_to_python()
         generation = engine.generate(

@@ -34,9 +34,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message as AsgiMessage, Receive, Scope, Send
 
 from gemmachat import __version__, fatal, openai_api as api
-from gemmachat.engine import (Engine, PromptTooLong, common_prefix, default_reply_limit, Sequence, Stats,
+from gemmachat.engine import (Engine, EngineClosed, common_prefix, default_reply_limit, Sequence, Stats,
                               load_engine, renderer_for)
-from gemmachat.errors import UserError, escaped, one_line, report
+from gemmachat.errors import PromptTooLong, UserError, escaped, one_line, report
 from gemmachat.settings import LLAMA_DEFAULT_SEED, Sampling, Settings
 from gemmachat.templates import Message, Segment, load_template, to_tokens
 
@@ -217,7 +217,7 @@ class ServerCore:
             segments = self.render(system, [Message(role, text) for role, text in messages], True)
         except UserError as error:
             raise api.ApiError(400, str(error), code="invalid_value", param="messages") from None
-        return to_tokens(self.engine, segments, special=self.settings.special)
+        return to_tokens(self.engine, segments, special=self.settings.special, limit=self.engine.n_ctx_seq)
 
     def completion_prompt(self, body: api.CompletionRequest) -> tuple[list[int], str]:
         prompt = body.prompt
@@ -226,9 +226,13 @@ class ServerCore:
             self.check_tokens(tokens, "prompt")
             return tokens, self.detokenize(tokens) if body.echo else ""
         text = prompt if isinstance(prompt, str) else str(prompt[0])
-        return to_tokens(self.engine, [Segment(text, trusted=False)], special=self.settings.special), text
+        return to_tokens(self.engine, [Segment(text, trusted=False)], special=self.settings.special,
+                         limit=self.engine.n_ctx_seq), text
 
     def check_tokens(self, tokens: list[int], param: str) -> None:
+        if len(tokens) > self.engine.n_ctx_seq:
+            raise api.ApiError(400, f"{len(tokens)} tokens are more than the {self.engine.n_ctx_seq} the context "
+                               "holds", code="context_length_exceeded", param=param)
         bad = next((token for token in tokens if not 0 <= token < self.n_vocab), None)
         if bad is not None:
             raise api.ApiError(400, f"token {bad} is not in the vocabulary (0..{self.n_vocab - 1})",
@@ -293,7 +297,7 @@ class ServerCore:
         Raises ClientGone if the client leaves while waiting.
         """
         if self.closing:
-            raise api.ApiError(503, "the server is shutting down", code="shutting_down")
+            raise _shutting_down()
         job.watcher = asyncio.create_task(self._watch(request, job))
         acquire = asyncio.create_task(self.slots.acquire(job.prompt))
         queued = time.perf_counter()
@@ -312,7 +316,7 @@ class ServerCore:
             sequence = acquire.result()
         except ServerClosing:
             job.stop_watching()
-            raise api.ApiError(503, "the server is shutting down", code="shutting_down") from None
+            raise _shutting_down() from None
         job.waited = time.perf_counter() - queued
         job.seq_id = sequence.seq_id
         with self._lock:
@@ -347,6 +351,8 @@ class ServerCore:
             final = self._generate(job, sequence, put)
         except PromptTooLong as error:
             final = ("error", api.ApiError(400, str(error), code="context_length_exceeded"))
+        except EngineClosed:
+            final = ("error", _shutting_down())
         except UserError as error:
             final = ("error", api.ApiError(400, str(error)))
         except BaseException as error:  # noqa: BLE001 - reported to the client, and logged
@@ -496,19 +502,17 @@ class ServerCore:
             except RuntimeError:
                 pass
 
-    def join_workers(self, timeout: float) -> bool:
-        """Wait for the worker threads to end; True when none is left."""
+    def join_workers(self, timeout: float) -> None:
+        """Wait up to `timeout` seconds for the worker threads to end (closing the engine then waits
+        for any call into llama.cpp they are still making)."""
         deadline = time.monotonic() + timeout
-        while True:
+        while time.monotonic() < deadline:
             with self._lock:
                 threads = [job.thread for job in self._jobs if job.thread is not None]
             if not threads:
-                return True
+                return
             for thread in threads:
                 thread.join(max(0.0, deadline - time.monotonic()))
-            if time.monotonic() >= deadline:
-                with self._lock:
-                    return not any(job.thread and job.thread.is_alive() for job in self._jobs)
 
     def health(self) -> dict[str, Any]:
         with self._lock:
@@ -625,6 +629,10 @@ class Gatekeeper:
             pass
 
 
+def _shutting_down() -> api.ApiError:
+    return api.ApiError(503, "the server is shutting down", code="shutting_down")
+
+
 def _too_large(limit: int) -> api.ApiError:
     return api.ApiError(413, f"the request body is larger than the limit of {limit} bytes",
                         code="request_too_large")
@@ -701,6 +709,15 @@ def create_app(core: ServerCore) -> FastAPI:
         for name, value in (error.headers or {}).items():
             response.headers[name] = value
         return response
+
+    # Text over the context, found while tokenizing it (a prompt, messages, /tokenize).
+    @app.exception_handler(PromptTooLong)
+    async def on_too_long(request: Request, error: PromptTooLong) -> JSONResponse:
+        return error_response(request, api.ApiError(400, str(error), code="context_length_exceeded"))
+
+    @app.exception_handler(EngineClosed)
+    async def on_closed(request: Request, error: EngineClosed) -> JSONResponse:
+        return error_response(request, _shutting_down())
 
     @app.exception_handler(ClientGone)
     async def on_client_gone(request: Request, error: ClientGone) -> Response:
@@ -813,7 +830,8 @@ def create_app(core: ServerCore) -> FastAPI:
               summary="Text to tokens (llama.cpp's shape)")
     async def tokenize(body: api.TokenizeRequest) -> Any:
         def work() -> dict[str, Any]:
-            tokens = core.engine.tokenize(body.content, special=body.parse_special, add_bos=body.add_special)
+            tokens = core.engine.tokenize(body.content, special=body.parse_special, add_bos=body.add_special,
+                                          limit=core.engine.n_ctx_seq)
             if body.with_pieces:
                 return {"tokens": [{"id": token, "piece": core.token_piece(token)} for token in tokens]}
             return {"tokens": tokens}
@@ -1020,12 +1038,11 @@ def serve(settings: Settings, log: LogFn | None = None) -> int:
         asyncio.run(_serve(core, server, sock))
     finally:
         core.shutdown()
-        finished = core.join_workers(SHUTDOWN_SECONDS)
+        core.join_workers(SHUTDOWN_SECONDS)
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         sock.close()
-        if finished:  # never free the model under a thread still decoding
-            engine.close()
+        engine.close()  # waits for calls into llama.cpp still running on other threads
     return 0
 
 

@@ -15,7 +15,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Callable, Protocol, Sequence
 
-from gemmachat.errors import UserError
+from gemmachat.errors import PromptTooLong, UserError
 from gemmachat.safe_io import read_file
 
 ROLE_NAMES = {"user": "user", "assistant": "model", "model": "model", "system": "system"}
@@ -59,8 +59,10 @@ Renderer = Callable[[str | None, Sequence[Message], bool], list[Segment]]
 class Tokenizer(Protocol):
     bos: int
     add_bos: bool
+    n_ctx: int
 
-    def tokenize(self, text: str, *, special: bool = False, add_bos: bool = False) -> list[int]: ...
+    def tokenize(self, text: str, *, special: bool = False, add_bos: bool = False,
+                 limit: int | None = None) -> list[int]: ...
 
     def special_token(self, text: str) -> int | None: ...
 
@@ -166,19 +168,29 @@ def prompt_text(segments: Sequence[Segment]) -> str:
 
 
 def to_tokens(tokenizer: Tokenizer, segments: Sequence[Segment], special: bool = False,
-              add_bos: bool = True) -> list[int]:
+              add_bos: bool = True, limit: int | None = None) -> list[int]:
     """Tokens for rendered segments: exactly one <bos>, special tokens only where trusted.
 
     Text between special tokens is tokenized as one piece whatever its trust, as llama.cpp does
-    for a whole prompt, so that our tokens equal llama.cpp's for the same text.
+    for a whole prompt, so that our tokens equal llama.cpp's for the same text. More than `limit`
+    tokens (default: the whole context) raise PromptTooLong, before the rest is tokenized.
     """
+    limit = tokenizer.n_ctx if limit is None else limit
     tokens = [tokenizer.bos] if add_bos and tokenizer.add_bos else []
     raw = ""
+
+    def flush() -> None:
+        nonlocal raw
+        if raw:
+            try:
+                tokens.extend(tokenizer.tokenize(raw, limit=max(0, limit - len(tokens))))
+            except PromptTooLong:
+                raise PromptTooLong(f"the prompt is more than {limit} tokens, more than the context holds") from None
+            raw = ""
+
     for segment in segments:
         if segment.tokens is not None:
-            if raw:
-                tokens += tokenizer.tokenize(raw)
-                raw = ""
+            flush()
             tokens += segment.tokens
             continue
         if not (segment.trusted or special):
@@ -190,14 +202,13 @@ def to_tokens(tokenizer: Tokenizer, segments: Sequence[Segment], special: bool =
             if token is None:
                 continue
             raw += segment.text[position:match.start()]
-            if raw:
-                tokens += tokenizer.tokenize(raw)
-                raw = ""
+            flush()
             tokens.append(token)
             position = match.end()
         raw += segment.text[position:]
-    if raw:
-        tokens += tokenizer.tokenize(raw)
+    flush()
+    if len(tokens) > limit:  # replayed replies and special tokens count too
+        raise PromptTooLong(f"the prompt is {len(tokens)} tokens, more than the {limit} the context holds")
     return tokens
 
 

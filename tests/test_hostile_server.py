@@ -261,3 +261,39 @@ def test_lone_surrogates_in_any_string_read_as_replacement_characters(server: Se
     status, reply = server.request("POST", "/tokenize", {"content": "\\ud800 \ud800", "with_pieces": True})
     assert status == 200 and "".join(piece["piece"] for piece in reply["tokens"]) == "\\ud800 \ufffd", reply
     assert not [line for line in server.lines if "Traceback" in line or " 500 " in line]
+
+
+# Texts that llama.cpp's tokenizer takes quadratic time on (each "\n", tab run, space run or tag is
+# a special token it splits the text at), and plain ones.
+HEAVY_TEXTS = {"s\\n\\n": "s\n\n", "tags": "<b>", "space runs": "  x", "tabs": "\t", "letters": "a", "words": "the cat "}
+
+
+def test_ten_mib_of_any_text_is_refused_within_seconds(server: ServerProcess) -> None:
+    limit = 10 * 1024 * 1024 - 200  # just under the body limit, with the JSON around it
+    timings = {}
+    for name, unit in HEAVY_TEXTS.items():
+        text = unit * (limit // (len(json.dumps(unit)) - 2))  # as long as the JSON escapes allow
+        bodies = {"/tokenize": {"content": text},
+                  "/v1/completions": {"prompt": text, "max_tokens": 1},
+                  "/v1/chat/completions": {"messages": [{"role": "user", "content": text}], "max_tokens": 1}}
+        for path, body in bodies.items():
+            data = json.dumps(body).encode()
+            started = time.monotonic()
+            status, reply = server.request("POST", path, data, timeout=60)
+            timings[name, path] = time.monotonic() - started
+            if not unit.isspace() or path != "/v1/chat/completions":
+                assert status == 400 and reply["error"]["code"] == "context_length_exceeded", (name, path, reply)
+            else:  # the Gemma template trims a message of tabs to nothing: answered
+                assert status == 200, reply
+    # Many small messages, and token lists, add up the same way.
+    many = json.dumps({"messages": [{"role": "user", "content": "s\n\n" * 1000}] * 1700, "max_tokens": 1})
+    tokens = json.dumps({"tokens": [2] * 3_000_000})
+    for path, data in (("/v1/chat/completions", many), ("/detokenize", tokens),
+                       ("/v1/completions", tokens.replace('"tokens"', '"prompt"'))):
+        started = time.monotonic()
+        status, reply = server.request("POST", path, data, timeout=60)
+        timings["many", path] = time.monotonic() - started
+        assert status == 400 and reply["error"]["code"] == "context_length_exceeded", (path, reply)
+    slowest = max(timings, key=timings.get)
+    assert timings[slowest] < 5, (slowest, timings)
+    answers_normally(server)
