@@ -386,8 +386,9 @@ class Engine:
         """
         limit = self.n_ctx if limit is None else limit
         data = text.encode("utf-8", errors="surrogatepass")
-        # A token stands for at least one byte (plus <bos> and a leading space), and for at most
-        # the longest token's bytes: text over limit * longest cannot fit.
+        # No token stands for more bytes than the longest one, so more bytes than the limit times
+        # that cannot fit (the vocabulary is searched for its longest token only once text is
+        # longer than `limit` bytes).
         if len(data) > limit and len(data) > limit * self.longest_token():
             raise PromptTooLong(f"the text is more than {limit} tokens, more than the context holds")
         if len(text) > COUNT_PIECE:
@@ -723,9 +724,10 @@ class Engine:
                 parts.append((job, [job.next_token]))
         # A prompt next to running generations goes in chunks, so that a long one delays their
         # next token by a chunk's worth of work, not by the whole prompt.
-        # Beside the scheduler, at most one ubatch (what llama.cpp computes at a time anyway) per
-        # step: a cancelled job (a client gone, the server stopping) then ends within one ubatch,
-        # not after a whole batch of prompts (4 s on a busy 2-core machine, past the shutdown time).
+        # On the scheduler thread (the chat, the server), at most one ubatch per step, which is what
+        # llama.cpp computes at a time anyway: a cancelled job (a client gone, the server stopping)
+        # then ends within one ubatch, not after a whole batch of prompts (4 s on a busy 2-core
+        # machine, past the shutdown time). Inline (--cli), the whole batch, as llama-completion.
         room = (self.n_batch if self._scheduler is None else self.n_ubatch) - len(parts)
         if parts:
             room = min(room, PROMPT_CHUNK)
