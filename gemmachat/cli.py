@@ -8,7 +8,7 @@ import sys
 from typing import Sequence
 
 from gemmachat import cache, fatal
-from gemmachat.errors import UserError
+from gemmachat.errors import UserError, report
 from gemmachat.settings import Settings, parse_settings
 
 
@@ -49,8 +49,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return run(parse_settings(sys.argv[1:] if argv is None else argv))
     except UserError as error:
-        print(f"gemma-chat: {error}", file=sys.stderr)
-        return error.status
+        return report(error)
     except KeyboardInterrupt:
         print(file=sys.stderr)
         return 130

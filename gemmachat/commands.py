@@ -17,12 +17,14 @@ from typing import TYPE_CHECKING, Callable
 
 from gemmachat import backends
 from gemmachat.conversation import Conversation
-from gemmachat.errors import UserError
+from gemmachat.errors import PromptTooLong, UserError
+from gemmachat.safe_io import read_file, write_file
 
 if TYPE_CHECKING:
     from gemmachat.repl import Chat
 
 UPLOAD_LIMIT_BYTES = 1 << 20
+MESSAGE_LIMIT = 10 << 20  # /edit's file: a message longer than any context is refused anyway
 
 
 class ExitChat(Exception):
@@ -183,7 +185,7 @@ def _edit(chat: Chat, argument: str) -> None:
             status = subprocess.call([*shlex.split(editor), str(path)])
         except OSError as error:
             raise UserError(f"cannot run the editor {editor!r}: {error.strerror}") from None
-        text = path.read_text(errors="replace")
+        text = read_file(path, MESSAGE_LIMIT, "a message may be").decode("utf-8", errors="replace")
     if status != 0 or not text.strip():
         chat.printer.info("nothing sent")
         return
@@ -195,13 +197,7 @@ def _edit(chat: Chat, argument: str) -> None:
 @command("upload", "/upload FILE", "share a text file with the model", takes_path=True)
 def _upload(chat: Chat, argument: str) -> None:
     path = _path_argument(argument, "/upload FILE")
-    try:
-        data = path.read_bytes()
-    except OSError as error:
-        raise UserError(f"cannot read {path}: {error.strerror}") from None
-    if len(data) > UPLOAD_LIMIT_BYTES:
-        raise UserError(f"{path} is {len(data) // 1024} KiB; /upload takes text files up to "
-                        f"{UPLOAD_LIMIT_BYTES // 1024} KiB")
+    data = read_file(path, UPLOAD_LIMIT_BYTES, "/upload takes text files")
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError:
@@ -209,9 +205,11 @@ def _upload(chat: Chat, argument: str) -> None:
     if not text.strip() or "\x00" in text:
         raise UserError(f"{path} is not a text file (or it is empty)")
     content = f"{path.name}:\n```\n{text.rstrip()}\n```"
-    needed = len(chat.session.engine.tokenize(content))
-    if needed >= chat.session.context_size:
-        raise UserError(f"{path} is {needed} tokens; the context holds {chat.session.context_size}")
+    size = chat.session.context_size
+    try:
+        needed = len(chat.session.engine.tokenize(content, limit=size - 1))
+    except PromptTooLong:
+        raise UserError(f"{path} is {size} tokens or more; the context holds {size}") from None
     chat.session.say(content)
     chat.printer.info(f"uploaded {path.name} ({needed} tokens)")
 
@@ -235,10 +233,8 @@ def _load(chat: Chat, argument: str) -> None:
 def _dump(chat: Chat, argument: str) -> None:
     text = chat.session.dump()
     if argument:
-        from gemmachat.atomic import write_atomic
-
         path = Path(argument).expanduser()
-        write_atomic(path, text.encode("utf-8"))
+        write_file(path, text.encode("utf-8"), streams=True)  # /dump /dev/stdout, /dump FIFO
         chat.printer.info(f"wrote {len(text)} characters to {path}")
     else:
         chat.printer.text(text)
@@ -254,8 +250,13 @@ def _path_argument(argument: str, usage: str) -> Path:
 
 @command("context", "/context", "how much of the context window is used")
 def _context(chat: Chat, argument: str) -> None:
-    used = chat.session.context_used()
     total = chat.session.context_size
+    try:
+        used = chat.session.context_used()
+    except PromptTooLong:
+        chat.printer.text(f"context: the conversation is more than the {total} tokens it holds; the oldest "
+                          "messages are dropped at the next reply")
+        return
     width = 30
     filled = min(width, round(width * used / total))
     bar = "#" * filled + "." * (width - filled)

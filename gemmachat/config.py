@@ -17,6 +17,7 @@ from typing import Callable, Mapping
 import platformdirs
 
 from gemmachat.errors import UserError
+from gemmachat.safe_io import MissingFile, read_file
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -24,6 +25,7 @@ else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
 CONFIG_ENV = "GEMMA_CHAT_CONFIG"
+CONFIG_LIMIT = 1 << 20
 # Flags that are not settings: they print something and exit.
 NOT_SETTINGS = ("help", "version")
 
@@ -38,19 +40,17 @@ def config_path(environ: Mapping[str, str]) -> Path:
 def read_config(path: Path, *, required: bool, warn: Callable[[str], None]) -> dict[str, object]:
     """The file's table; {} if there is none. A file that does not parse is renamed to *.corrupt."""
     try:
-        data = path.read_bytes()
-    except FileNotFoundError:
+        data = read_file(path, CONFIG_LIMIT, "a config file may be", name="config file")
+    except MissingFile:
         if required:
             raise UserError(f"config file {path} (from ${CONFIG_ENV}) does not exist") from None
         return {}
-    except IsADirectoryError:
-        raise UserError(f"config file {path} is a directory") from None
-    except OSError as error:
-        raise UserError(f"cannot read config file {path}: {error.strerror or error}") from None
     try:
         return tomllib.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as error:
-        reason = "not UTF-8" if isinstance(error, UnicodeDecodeError) else f"not valid TOML ({error})"
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError, RecursionError) as error:
+        reason = ("not UTF-8" if isinstance(error, UnicodeDecodeError) else
+                  "not valid TOML (nested too deeply)" if isinstance(error, RecursionError) else
+                  f"not valid TOML ({error})")
         aside = path.with_name(path.name + ".corrupt")
         try:
             os.replace(path, aside)

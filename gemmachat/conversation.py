@@ -10,13 +10,15 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from gemmachat.atomic import write_atomic
 from gemmachat.errors import UserError
+from gemmachat.safe_io import read_file, write_file
 from gemmachat.templates import Message
 
 FILE_FORMAT = "gemma-chat conversation"
 FILE_VERSION = 1
 ROLES = ("user", "assistant", "system")
+# Far more than a context holds: a conversation keeps what was dropped from the context too.
+FILE_LIMIT = 32 << 20
 
 
 @dataclass
@@ -92,20 +94,17 @@ class Conversation:
         return json.dumps(document, ensure_ascii=False, indent=2) + "\n"
 
     def save(self, path: Path) -> None:
-        write_atomic(path, self.to_json().encode("utf-8"))
+        write_file(path, self.to_json().encode("utf-8"))
 
     @classmethod
     def load(cls, path: Path) -> Conversation:
-        try:
-            raw = path.read_bytes()
-        except IsADirectoryError:
-            raise UserError(f"cannot load {path}: it is a directory") from None
-        except OSError as error:
-            raise UserError(f"cannot load {path}: {error.strerror}") from None
+        raw = read_file(path, FILE_LIMIT, "/load takes conversations")
         try:
             document = json.loads(raw.decode("utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as error:
             raise UserError(f"cannot load {path}: not a gemma-chat conversation ({error})") from None
+        except RecursionError:  # [[[[... 200,000 deep: the parser's own limit, not a crash
+            raise UserError(f"cannot load {path}: not a gemma-chat conversation (nested too deeply)") from None
         return cls.from_document(document, str(path))
 
     @classmethod

@@ -13,10 +13,12 @@ import codecs
 import ctypes
 import functools
 import os
+import re
 import threading
 import time
 import weakref
 from collections import deque
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterator
@@ -25,7 +27,7 @@ import llama_cpp as llama
 
 from gemmachat import backends, llama_log
 from gemmachat.cpu import decide_repack
-from gemmachat.errors import UserError, warn
+from gemmachat.errors import PromptTooLong, UserError, warn
 from gemmachat.gguf import GGUFInfo
 from gemmachat.settings import BASE_MODEL_REPLY_CAP, DEFAULT_CTX_CAP, Sampling, Settings, default_threads
 from gemmachat.templates import Renderer, Template, make_renderer
@@ -39,10 +41,22 @@ ALL_LAYERS = 999
 # prompt work on a 2-core CPU with a small model, so a new request delays running ones by that much
 # per token rather than by its whole prompt.
 PROMPT_CHUNK = 128
+# llama.cpp's tokenizer takes time quadratic in the special tokens of one call ("s\n\n" * 40000,
+# 120 KB: 28 s). A long text is first counted in pieces of this many characters, so that text
+# longer than the context is refused after a few milliseconds of pieces, not after all of it.
+COUNT_PIECE = 4096
+# Pieces end before a space or line break that follows a word, where a cut changes the fewest
+# tokens (a word keeps its leading space). A cut may still add a few tokens (a tag or a special
+# token cut in two: at most 6 in 800 texts we tried, for <start_of_turn> repeated with --special), so
+# text is refused only when its pieces count more than the limit plus this many per cut.
+CUT_MARGIN = 8
+_CUT_BEFORE = re.compile(r"(?<=\S)\s")
+# How long close() waits for calls into llama.cpp from other threads: they stop at their next piece.
+CLOSE_WAIT_SECONDS = 5.0
 
 
-class PromptTooLong(UserError):
-    """The prompt does not fit in the context, with room for one generated token."""
+class EngineClosed(RuntimeError):
+    """The model is being unloaded (the program is stopping): no more calls into llama.cpp."""
 
 
 @dataclass(frozen=True)
@@ -266,6 +280,7 @@ class Engine:
         self.n_ctx = int(llama.llama_n_ctx(self._ctx))
         self.n_ctx_seq = int(llama.llama_n_ctx_seq(self._ctx))
         self.n_batch = int(llama.llama_n_batch(self._ctx))
+        self.n_ubatch = int(llama.llama_n_ubatch(self._ctx))
         self._memory = llama.llama_get_memory(self._ctx)
         self._batch = llama.llama_batch_init(self.n_batch, 0, 1)
         self.bos = int(llama.llama_vocab_bos(self._vocab))
@@ -282,6 +297,8 @@ class Engine:
         self._in_flight: set[_Job] = set()  # in the step being decoded
         self._failure: BaseException | None = None
         self._closed = False
+        self._calls = 0  # calls into llama.cpp in progress on callers' threads (see _call)
+        self._longest_token: int | None = None  # in bytes, found when first needed
         self._scheduler: threading.Thread | None = None
         if options.inline:
             self._warm_up()
@@ -374,13 +391,19 @@ class Engine:
         if self._scheduler is not None:
             self._scheduler.join()
         with self._cond:
-            self._failure = self._failure or RuntimeError("the model was closed")
+            self._failure = self._failure or EngineClosed("the model was closed")
             for job in self._jobs + self._arrivals:
                 job.error, job.finish = self._failure, "error"
                 llama.llama_sampler_free(job.sampler)
             self._jobs.clear()
             self._arrivals.clear()
             self._cond.notify_all()
+            # The one place that waits for every other call into llama.cpp (a server request
+            # tokenizing, detokenizing or rendering a template): freeing the model under one of
+            # them crashed the server on SIGTERM. Should one not end in time, the model is left to
+            # the end of the process instead.
+            if not self._cond.wait_for(lambda: not self._calls, CLOSE_WAIT_SECONDS):
+                return
         llama.llama_batch_free(self._batch)
         llama.llama_free(self._ctx)
         llama.llama_model_free(self._model)
@@ -395,11 +418,57 @@ class Engine:
         data = llama.llama_perf_context(self._ctx)
         return DecodeTimes(data.t_p_eval_ms, data.n_p_eval, data.t_eval_ms, data.n_eval, data.n_reused)
 
+    @contextmanager
+    def _call(self) -> Iterator[None]:
+        """Around each call into llama.cpp from a caller's thread: close() waits for these to end
+        before it frees the model, and refuses new ones."""
+        with self._cond:
+            if self._closed:
+                raise EngineClosed("the model is being unloaded")
+            self._calls += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._calls -= 1
+                self._cond.notify_all()
+
     # -- text and tokens -------------------------------------------------------------------------
 
-    def tokenize(self, text: str, *, special: bool = False, add_bos: bool = False) -> list[int]:
-        """Tokens for `text`; special-token strings in it become tokens only when `special`."""
+    def tokenize(self, text: str, *, special: bool = False, add_bos: bool = False,
+                 limit: int | None = None) -> list[int]:
+        """Tokens for `text`; special-token strings in it become tokens only when `special`.
+
+        Text of more than `limit` tokens (default: the whole context) raises PromptTooLong, found
+        before the text is tokenized whole: no text can make the tokenizer run for long.
+        """
+        limit = self.n_ctx if limit is None else limit
         data = text.encode("utf-8", errors="surrogatepass")
+        # No token stands for more bytes than the longest one, so more bytes than the limit times
+        # that cannot fit (the vocabulary is searched for its longest token only once text is
+        # longer than `limit` bytes).
+        if len(data) > limit and len(data) > limit * self.longest_token():
+            raise PromptTooLong(f"the text is more than {limit} tokens, more than the context holds")
+        if len(text) > COUNT_PIECE:
+            self._refuse_if_too_long(text, special, limit)
+        with self._call():
+            tokens = self._tokenize(data, special, add_bos)
+        if len(tokens) > limit:
+            raise PromptTooLong(f"the text is {len(tokens)} tokens, more than the {limit} the context holds")
+        return tokens
+
+    def _refuse_if_too_long(self, text: str, special: bool, limit: int) -> None:
+        """Count `text` a piece at a time, and raise PromptTooLong as soon as it cannot fit."""
+        count = cuts = start = 0
+        while start < len(text):
+            end = _piece_end(text, start)
+            with self._call():  # between pieces, close() gets its turn
+                count += len(self._tokenize(text[start:end].encode("utf-8", errors="surrogatepass"), special, False))
+            if count > limit + cuts * CUT_MARGIN:
+                raise PromptTooLong(f"the text is more than {limit} tokens, more than the context holds")
+            start, cuts = end, cuts + 1
+
+    def _tokenize(self, data: bytes, special: bool, add_bos: bool) -> list[int]:
         capacity = len(data) + 2
         buffer = (llama.llama_token * capacity)()
         count = llama.llama_tokenize(self._vocab, data, len(data), buffer, capacity, add_bos, special)
@@ -408,6 +477,15 @@ class Engine:
             buffer = (llama.llama_token * capacity)()
             count = llama.llama_tokenize(self._vocab, data, len(data), buffer, capacity, add_bos, special)
         return list(buffer[:count])
+
+    def longest_token(self) -> int:
+        """The most bytes of text one token stands for."""
+        if self._longest_token is None:
+            with self._call():
+                self._longest_token = max(
+                    len(llama.llama_vocab_get_text(self._vocab, token))
+                    for token in range(llama.llama_vocab_n_tokens(self._vocab)))
+        return self._longest_token
 
     def piece(self, token: int) -> bytes:
         """The bytes a token stands for (special tokens render as nothing, as in llama.cpp)."""
@@ -425,7 +503,8 @@ class Engine:
         size = 64
         while True:
             buffer = ctypes.create_string_buffer(size)
-            length = llama.llama_token_to_piece(self._vocab, token, buffer, size, 0, special)
+            with self._call():
+                length = llama.llama_token_to_piece(self._vocab, token, buffer, size, 0, special)
             if length >= 0:
                 return buffer.raw[:length]
             size = -length
@@ -447,7 +526,8 @@ class Engine:
         size = 256
         while True:
             buffer = ctypes.create_string_buffer(size)
-            length = llama.llama_model_meta_val_str(self._model, key.encode(), buffer, size)
+            with self._call():
+                length = llama.llama_model_meta_val_str(self._model, key.encode(), buffer, size)
             if length < 0:
                 return None
             if length < size:
@@ -500,8 +580,9 @@ class Engine:
                 "(raise -c, or shorten the prompt)"
             )
         history = prompt[-sampling.repeat_last_n:] if sampling.repeat_last_n > 0 else []
-        job = _Job(sequence, self._sampler_chain(sampling, ignore_eos, history), max_tokens, ignore_eos, cancelled,
-                   pending=list(prompt))
+        with self._call():
+            job = _Job(sequence, self._sampler_chain(sampling, ignore_eos, history), max_tokens, ignore_eos,
+                       cancelled, pending=list(prompt))
         stats = Stats(prompt_tokens=len(prompt))
         tokens: list[int] = []
         with self._cond:
@@ -700,11 +781,21 @@ class Engine:
                 parts.append((job, [job.next_token]))
         # A prompt next to running generations goes in chunks, so that a long one delays their
         # next token by a chunk's worth of work, not by the whole prompt.
-        room = self.n_batch - len(parts)
+        # On the scheduler thread (the chat, the server), at most one ubatch per step, which is what
+        # llama.cpp computes at a time anyway: a cancelled job (a client gone, the server stopping)
+        # then ends within one ubatch, not after a whole batch of prompts (4 s on a busy 2-core
+        # machine, past the shutdown time). Inline (--cli), the whole batch, as llama-completion.
+        room = (self.n_batch if self._scheduler is None else self.n_ubatch) - len(parts)
         if parts:
             room = min(room, PROMPT_CHUNK)
         for job in self._jobs:
             if job.pending and not job.finish and room > 0:
+                # A prompt is cancellable between chunks too: the server's shutdown must not wait
+                # for a long prompt to be evaluated.
+                if job.cancelled is not None and job.cancelled():
+                    job.finish = "cancelled"
+                    self._cond.notify_all()
+                    continue
                 parts.append((job, job.pending[:room]))
                 room -= len(parts[-1][1])
         parts.sort(key=lambda part: part[0].sequence.seq_id)
@@ -830,6 +921,18 @@ class Engine:
                 if llama.llama_vocab_is_eog(self._vocab, token)
             ]
         return self._eog_tokens
+
+
+def _piece_end(text: str, start: int) -> int:
+    """Where a piece of `text` counted from `start` ends: COUNT_PIECE characters on, or before
+    the last space that follows a word in the second half of that."""
+    end = start + COUNT_PIECE
+    if end >= len(text):
+        return len(text)
+    last = None
+    for last in _CUT_BEFORE.finditer(text, start + COUNT_PIECE // 2, end):
+        pass
+    return last.start() if last else end
 
 
 def _gpu_memory_hint(reason: str, options: EngineOptions) -> str:

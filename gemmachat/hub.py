@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Mapping
 
-from gemmachat.atomic import write_atomic
+from gemmachat.safe_io import write_file
 from gemmachat.errors import UserError
 
 # Short names: the repository and its default quantisation (ggml-org publishes llama.cpp's own
@@ -80,7 +80,7 @@ def _record(cache: Path) -> dict[str, dict]:
 def _remember(cache: Path, key: str, entry: dict) -> None:
     record = _record(cache)
     record[key] = entry
-    write_atomic(hub_dir(cache) / _RECORD, json.dumps(record, indent=2).encode())
+    write_file(hub_dir(cache) / _RECORD, json.dumps(record, indent=2).encode())
 
 
 def cached_models(cache: Path) -> list[tuple[str, dict]]:

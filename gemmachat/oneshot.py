@@ -7,22 +7,22 @@ import sys
 from gemmachat import fatal
 from gemmachat.engine import load_engine, renderer_for
 from gemmachat.errors import UserError
+from gemmachat.safe_io import read_file, read_stream
 from gemmachat.settings import Settings
 from gemmachat.templates import Message, Segment, load_template, to_tokens
+
+# As much as the server takes in one request: more than any context holds.
+PROMPT_LIMIT = 10 << 20
 
 
 def read_prompt(settings: Settings) -> str:
     if settings.prompt is not None:
         return settings.prompt
     if settings.prompt_file is not None:
-        try:
-            data = settings.prompt_file.read_bytes()
-        except IsADirectoryError:
-            raise UserError(f"cannot read prompt file {settings.prompt_file}: it is a directory") from None
-        except OSError as error:
-            raise UserError(f"cannot read prompt file {settings.prompt_file}: {error.strerror}") from None
+        # A stream is fine here: -f <(command), -f /dev/stdin.
+        data = read_file(settings.prompt_file, PROMPT_LIMIT, "a prompt may be", streams=True, name="prompt file")
     else:
-        data = sys.stdin.buffer.read()
+        data = read_stream(sys.stdin.buffer, PROMPT_LIMIT, "stdin", "a prompt may be")
     # Bytes that are not UTF-8 become U+FFFD rather than an error: a prompt is text to the model.
     return data.decode("utf-8", errors="replace")
 
@@ -38,7 +38,7 @@ def run(settings: Settings) -> int:
             segments = renderer_for(engine, settings, template)(settings.system, [Message("user", prompt)], True)
         else:
             segments = [Segment(prompt, trusted=False)]
-        tokens = to_tokens(engine, segments, special=settings.special)
+        tokens = to_tokens(engine, segments, special=settings.special, limit=engine.n_ctx_seq)
         # From the first token on, ctrl-c ends through KeyboardInterrupt: what was printed stays.
         fatal.interrupts_to_python()
         generation = engine.generate(

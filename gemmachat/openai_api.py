@@ -7,6 +7,7 @@ cannot honour (n > 1, logprobs, tools) are errors that say so rather than being 
 
 from __future__ import annotations
 
+import re
 import time
 import uuid
 from typing import Any, Literal
@@ -14,12 +15,18 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic_core import ErrorDetails
 
+from gemmachat.errors import one_line
 from gemmachat.structured import JSON_OBJECT_SCHEMA, SchemaRefused, check_grammar, grammar_for_schema
 
 MAX_STOPS = 16
 
 # Fields whose numbers must be finite: JSON parsers in Python accept NaN and Infinity.
 _finite = {"allow_inf_nan": False}
+
+# A UTF-16 surrogate escape in a JSON string: a pair (kept) or one alone (replaced). The escape
+# must follow an even number of backslashes, or "\\ud800" (a backslash, then letters) would match.
+_SURROGATE_ESCAPE = re.compile(rb"(?<!\\)((?:\\\\)*)(\\u[dD][89abAB][0-9a-fA-F]{2}\\u[dD][c-fC-F][0-9a-fA-F]{2}|"
+                               rb"\\u[dD][89a-fA-F][0-9a-fA-F]{2})")
 
 
 class ApiError(Exception):
@@ -39,10 +46,14 @@ class ApiError(Exception):
         return error_body(self.message, self.type, self.code, self.param)
 
 
-def one_line(text: str, limit: int = 500) -> str:
-    """A message that quotes request text (a field name, say) stays one printable line."""
-    text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
-    return text if len(text) <= limit else text[:limit] + "…"
+def replace_lone_surrogates(body: bytes) -> bytes:
+    """A JSON body with each lone surrogate escape ("\\ud800") spelled U+FFFD instead, as a bad byte
+    in a prompt file reads: Python would parse it into a string that cannot be encoded, and the
+    reply that echoes it (or streams it) would fail. Same length, so Content-Length still holds."""
+    if not re.search(rb"\\u[dD][89a-fA-F]", body):
+        return body
+    return _SURROGATE_ESCAPE.sub(
+        lambda match: match.group(0) if len(match.group(2)) == 12 else match.group(1) + b"\\ufffd", body)
 
 
 def error_body(message: str, type: str = "invalid_request_error", code: str | None = None,

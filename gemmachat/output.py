@@ -16,6 +16,8 @@ from rich.live import Live
 from rich.markdown import Markdown
 from rich.text import Text
 
+from gemmachat.errors import escaped
+
 _FENCE = re.compile(r"^\s*(```|~~~)", re.MULTILINE)
 
 
@@ -25,14 +27,23 @@ class Printer:
         self.plain = plain
         self.console = Console(file=self.stream, no_color=plain, highlight=False,
                                force_terminal=None if not plain else False, soft_wrap=plain)
+        # On a terminal, control characters in a reply, a file or a message are shown escaped: a
+        # model or a file could otherwise move the cursor, recolour the screen or retitle the
+        # window. Piped output stays the text as it is.
+        self.escape = self.stream.isatty()
+
+    def _shown(self, text: str) -> str:
+        return escaped(text, keep="\n\t") if self.escape else text
 
     def info(self, text: str) -> None:
+        text = self._shown(text)
         if self.plain:
             self._plain_line(text)
         else:
             self.console.print(Text(text, style="dim"))
 
     def error(self, text: str) -> None:
+        text = self._shown(text)
         if self.plain:
             self._plain_line(text)
         else:
@@ -40,6 +51,7 @@ class Printer:
 
     def text(self, text: str) -> None:
         """Text shown as it is (a dump, a file): never interpreted as markup."""
+        text = self._shown(text)
         if self.plain:
             self._plain_line(text)
         else:
@@ -51,6 +63,7 @@ class Printer:
 
     def reply(self, pieces: Iterable[str]) -> None:
         """Shows a reply as it streams. A KeyboardInterrupt or error leaves what came so far."""
+        pieces = map(self._shown, pieces)
         if self.plain:
             try:
                 for piece in pieces:

@@ -9,7 +9,7 @@ import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, TextIO
+from typing import BinaryIO, Callable, Iterable, Iterator, TextIO
 
 try:
     import termios
@@ -24,13 +24,13 @@ from prompt_toolkit.history import FileHistory, History, InMemoryHistory
 from prompt_toolkit.key_binding import KeyBindings
 
 from gemmachat import __version__, backends, commands, fatal
-from gemmachat.atomic import write_atomic
 from gemmachat.commands import ExitChat
 from gemmachat.device import cpu_name, gpu_names
 from gemmachat.engine import Engine, default_reply_limit, load_engine, renderer_for
 from gemmachat.errors import UserError
 from gemmachat.model_path import resolve_model
 from gemmachat.output import Printer
+from gemmachat.safe_io import write_file
 from gemmachat.session import ChatSession
 from gemmachat.settings import DEFAULT_SYSTEM_PROMPT, Settings
 from gemmachat.templates import Message, Template, load_template
@@ -166,7 +166,7 @@ class AtomicFileHistory(FileHistory):
         entry = f"\n# {datetime.datetime.now()}\n" + "".join(f"+{line}\n" for line in string.split("\n"))
         try:
             old = path.read_bytes() if path.exists() else b""
-            write_atomic(path, old + entry.encode("utf-8", errors="replace"))
+            write_file(path, old + entry.encode("utf-8", errors="replace"))
         except (OSError, UserError) as error:
             if not self._reported:
                 self.problem = f"input history not saved: {getattr(error, 'strerror', None) or error}"
@@ -368,6 +368,18 @@ def converse(engine: Engine, settings: Settings, template: Template, printer: Pr
         return interactive(chat, printer)
     if server_line and not settings.nologo:
         print(f"gemma-chat: {server_line}", file=sys.stderr)
-    # Piped input: the raw bytes decoded leniently, so one bad byte cannot end the session.
-    lines = (line.decode("utf-8", errors="replace") for line in stdin.buffer) if hasattr(stdin, "buffer") else stdin
+    lines = bounded_lines(stdin.buffer, commands.MESSAGE_LIMIT, printer) if hasattr(stdin, "buffer") else stdin
     return scripted(chat, lines)
+
+
+def bounded_lines(stream: BinaryIO, limit: int, printer: Printer) -> Iterator[str]:
+    """Lines of piped input, decoded leniently so that one bad byte cannot end the session. A line
+    of more than `limit` bytes (`cat /dev/zero | gemma-chat`) is skipped as it is read, never held
+    whole, with one line saying so."""
+    while line := stream.readline(limit + 1):
+        if len(line) <= limit:
+            yield line.decode("utf-8", errors="replace")
+            continue
+        while line and not line.endswith(b"\n"):
+            line = stream.readline(limit + 1)
+        printer.error(f"skipped a line of input longer than {limit // 1024} KiB")

@@ -34,13 +34,15 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message as AsgiMessage, Receive, Scope, Send
 
 from gemmachat import __version__, fatal, openai_api as api
-from gemmachat.engine import (Engine, PromptTooLong, common_prefix, default_reply_limit, Sequence, Stats,
+from gemmachat.engine import (Engine, EngineClosed, common_prefix, default_reply_limit, Sequence, Stats,
                               load_engine, renderer_for)
-from gemmachat.errors import UserError
+from gemmachat.errors import PromptTooLong, UserError, escaped, one_line, report
 from gemmachat.settings import LLAMA_DEFAULT_SEED, Sampling, Settings
 from gemmachat.templates import Message, Segment, load_template, to_tokens
 
 DEFAULT_MAX_BODY = 10 * 1024 * 1024
+# The longest URL path (with its query) an access log line shows.
+PATH_LOG_LIMIT = 1000
 SHUTDOWN_SECONDS = 3.0  # how long in-flight work gets to wind down once cancelled
 LogFn = Callable[[str], None]
 
@@ -165,7 +167,7 @@ class ServerCore:
             raise ValueError("the server needs at least one sequence")
         self.engine = engine
         self.settings = settings
-        self.log: LogFn = log or _stderr
+        self._sink: LogFn = log or _stderr
         self.verbose = settings.verbose
         self.api_key = settings.api_key
         self.max_body = max_body if max_body is not None else getattr(settings, "max_body_size", DEFAULT_MAX_BODY)
@@ -185,6 +187,11 @@ class ServerCore:
         self._lock = threading.Lock()  # guards _busy and _jobs, which worker threads touch
         self._busy: set[int] = set()
         self._jobs: set[Job] = set()
+
+    def log(self, line: str) -> None:
+        """Every line the server logs goes out here, escaped: what a client sent (a URL path with
+        %0A or %1b, an error quoting a field) can neither forge a log line nor reach the terminal."""
+        self._sink(escaped(line))
 
     # -- requests to prompts --
 
@@ -210,7 +217,7 @@ class ServerCore:
             segments = self.render(system, [Message(role, text) for role, text in messages], True)
         except UserError as error:
             raise api.ApiError(400, str(error), code="invalid_value", param="messages") from None
-        return to_tokens(self.engine, segments, special=self.settings.special)
+        return to_tokens(self.engine, segments, special=self.settings.special, limit=self.engine.n_ctx_seq)
 
     def completion_prompt(self, body: api.CompletionRequest) -> tuple[list[int], str]:
         prompt = body.prompt
@@ -219,9 +226,13 @@ class ServerCore:
             self.check_tokens(tokens, "prompt")
             return tokens, self.detokenize(tokens) if body.echo else ""
         text = prompt if isinstance(prompt, str) else str(prompt[0])
-        return to_tokens(self.engine, [Segment(text, trusted=False)], special=self.settings.special), text
+        return to_tokens(self.engine, [Segment(text, trusted=False)], special=self.settings.special,
+                         limit=self.engine.n_ctx_seq), text
 
     def check_tokens(self, tokens: list[int], param: str) -> None:
+        if len(tokens) > self.engine.n_ctx_seq:
+            raise api.ApiError(400, f"{len(tokens)} tokens are more than the {self.engine.n_ctx_seq} the context "
+                               "holds", code="context_length_exceeded", param=param)
         bad = next((token for token in tokens if not 0 <= token < self.n_vocab), None)
         if bad is not None:
             raise api.ApiError(400, f"token {bad} is not in the vocabulary (0..{self.n_vocab - 1})",
@@ -289,7 +300,7 @@ class ServerCore:
         Raises ClientGone if the client leaves while waiting.
         """
         if self.closing:
-            raise api.ApiError(503, "the server is shutting down", code="shutting_down")
+            raise _shutting_down()
         job.watcher = asyncio.create_task(self._watch(request, job))
         acquire = asyncio.create_task(self.slots.acquire(job.prompt))
         queued = time.perf_counter()
@@ -308,7 +319,7 @@ class ServerCore:
             sequence = acquire.result()
         except ServerClosing:
             job.stop_watching()
-            raise api.ApiError(503, "the server is shutting down", code="shutting_down") from None
+            raise _shutting_down() from None
         job.waited = time.perf_counter() - queued
         job.seq_id = sequence.seq_id
         with self._lock:
@@ -343,6 +354,8 @@ class ServerCore:
             final = self._generate(job, sequence, put)
         except PromptTooLong as error:
             final = ("error", api.ApiError(400, str(error), code="context_length_exceeded"))
+        except EngineClosed:
+            final = ("error", _shutting_down())
         except UserError as error:
             final = ("error", api.ApiError(400, str(error)))
         except BaseException as error:  # noqa: BLE001 - reported to the client, and logged
@@ -492,19 +505,17 @@ class ServerCore:
             except RuntimeError:
                 pass
 
-    def join_workers(self, timeout: float) -> bool:
-        """Wait for the worker threads to end; True when none is left."""
+    def join_workers(self, timeout: float) -> None:
+        """Wait up to `timeout` seconds for the worker threads to end (closing the engine then waits
+        for any call into llama.cpp they are still making)."""
         deadline = time.monotonic() + timeout
-        while True:
+        while time.monotonic() < deadline:
             with self._lock:
                 threads = [job.thread for job in self._jobs if job.thread is not None]
             if not threads:
-                return True
+                return
             for thread in threads:
                 thread.join(max(0.0, deadline - time.monotonic()))
-            if time.monotonic() >= deadline:
-                with self._lock:
-                    return not any(job.thread and job.thread.is_alive() for job in self._jobs)
 
     def health(self) -> dict[str, Any]:
         with self._lock:
@@ -599,14 +610,15 @@ class Gatekeeper:
                         await _drain(receive, 4 * core.max_body)
                     await _error(send, scope, _too_large(core.max_body))
                     return
-            receive = _replay(bytes(body), receive)
+            # Every string a client sends is text we can answer with: no lone surrogates.
+            receive = _replay(api.replace_lone_surrogates(bytes(body)), receive)
         await self.app(scope, receive, send)
 
     def _log(self, scope: Scope, status: int, seconds: float) -> None:
         client = scope.get("client")
         who = client[0] if client else "-"
         query = scope.get("query_string", b"")
-        path = scope["path"] + ("?" + query.decode("latin-1") if query else "")
+        path = one_line(scope["path"] + ("?" + query.decode("latin-1") if query else ""), PATH_LOG_LIMIT)
         line = f'{who} "{scope["method"]} {path}" {status or 499} {seconds:.2f}s'
         detail = scope.get("gemma.log")
         if detail:
@@ -618,6 +630,10 @@ class Gatekeeper:
             self.core.log(line)
         except Exception:  # noqa: BLE001 - a broken log sink must not break the server
             pass
+
+
+def _shutting_down() -> api.ApiError:
+    return api.ApiError(503, "the server is shutting down", code="shutting_down")
 
 
 def _too_large(limit: int) -> api.ApiError:
@@ -696,6 +712,15 @@ def create_app(core: ServerCore) -> FastAPI:
         for name, value in (error.headers or {}).items():
             response.headers[name] = value
         return response
+
+    # Text over the context, found while tokenizing it (a prompt, messages, /tokenize).
+    @app.exception_handler(PromptTooLong)
+    async def on_too_long(request: Request, error: PromptTooLong) -> JSONResponse:
+        return error_response(request, api.ApiError(400, str(error), code="context_length_exceeded"))
+
+    @app.exception_handler(EngineClosed)
+    async def on_closed(request: Request, error: EngineClosed) -> JSONResponse:
+        return error_response(request, _shutting_down())
 
     @app.exception_handler(ClientGone)
     async def on_client_gone(request: Request, error: ClientGone) -> Response:
@@ -808,7 +833,8 @@ def create_app(core: ServerCore) -> FastAPI:
               summary="Text to tokens (llama.cpp's shape)")
     async def tokenize(body: api.TokenizeRequest) -> Any:
         def work() -> dict[str, Any]:
-            tokens = core.engine.tokenize(body.content, special=body.parse_special, add_bos=body.add_special)
+            tokens = core.engine.tokenize(body.content, special=body.parse_special, add_bos=body.add_special,
+                                          limit=core.engine.n_ctx_seq)
             if body.with_pieces:
                 return {"tokens": [{"id": token, "piece": core.token_piece(token)} for token in tokens]}
             return {"tokens": tokens}
@@ -1015,12 +1041,11 @@ def serve(settings: Settings, log: LogFn | None = None) -> int:
         asyncio.run(_serve(core, server, sock))
     finally:
         core.shutdown()
-        finished = core.join_workers(SHUTDOWN_SECONDS)
+        core.join_workers(SHUTDOWN_SECONDS)
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         sock.close()
-        if finished:  # never free the model under a thread still decoding
-            engine.close()
+        engine.close()  # waits for calls into llama.cpp still running on other threads
     return 0
 
 
@@ -1031,8 +1056,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return serve(parse_settings(["--server", *(sys.argv[1:] if argv is None else argv)]))
     except UserError as error:
-        print(f"gemma-chat: {error}", file=sys.stderr)
-        return error.status
+        return report(error)
     except KeyboardInterrupt:  # while loading, before the server handles signals
         print(file=sys.stderr)
         return 130

@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
 from gemmachat.conversation import Conversation
-from gemmachat.engine import Engine, Generation, PromptTooLong, Stats
-from gemmachat.errors import UserError
+from gemmachat.engine import Engine, Generation, Stats
+from gemmachat.errors import PromptTooLong, UserError
 from gemmachat.settings import Sampling
 from gemmachat.templates import Message, Renderer, Segment, prompt_text, to_tokens
 
@@ -57,7 +57,9 @@ class ChatSession:
         return self.render(self.conversation.system, self.conversation.messages, add_generation_prompt)
 
     def tokens(self, add_generation_prompt: bool = True) -> list[int]:
-        return to_tokens(self.engine, self.segments(add_generation_prompt), special=self.special)
+        """The conversation's tokens; PromptTooLong if they are more than the context holds."""
+        return to_tokens(self.engine, self.segments(add_generation_prompt), special=self.special,
+                         limit=self.context_size)
 
     def dump(self) -> str:
         """The exact text of the conversation as the model sees it, special tokens spelled out."""
@@ -86,19 +88,26 @@ class ChatSession:
         """
         messages = self.conversation.messages
         if messages:
-            alone = to_tokens(self.engine, self.render(self.conversation.system, messages[-1:], True),
-                              special=self.special)
-            if len(alone) >= self.context_size:
+            try:  # with room for one token of reply
+                to_tokens(self.engine, self.render(self.conversation.system, messages[-1:], True),
+                          special=self.special, limit=self.context_size - 1)
+            except PromptTooLong:
                 messages.pop()
                 raise PromptTooLong(
-                    f"that message needs {len(alone)} tokens with the system prompt, but the "
-                    f"context holds {self.context_size} (start with a larger -c)"
-                )
+                    f"that message needs {self.context_size} tokens or more with the system prompt, but "
+                    f"the context holds {self.context_size} (start with a larger -c)"
+                ) from None
         dropped: list[Message] = []
         while True:
-            tokens = self.tokens()
-            if len(tokens) + self.reply_room() <= self.context_size or len(messages) <= 1:
+            try:
+                tokens: list[int] | None = self.tokens()
+            except PromptTooLong:  # more than the whole context: certainly too long
+                tokens = None
+            if tokens is not None and (len(tokens) + self.reply_room() <= self.context_size or len(messages) <= 1):
                 return tokens, dropped
+            if len(messages) <= 1:  # the system prompt alone fills the context
+                raise PromptTooLong(f"the system prompt is more than the {self.context_size} tokens the context "
+                                    "holds (start with a larger -c)")
             dropped += self.conversation.drop_oldest_exchange()
 
     def respond(self, cancelled: Callable[[], bool] | None = None,

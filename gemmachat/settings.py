@@ -295,6 +295,21 @@ def _one_model(args: argparse.Namespace, argv: Sequence[str], environ: Mapping[s
     return (args.model, None) if model_rank > hf_rank else (None, args.hf_repo)
 
 
+def _api_key(key: str | None) -> str | None:
+    """The key clients must send, or None for none. An empty key (`--api-key "$KEY"` with KEY unset)
+    would turn authentication off unnoticed, and spaces at either end or control characters make a
+    key no HTTP client can send: both are refused."""
+    if key is None:
+        return None
+    if not key.strip():
+        raise UserError("the API key is empty (from --api-key, $GEMMA_CHAT_API_KEY or api-key in the "
+                        "config file): give one, or leave it out to serve without a key")
+    if key != key.strip() or not (key.isascii() and key.isprintable()):
+        raise UserError("the API key must be printable ASCII with no space at either end: clients send "
+                        "it in an HTTP header")
+    return key
+
+
 def parse_settings(argv: Sequence[str], environ: Mapping[str, str] | None = None,
                    warn: Callable[[str], None] = warn) -> Settings:
     environ = dict(os.environ if environ is None else environ)
@@ -304,7 +319,7 @@ def parse_settings(argv: Sequence[str], environ: Mapping[str, str] | None = None
     apply_config(parser, read_config(path, required=bool(environ.get(CONFIG_ENV)), warn=warn), path)
     if environ.get("GEMMA_CHAT_MODEL"):
         parser.set_defaults(model=Path(environ["GEMMA_CHAT_MODEL"]))
-    if environ.get("GEMMA_CHAT_API_KEY"):
+    if "GEMMA_CHAT_API_KEY" in environ:  # set but empty is refused below, not taken as "no key"
         parser.set_defaults(api_key=environ["GEMMA_CHAT_API_KEY"])
     args = parser.parse_args(list(argv))
     mode = args.mode or "chat"
@@ -358,7 +373,7 @@ def parse_settings(argv: Sequence[str], environ: Mapping[str, str] | None = None
         plain=args.plain or bool(environ.get("NO_COLOR")),
         host=args.host,
         port=args.port,
-        api_key=args.api_key or None,
+        api_key=_api_key(args.api_key),
         parallel=args.parallel,
         temp_given=args.temp is not None,
         environ=environ,

@@ -15,12 +15,14 @@ from importlib import resources
 from pathlib import Path
 from typing import Callable, Protocol, Sequence
 
-from gemmachat.errors import UserError
+from gemmachat.errors import PromptTooLong, UserError
+from gemmachat.safe_io import read_file
 
 ROLE_NAMES = {"user": "user", "assistant": "model", "model": "model", "system": "system"}
 _PLACEHOLDER = re.compile(r"\{\{(\w+)\}\}")
 # Candidates for special tokens in template text; the vocabulary decides which really are.
 _SPECIAL_CANDIDATE = re.compile(r"<[^<>\s]{1,64}>")
+TEMPLATE_LIMIT = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -57,8 +59,10 @@ Renderer = Callable[[str | None, Sequence[Message], bool], list[Segment]]
 class Tokenizer(Protocol):
     bos: int
     add_bos: bool
+    n_ctx: int
 
-    def tokenize(self, text: str, *, special: bool = False, add_bos: bool = False) -> list[int]: ...
+    def tokenize(self, text: str, *, special: bool = False, add_bos: bool = False,
+                 limit: int | None = None) -> list[int]: ...
 
     def special_token(self, text: str) -> int | None: ...
 
@@ -74,9 +78,9 @@ def load_template(name_or_path: str) -> Template:
     if name_or_path.endswith(".toml") or "/" in name_or_path:
         path = Path(name_or_path)
         try:
-            source = path.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as error:
-            raise UserError(f"cannot read template {path}: {getattr(error, 'strerror', None) or error}") from None
+            source = read_file(path, TEMPLATE_LIMIT, "a template may be", name="template").decode("utf-8")
+        except UnicodeDecodeError:
+            raise UserError(f"cannot read template {path}: it is not UTF-8") from None
         name = path.stem
     else:
         if name_or_path not in builtin_names():
@@ -95,6 +99,8 @@ def load_template(name_or_path: str) -> Template:
         )
     except (tomllib.TOMLDecodeError, KeyError) as error:
         raise UserError(f"template {name_or_path} is malformed: {error}") from None
+    except RecursionError:  # x = [[[... 50,000 deep
+        raise UserError(f"template {name_or_path} is malformed: nested too deeply") from None
     if "{{history}}" not in template.prompt:
         raise UserError(f"template {name_or_path}: `prompt` must contain {{{{history}}}}")
     return template
@@ -162,19 +168,29 @@ def prompt_text(segments: Sequence[Segment]) -> str:
 
 
 def to_tokens(tokenizer: Tokenizer, segments: Sequence[Segment], special: bool = False,
-              add_bos: bool = True) -> list[int]:
+              add_bos: bool = True, limit: int | None = None) -> list[int]:
     """Tokens for rendered segments: exactly one <bos>, special tokens only where trusted.
 
     Text between special tokens is tokenized as one piece whatever its trust, as llama.cpp does
-    for a whole prompt, so that our tokens equal llama.cpp's for the same text.
+    for a whole prompt, so that our tokens equal llama.cpp's for the same text. More than `limit`
+    tokens (default: the whole context) raise PromptTooLong, before the rest is tokenized.
     """
+    limit = tokenizer.n_ctx if limit is None else limit
     tokens = [tokenizer.bos] if add_bos and tokenizer.add_bos else []
     raw = ""
+
+    def flush() -> None:
+        nonlocal raw
+        if raw:
+            try:
+                tokens.extend(tokenizer.tokenize(raw, limit=max(0, limit - len(tokens))))
+            except PromptTooLong:
+                raise PromptTooLong(f"the prompt is more than {limit} tokens, more than the context holds") from None
+            raw = ""
+
     for segment in segments:
         if segment.tokens is not None:
-            if raw:
-                tokens += tokenizer.tokenize(raw)
-                raw = ""
+            flush()
             tokens += segment.tokens
             continue
         if not (segment.trusted or special):
@@ -186,14 +202,13 @@ def to_tokens(tokenizer: Tokenizer, segments: Sequence[Segment], special: bool =
             if token is None:
                 continue
             raw += segment.text[position:match.start()]
-            if raw:
-                tokens += tokenizer.tokenize(raw)
-                raw = ""
+            flush()
             tokens.append(token)
             position = match.end()
         raw += segment.text[position:]
-    if raw:
-        tokens += tokenizer.tokenize(raw)
+    flush()
+    if len(tokens) > limit:  # replayed replies and special tokens count too
+        raise PromptTooLong(f"the prompt is {len(tokens)} tokens, more than the {limit} the context holds")
     return tokens
 
 

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import threading
+import time
 from dataclasses import replace
 
 import llama_cpp
 import pytest
 
-from gemmachat.engine import DecodeTimes, Engine, PromptTooLong, StopGuard
+from gemmachat.engine import DecodeTimes, Engine, EngineClosed, PromptTooLong, StopGuard
 from gemmachat.settings import Sampling
 from gemmachat.templates import Segment, to_tokens
 
@@ -160,9 +161,9 @@ def test_generation_stops_when_the_context_is_full(engine: Engine) -> None:
 def test_cancellation_stops_between_tokens(engine: Engine) -> None:
     calls = []
 
-    def cancelled() -> bool:
+    def cancelled() -> bool:  # asked before the prompt's one chunk, then before each next token
         calls.append(1)
-        return len(calls) >= 3
+        return len(calls) >= 4
 
     generation = engine.generate(engine.new_sequence(), prompt(engine, "Once"), GREEDY,
                                  max_tokens=100, cancelled=cancelled)
@@ -215,6 +216,35 @@ def test_an_inline_engine_decodes_on_the_reading_thread_with_the_same_results(en
         for piece in cut:
             cut_pieces.append(piece)
         assert cut.stats.finish_reason == "cancelled"
+
+
+def test_closing_waits_for_calls_on_other_threads_and_refuses_new_ones(engine: Engine) -> None:
+    # The server's SIGTERM: freeing the model while requests were still tokenizing on their own
+    # threads crashed it (a segfault in libllama.so, or SIGABRT).
+    closing = Engine(engine.path, engine.info, engine.options)
+    text = "s\n\n" * 1300  # close to the 2048-token context: one of the slowest texts that fits
+    ended: list[str] = []
+
+    def keep_calling() -> None:
+        try:
+            while True:
+                closing.tokenize(text)
+                closing.token_text(7)
+                closing.meta("general.name")
+        except EngineClosed:
+            ended.append("closed")
+
+    threads = [threading.Thread(target=keep_calling) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    time.sleep(0.5)
+    started = time.monotonic()
+    closing.close()
+    for thread in threads:
+        thread.join(10)
+    assert ended == ["closed"] * 4 and time.monotonic() - started < 5
+    with pytest.raises(EngineClosed):
+        closing.tokenize("too late")
 
 
 def test_the_warm_up_at_load_leaves_no_trace(engine: Engine) -> None:

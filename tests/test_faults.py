@@ -8,6 +8,7 @@ import resource
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Iterator
@@ -16,7 +17,7 @@ import pexpect
 import pytest
 
 from gemmachat.repl import AtomicFileHistory
-from test_server import ServerProcess
+from test_server import ServerProcess, raw_request
 
 REPO = Path(__file__).resolve().parent.parent
 GEMMA_CHAT = [sys.executable, "-m", "gemmachat"]
@@ -162,6 +163,44 @@ def test_sigint_mid_stream_stops_the_server_with_status_0(cli_env: dict[str, str
     finally:
         server.stop()
     assert not [line for line in server.lines if "Traceback" in line], server.lines
+
+
+def test_sigterm_while_requests_tokenize_detokenize_and_render_exits_0_in_time(cli_env: dict[str, str]) -> None:
+    # Shutdown used to wait only for generations: a request still tokenizing had the model freed
+    # under it (a segfault in libllama.so 27 s later, or SIGABRT and a plain-text 500).
+    server = ServerProcess(cli_env, "-t", "1", "-n", "1")
+    requests = [("/tokenize", {"content": "s\n\n" * 40000}),  # took 6 to 28 s before it was refused early
+                ("/tokenize", {"content": "s\n\n" * 650}), ("/detokenize", {"tokens": list(range(100, 2000))}),
+                ("/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi\n\n" * 300}]}),
+                ("/v1/completions", {"prompt": "word " * 1000, "echo": True})]
+    statuses: list[int | str] = []
+    stop = threading.Event()
+
+    def keep_asking(path: str, body: dict) -> None:
+        while not stop.is_set():
+            try:
+                statuses.append(raw_request(server.port, "POST", path, body, timeout=30)[0])
+            except OSError as error:  # refused or cut off once the server stops listening
+                statuses.append(type(error).__name__)
+                return
+
+    clients = [threading.Thread(target=keep_asking, args=request, daemon=True) for request in requests * 2]
+    try:
+        for client in clients:
+            client.start()
+        time.sleep(1.5)
+        started = time.monotonic()
+        server.process.send_signal(signal.SIGTERM)
+        assert server.process.wait(15) == 0, server.lines[-5:]
+        assert time.monotonic() - started < 5
+    finally:
+        stop.set()
+        server.stop()
+    for client in clients:
+        client.join(30)
+    assert not [status for status in statuses if isinstance(status, int) and status >= 500 and status != 503], statuses
+    assert statuses.count(200) >= 5, statuses
+    assert not [line for line in server.lines if "Traceback" in line or "failed" in line], server.lines
 
 
 def test_stdout_closed_early_exits_quietly(cli_env: dict[str, str]) -> None:

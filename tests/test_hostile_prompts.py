@@ -4,7 +4,9 @@ bytes that are not UTF-8 are read, and a prompt over the context is one clear me
 
 from __future__ import annotations
 
+import json
 import re
+import time
 from pathlib import Path
 
 from gemmachat.engine import Engine
@@ -67,3 +69,28 @@ def test_chat_reads_bad_bytes_and_refuses_an_oversized_message_keeping_the_rest(
     dump = out[out.rindex("<bos>"):]
     assert "Caf\ufffd \ufffd ok" in dump and "Still here" in dump and "word word" not in dump
     assert "Traceback" not in result.stderr.decode()
+
+
+def test_text_over_the_context_is_refused_at_once_in_the_chat_and_the_cli(run_cli, tmp_path: Path) -> None:
+    # "s\n\n" costs llama.cpp's tokenizer quadratic time: 1 MiB of it would have taken hours.
+    upload = tmp_path / "upload.txt"
+    upload.write_text("s\n\n" * ((1 << 20) // 3 - 10))
+    saved = tmp_path / "saved.json"
+    saved.write_text(json.dumps({"format": "gemma-chat conversation", "version": 1, "system": None, "messages": [
+        {"role": "user", "content": "<b>" * 2_000_000}, {"role": "assistant", "content": "ok"}]}))
+    dump = tmp_path / "dump.txt"
+    started = time.monotonic()
+    result = run_cli("--chat", "-c", "256", "-n", "2", *GREEDY, timeout=60, input=(
+        f"/upload {upload}\n" + "  x" * 3_000_000 + f"\n/load {saved}\n/context\nHello\n/dump {dump}\n"))
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
+    assert f"{upload} is 256 tokens or more; the context holds 256" in result.stdout
+    assert "that message needs 256 tokens or more with the system prompt, but the context holds 256" in result.stdout
+    assert "loaded 2 messages" in result.stdout and "the conversation is more than the 256 tokens" in result.stdout
+    assert "(context full: dropped the 2 oldest message(s)" in result.stdout
+    assert "<b><b>" not in dump.read_text() and "Hello" in dump.read_text()
+    prompt = tmp_path / "prompt.txt"
+    prompt.write_text("s\n\n" * ((10 << 20) // 3 - 10))
+    cli = run_cli("--cli", "-f", str(prompt), timeout=60)
+    assert cli.returncode == 2 and cli.stderr == \
+        "gemma-chat: the prompt is more than 8192 tokens, more than the context holds\n"
+    assert time.monotonic() - started < 40  # two model loads on a busy machine; the refusals take milliseconds

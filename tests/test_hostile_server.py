@@ -227,3 +227,73 @@ def test_no_request_can_name_a_file(server: ServerProcess, tmp_path: Path) -> No
         status, reply = server.request("POST", path, {"filename": str(target)})
         assert status in (404, 405), (path, status)
     assert not target.exists() and secret.read_text() == "TOP SECRET"
+
+
+def test_a_path_with_newlines_escapes_and_nul_stays_one_escaped_log_line(server: ServerProcess) -> None:
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
+        sock.sendall(b"GET /v1/models%0A127.0.0.1%20%22GET%20/forged%22%20200%1b[31m%00%0d%07 HTTP/1.1\r\n"
+                     b"Host: x\r\nConnection: close\r\n\r\n")
+        assert sock.recv(65536).startswith(b"HTTP/1.1 404")
+    deadline = time.monotonic() + 5
+    while not server.log_lines("/v1/models\\n") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    [line] = server.log_lines("/v1/models\\n")
+    assert '/forged" 200\\x1b[31m\\x00\\r\\x07" 404 ' in line, line
+    assert not [other for other in server.lines if other.startswith('127.0.0.1 "GET /forged')]
+    assert not any(char in "".join(server.lines) for char in "\x1b\x00\r\x07")
+
+
+def test_lone_surrogates_in_any_string_read_as_replacement_characters(server: ServerProcess) -> None:
+    # json.dumps writes them as escapes ("\ud800"), as a hostile client would.
+    status, reply = server.request("POST", "/v1/completions", {"prompt": "A\ud800B", "max_tokens": 2, "echo": True})
+    assert status == 200 and reply["choices"][0]["text"].startswith("A\ufffdB"), reply
+    status, body = raw_request(server.port, "POST", "/v1/completions",
+                               {"prompt": "A\udc00B", "max_tokens": 2, "echo": True, "stream": True,
+                                "stop": ["\ud800"], "user": "\udfff"})
+    assert status == 200 and body.rstrip().endswith(b"data: [DONE]"), body
+    assert "A\ufffdB" in json.loads(body.split(b"\n")[0][len(b"data: "):])["choices"][0]["text"]
+    status, reply = server.request("POST", "/v1/chat/completions", {
+        "messages": [{"role": "user\ud800", "content": "x"}], "max_tokens": 1})
+    assert status == 400 and "user\ufffd" in reply["error"]["message"], reply
+    status, reply = server.request("POST", "/v1/chat/completions", {
+        "messages": [{"role": "user", "content": [{"type": "text", "text": "\ud83d\ude00 \ud83d"}]}], "max_tokens": 1})
+    assert status == 200, reply
+    status, reply = server.request("POST", "/tokenize", {"content": "\\ud800 \ud800", "with_pieces": True})
+    assert status == 200 and "".join(piece["piece"] for piece in reply["tokens"]) == "\\ud800 \ufffd", reply
+    assert not [line for line in server.lines if "Traceback" in line or " 500 " in line]
+
+
+# Texts that llama.cpp's tokenizer takes quadratic time on (each "\n", tab run, space run or tag is
+# a special token it splits the text at), and plain ones.
+HEAVY_TEXTS = {"s\\n\\n": "s\n\n", "tags": "<b>", "space runs": "  x", "tabs": "\t", "letters": "a", "words": "the cat "}
+
+
+def test_ten_mib_of_any_text_is_refused_within_seconds(server: ServerProcess) -> None:
+    limit = 10 * 1024 * 1024 - 200  # just under the body limit, with the JSON around it
+    timings = {}
+    for name, unit in HEAVY_TEXTS.items():
+        text = unit * (limit // (len(json.dumps(unit)) - 2))  # as long as the JSON escapes allow
+        bodies = {"/tokenize": {"content": text},
+                  "/v1/completions": {"prompt": text, "max_tokens": 1},
+                  "/v1/chat/completions": {"messages": [{"role": "user", "content": text}], "max_tokens": 1}}
+        for path, body in bodies.items():
+            data = json.dumps(body).encode()
+            started = time.monotonic()
+            status, reply = server.request("POST", path, data, timeout=60)
+            timings[name, path] = time.monotonic() - started
+            if not unit.isspace() or path != "/v1/chat/completions":
+                assert status == 400 and reply["error"]["code"] == "context_length_exceeded", (name, path, reply)
+            else:  # the Gemma template trims a message of tabs to nothing: answered
+                assert status == 200, reply
+    # Many small messages, and token lists, add up the same way.
+    many = json.dumps({"messages": [{"role": "user", "content": "s\n\n" * 1000}] * 1700, "max_tokens": 1})
+    tokens = json.dumps({"tokens": [2] * 3_000_000})
+    for path, data in (("/v1/chat/completions", many), ("/detokenize", tokens),
+                       ("/v1/completions", tokens.replace('"tokens"', '"prompt"'))):
+        started = time.monotonic()
+        status, reply = server.request("POST", path, data, timeout=60)
+        timings["many", path] = time.monotonic() - started
+        assert status == 400 and reply["error"]["code"] == "context_length_exceeded", (path, reply)
+    slowest = max(timings, key=timings.get)
+    assert timings[slowest] < 5, (slowest, timings)
+    answers_normally(server)

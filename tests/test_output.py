@@ -63,3 +63,25 @@ def test_an_interrupted_reply_keeps_what_was_shown() -> None:
     except KeyboardInterrupt:
         pass
     assert "Partial answer" in ESCAPE.sub("", buffer.getvalue())
+
+
+def test_control_characters_from_a_model_or_a_file_reach_a_terminal_escaped_and_a_pipe_as_they_are() -> None:
+    import os
+    import pty
+
+    hostile = "red\x1b[31m bell\x07 title\x1b]0;pwned\x07 nul\x00 cr\r tab\tok\nnext"
+    for plain in (True, False):
+        controller, terminal = pty.openpty()
+        with os.fdopen(terminal, "w", closefd=True) as stream:
+            printer = Printer(plain=plain, stream=stream)
+            printer.text(hostile)
+            printer.error(hostile)
+            printer.reply(iter([hostile]))
+        shown = os.read(controller, 65536).decode()
+        os.close(controller)
+        assert "\\x1b[31m" in shown and "\\x1b]0;pwned\\x07" in shown and "\\x00" in shown and "\\r" in shown
+        assert "\x1b]0;" not in shown and "\x07" not in shown and "\x00" not in shown, repr(shown)
+        assert "\tok" in shown or "    ok" in shown  # tabs and line breaks are layout, kept
+    piped = io.StringIO()
+    Printer(plain=True, stream=piped).text(hostile)
+    assert piped.getvalue() == hostile + "\n"

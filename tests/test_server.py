@@ -428,6 +428,21 @@ def test_api_key_is_required_and_sigterm_stops_it_cleanly(server_env: dict[str, 
     assert not [line for line in keyed.lines if "Traceback" in line], keyed.lines
 
 
+def test_an_empty_or_blank_api_key_is_refused_in_one_line(server_env: dict[str, str], tmp_path: Path) -> None:
+    # `--api-key "$KEY"` with KEY unset must not serve without authentication; a key with a space
+    # at either end could never be sent by a client.
+    config = tmp_path / "config.toml"
+    config.write_text('api-key = ""\n')
+    cases = {"flag, empty": (["--api-key", ""], {}), "flag, blank": (["--api-key", " "], {}),
+             "flag, padded": (["--api-key", " key"], {}), "environment": ([], {"GEMMA_CHAT_API_KEY": ""}),
+             "config file": ([], {"GEMMA_CHAT_CONFIG": str(config)})}
+    for case, (args, env) in cases.items():
+        result = subprocess.run([*SERVER, "--port", str(free_port()), *args], env={**server_env, **env}, cwd=REPO,
+                                capture_output=True, text=True, timeout=60)
+        assert result.returncode == 2, (case, result.stderr)
+        assert result.stderr.startswith("gemma-chat: the API key ") and result.stderr.count("\n") == 1, (case, result.stderr)
+
+
 def test_a_taken_port_is_one_line_and_exit_2(server_env: dict[str, str]) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))

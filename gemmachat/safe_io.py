@@ -1,0 +1,142 @@
+"""Reading and writing the files a user names, so that no path can make the program hang, fill its
+memory or replace something that is not a plain file.
+
+Reads check the file's type and size first, then read at most the limit plus one byte: a FIFO with
+no writer, /dev/zero or a 3 GB sparse file costs nothing. Writes replace a regular file through a
+temporary file and a rename (a reader sees the old file or the new one, never a mix, and a full
+disk leaves the old one), on the file a symlink points to, keeping its mode and owner. Devices,
+FIFOs, sockets and files with other hard links are never replaced: they are refused, or, where
+writing to a stream is the point (`/dump /dev/stdout`), written directly.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+import tempfile
+from pathlib import Path
+from typing import BinaryIO
+
+from gemmachat.errors import UserError
+
+_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
+_NONBLOCK = getattr(os, "O_NONBLOCK", 0)  # open a FIFO without waiting for its other end
+_CHUNK = 1 << 20
+
+
+def _kind(mode: int) -> str:
+    if stat.S_ISDIR(mode):
+        return "a directory"
+    if stat.S_ISFIFO(mode):
+        return "a FIFO"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    return "a device"
+
+
+def _kib(size: int) -> str:
+    return f"{size // 1024} KiB"
+
+
+class MissingFile(UserError):
+    """The path names nothing (some callers go on without the file)."""
+
+
+def read_file(path: Path, limit: int, rule: str, *, streams: bool = False, name: str = "") -> bytes:
+    """The bytes of `path`, refused in one line if there are more than `limit`: "{name} PATH is N
+    KiB; {rule} up to M KiB". A FIFO or a device is refused unless `streams` (reading a stream is
+    the point: `-f <(command)`), and then read as it comes."""
+    shown = f"{name} {path}" if name else str(path)
+    try:
+        fd = os.open(path, os.O_RDONLY | _NONBLOCK | _CLOEXEC)
+    except FileNotFoundError:
+        raise MissingFile(f"cannot read {shown}: no such file") from None
+    except OSError as error:
+        raise UserError(f"cannot read {shown}: {error.strerror or error}") from None
+    with os.fdopen(fd, "rb", buffering=0) as file:
+        info = os.fstat(fd)
+        if stat.S_ISREG(info.st_mode):
+            if info.st_size > limit:  # a sparse 3 GB file is refused without reading it
+                raise UserError(f"{shown} is {_kib(info.st_size)}; {rule} up to {_kib(limit)}")
+        elif streams and not stat.S_ISDIR(info.st_mode):
+            os.set_blocking(fd, True)
+        else:
+            raise UserError(f"cannot read {shown}: it is {_kind(info.st_mode)}, not a regular file")
+        return read_stream(file, limit, shown, rule)
+
+
+def read_stream(stream: BinaryIO, limit: int, name: str, rule: str) -> bytes:
+    """At most `limit` bytes of an open stream (stdin, a file), refused in one line if it holds
+    more; never more than limit + 1 bytes are read."""
+    chunks: list[bytes] = []
+    remaining = limit + 1
+    try:
+        while remaining > 0:
+            chunk = stream.read(min(remaining, _CHUNK))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            remaining -= len(chunk)
+    except OSError as error:
+        raise UserError(f"cannot read {name}: {error.strerror or error}") from None
+    if remaining <= 0:
+        raise UserError(f"{name} is more than {_kib(limit)}; {rule} up to {_kib(limit)}")
+    return b"".join(chunks)
+
+
+def write_file(path: Path, data: bytes, *, streams: bool = False) -> None:
+    """Put `data` in the file `path` names, or refuse in one line. A regular file (or the one a
+    symlink points to) is replaced atomically and keeps its mode; a new one is private (0600).
+    With `streams`, a FIFO or a character device (/dev/stdout, a terminal) is written directly."""
+    path = Path(path)
+    try:
+        existing: os.stat_result | None = os.stat(path)  # through symlinks: what a write would reach
+    except FileNotFoundError:
+        existing = None
+    except OSError as error:
+        raise UserError(f"cannot write {path}: {error.strerror or error}") from None
+    if existing is not None and not stat.S_ISREG(existing.st_mode):
+        if streams and (stat.S_ISFIFO(existing.st_mode) or stat.S_ISCHR(existing.st_mode)):
+            _write_stream(path, data)
+            return
+        raise UserError(f"cannot write {path}: it is {_kind(existing.st_mode)}, not a regular file")
+    if existing is not None and existing.st_nlink > 1:
+        raise UserError(f"cannot write {path}: it has {existing.st_nlink} hard links, which replacing it "
+                        "would cut (write elsewhere, or remove the other links)")
+    _replace(Path(os.path.realpath(path)), data, existing, shown=path)
+
+
+def _write_stream(path: Path, data: bytes) -> None:
+    try:
+        fd = os.open(path, os.O_WRONLY | _NONBLOCK | _CLOEXEC)  # a FIFO nobody reads: ENXIO, not a hang
+        os.set_blocking(fd, True)
+        with os.fdopen(fd, "wb") as out:
+            out.write(data)
+    except OSError as error:
+        reason = "nothing is reading it" if error.errno == errno.ENXIO else error.strerror or error
+        raise UserError(f"cannot write {path}: {reason}") from None
+
+
+def _replace(target: Path, data: bytes, existing: os.stat_result | None, shown: Path) -> None:
+    temporary = None
+    try:
+        fd, temporary = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+        with os.fdopen(fd, "wb") as out:
+            if existing is not None:
+                os.chmod(temporary, stat.S_IMODE(existing.st_mode))
+                if hasattr(os, "chown") and (existing.st_uid, existing.st_gid) != (os.getuid(), os.getgid()):
+                    try:  # root writing another user's file: it stays theirs
+                        os.chown(temporary, existing.st_uid, existing.st_gid)
+                    except PermissionError:
+                        pass
+            out.write(data)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(temporary, target)
+        temporary = None
+    except OSError as error:
+        raise UserError(f"cannot write {shown}: {error.strerror or error}") from None
+    finally:
+        if temporary is not None and os.path.exists(temporary):
+            os.unlink(temporary)
