@@ -7,6 +7,7 @@ its usage and help. `/help COMMAND` shows that help; an unknown command suggests
 from __future__ import annotations
 
 import difflib
+import json
 import os
 import shlex
 import subprocess
@@ -19,6 +20,7 @@ from gemmachat import backends
 from gemmachat.conversation import Conversation
 from gemmachat.errors import PromptTooLong, UserError
 from gemmachat.safe_io import read_file, write_file
+from gemmachat.structured import JSON_OBJECT_SCHEMA, grammar_for_schema
 
 if TYPE_CHECKING:
     from gemmachat.repl import Chat
@@ -300,6 +302,9 @@ def _set(chat: Chat, argument: str) -> None:
     if name == "system":
         _system(chat, value)
         return
+    if name == "format":  # as Ollama's /set format json: the replies are JSON, or follow a schema
+        _set_format(chat, value)
+        return
     try:
         if name in ("n_predict", "num_predict", "max_tokens"):
             chat.session.n_predict = int(value)
@@ -311,10 +316,26 @@ def _set(chat: Chat, argument: str) -> None:
                 raise ValueError
             chat.session.sampling = replace(chat.session.sampling, **{field: number})
         else:
-            raise UserError(f"unknown setting {name!r}; settable: {', '.join(sorted(SETTABLE))}, n_predict, system")
+            raise UserError(f"unknown setting {name!r}; settable: {', '.join(sorted(SETTABLE))}, n_predict, "
+                            "system, format")
     except ValueError:
         raise UserError(f"{value!r} is not a valid value for {name}") from None
     chat.printer.info(f"{name} = {value}")
+
+
+def _set_format(chat: Chat, value: str) -> None:
+    """`json` (any JSON object), a JSON schema, or `text` (no constraint)."""
+    value = value.strip()
+    if value == "text":
+        grammar = None
+    else:
+        try:
+            schema = JSON_OBJECT_SCHEMA if value == "json" else json.loads(value)
+        except (ValueError, RecursionError):
+            raise UserError("usage: /set format json|text|SCHEMA (a JSON schema on one line)") from None
+        grammar = grammar_for_schema(schema)
+    chat.session.sampling = replace(chat.session.sampling, grammar=grammar)
+    chat.printer.info(f"format = {value if len(value) <= 60 else value[:57] + '...'}")
 
 
 @command("show", "/show [settings|model|system|template]", "show settings, model details, "
@@ -324,8 +345,9 @@ def _show(chat: Chat, argument: str) -> None:
     session = chat.session
     if what in ("settings", "parameters"):
         sampling = session.sampling
-        rows = [(f.name, getattr(sampling, f.name)) for f in fields(sampling) if f.name != "logit_bias"]
+        rows = [(f.name, getattr(sampling, f.name)) for f in fields(sampling) if f.name not in ("logit_bias", "grammar")]
         rows.append(("n_predict", session.n_predict))
+        rows.append(("format", "text" if sampling.grammar is None else "constrained by a grammar (/set format)"))
         chat.printer.text("\n".join(f"  {name:<18} {value}" for name, value in rows))
     elif what in ("model", "info"):
         engine = session.engine

@@ -113,3 +113,21 @@ def test_save_writes_a_versioned_file_loadable_in_a_new_process(run_cli, tmp_pat
     chat(run_cli, f"/load {saved}\n/dump {dump}\n")
     assert document["system"] == SYSTEM
     assert turns(dump)[0] == "user\nHello 😀 日本"
+
+
+def test_set_format_holds_replies_to_json_or_a_schema(run_cli, tmp_path: Path) -> None:
+    dump = tmp_path / "dump.json"
+    schema = {"type": "object", "properties": {"answer": {"enum": ["yes", "no"]}}, "required": ["answer"],
+              "additionalProperties": False}
+    result = run_cli("--chat", "-n", "120", "--temp", "1", "--seed", "5", input="\n".join([
+        "/set format json", "Describe a cat.", f"/save {dump}",
+        f"/set format {json.dumps(schema)}", "Is the sky blue?", f"/save {dump}.2",
+        '/set format {"type": "integer", "minimum": 1}', "/set format text", "/show settings",
+    ]) + "\n")
+    assert result.returncode == 0, result.stderr
+    first = json.loads(dump.read_text())["messages"][-1]["content"]
+    assert isinstance(json.loads(first), dict), first
+    second = json.loads(Path(f"{dump}.2").read_text())["messages"][-1]["content"]
+    assert json.loads(second) in ({"answer": "yes"}, {"answer": "no"}), second
+    assert "'minimum'" in result.stdout + result.stderr
+    assert "format             text" in result.stdout
