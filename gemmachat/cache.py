@@ -180,6 +180,9 @@ def entries(cache: Path, current: str | None) -> list[Entry]:
     for path in sorted((cache / "models").iterdir()) if (cache / "models").is_dir() else []:
         what = "unfinished model copy" if path.name.endswith(".partial") else "model"
         found.append(Entry(path, path.stat().st_size, what))
+    for path in sorted((cache / "hub").glob("*/*/*/*")) if (cache / "hub").is_dir() else []:
+        what = "unfinished download (-hf resumes it)" if path.name.endswith(".partial") else "model from -hf"
+        found.append(Entry(path, path.stat().st_size, what))
     return found
 
 

@@ -197,6 +197,8 @@ def test_downloads_verifies_and_then_runs_offline(hub: Hub, tmp_path: Path, mode
     assert listed.returncode == 0, listed.stderr
     row = next(line for line in listed.stdout.splitlines() if "test/gemma-3-270m:Q4_K_M" in line)
     assert "253.1 MB" in row and "Q4_K_M" in row and "32768" in row and " no " in row
+    info = run(hub, tmp_path, "--cache-info")
+    assert "hub/test/gemma-3-270m/" in info.stdout and "model from -hf" in info.stdout, info.stdout
 
 
 def test_a_killed_download_resumes_where_it_stopped(hub: Hub, tmp_path: Path, model_path: Path) -> None:
