@@ -205,7 +205,9 @@ def test_special_token_text_in_messages_stays_text(server: ServerProcess, engine
 def test_no_request_can_name_a_file(server: ServerProcess, tmp_path: Path) -> None:
     # The schema offers no field that names a file or folder...
     schema = server.request("GET", "/openapi.json")[1]
-    words = ("path", "file", "dir", "template", "lora", "slot_save", "grammar")
+    # (llama.cpp's `grammar` and `json_schema` are here, as text: a path in them is a grammar that
+    # does not parse, below.)
+    words = ("path", "file", "dir", "template", "lora", "slot_save")
     for name, model in schema["components"]["schemas"].items():
         for field in model.get("properties", {}):
             assert not any(word in field.lower() for word in words), (name, field)
@@ -217,7 +219,9 @@ def test_no_request_can_name_a_file(server: ServerProcess, tmp_path: Path) -> No
     secret.write_text("TOP SECRET")
     for body in ({"prompt": "Hi", "max_tokens": 1, "model": str(secret)},
                  {"prompt": "Hi", "max_tokens": 1, "chat_template": "{{ open('%s').read() }}" % secret},
-                 {"prompt": "Hi", "max_tokens": 1, "slot_save_path": str(target), "lora": str(secret)}):
+                 {"prompt": "Hi", "max_tokens": 1, "slot_save_path": str(target), "lora": str(secret)},
+                 {"prompt": "Hi", "max_tokens": 1, "grammar": str(secret)},
+                 {"prompt": "Hi", "max_tokens": 1, "json_schema": {"$ref": str(secret)}}):
         status, reply = server.request("POST", "/v1/completions", body)
         assert status in (200, 400), reply
         assert "TOP SECRET" not in json.dumps(reply)
