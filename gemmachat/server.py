@@ -33,7 +33,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message as AsgiMessage, Receive, Scope, Send
 
-from gemmachat import __version__, fatal, openai_api as api
+from gemmachat import __version__, fatal, ollama_api, openai_api as api
 from gemmachat.engine import (Engine, EngineClosed, common_prefix, default_reply_limit, Sequence, Stats,
                               load_engine, renderer_for)
 from gemmachat.errors import PromptTooLong, UserError, escaped, one_line, report
@@ -427,6 +427,30 @@ class ServerCore:
                 used -= len(other.tokens)
                 self.engine.new_sequence(other.seq_id)
 
+    async def chat_job(self, body: api.ChatCompletionRequest) -> Job:
+        """The job a chat completion request asks for, its prompt rendered and checked."""
+        body.check()
+        max_tokens = self.check_max_tokens(body.token_limit())
+        if max_tokens < 0:
+            max_tokens = self.default_max_tokens
+        job = Job([], self.sampling_for(body), max_tokens, body.stops(), body.cache_prompt, body.ignore_eos)
+        job.prompt = await run_in_threadpool(self.chat_prompt, body)
+        self.check_fits(job.prompt, "messages")
+        return job
+
+    async def completion_job(self, body: api.CompletionRequest) -> tuple[Job, str]:
+        """The job a completion request asks for, and the prompt's text for `echo`."""
+        body.check()
+        max_tokens = self.check_max_tokens(body.max_tokens)
+        if "max_tokens" not in body.model_fields_set and self.settings.n_predict > 0:
+            max_tokens = self.settings.n_predict  # -n on the command line, else OpenAI's 16
+        elif max_tokens < 0:  # "max_tokens": null
+            max_tokens = self.default_max_tokens
+        job = Job([], self.sampling_for(body), max_tokens, body.stops(), body.cache_prompt, body.ignore_eos)
+        job.prompt, echoed = await run_in_threadpool(self.completion_prompt, body)
+        self.check_fits(job.prompt, "prompt")
+        return job, echoed
+
     async def collect(self, job: Job, first: tuple[str, Any]) -> tuple[str, Stats]:
         parts: list[str] = []
         event = first
@@ -448,29 +472,40 @@ class ServerCore:
                      chunk: Callable[[str | None, str | None], dict[str, Any]],
                      include_usage: bool) -> AsyncIterator[str]:
         """SSE data lines: chunk(text, None) per piece, chunk(None, finish_reason) at the end."""
+        async for kind, value in self.events(request, job, first):
+            if kind == "text":
+                yield _json(chunk(value, None))
+            elif kind == "done":
+                yield _json(chunk(None, finish_reason(value)))
+                if include_usage:
+                    last = chunk(None, None)
+                    last["choices"] = []
+                    last["usage"] = api.usage(value.prompt_tokens, value.generated_tokens)
+                    yield _json(last)
+                yield "[DONE]"
+            else:
+                yield _json(value.body())
+
+    async def events(self, request: Request, job: Job, first: tuple[str, Any]) -> AsyncIterator[tuple[str, Any]]:
+        """A streamed job's events for a response to format: ("text", piece)..., then ("done",
+        stats) or ("error", ApiError). Noted for the access log; a client that hangs up cancels it."""
         event = first
         finished = False
         try:
             while True:
                 kind, value = event
                 if kind == "text":
-                    yield _json(chunk(value, None))
+                    yield event
                 elif kind == "done":
                     finished = True
                     self.note(request, job, value)
-                    yield _json(chunk(None, finish_reason(value)))
-                    if include_usage:
-                        last = chunk(None, None)
-                        last["choices"] = []
-                        last["usage"] = api.usage(value.prompt_tokens, value.generated_tokens)
-                        yield _json(last)
-                    yield "[DONE]"
+                    yield event
                     return
                 else:
                     finished = True
                     error = value if isinstance(value, api.ApiError) else api.ApiError(500, str(value))
                     request.scope["gemma.error"] = error.message
-                    yield _json(error.body())
+                    yield "error", error
                     return
                 event = await job.events.get()
         finally:
@@ -735,13 +770,7 @@ def create_app(core: ServerCore) -> FastAPI:
     @app.post("/v1/chat/completions", response_model=api.ChatCompletion, responses=_ERRORS,
               summary="Chat completion (streamed as server-sent events with stream: true)")
     async def chat_completions(body: api.ChatCompletionRequest, request: Request) -> Any:
-        body.check()
-        max_tokens = core.check_max_tokens(body.token_limit())
-        if max_tokens < 0:
-            max_tokens = core.default_max_tokens
-        job = Job([], core.sampling_for(body), max_tokens, body.stops(), body.cache_prompt, body.ignore_eos)
-        job.prompt = await run_in_threadpool(core.chat_prompt, body)
-        core.check_fits(job.prompt, "messages")
+        job = await core.chat_job(body)
         said_role = False
 
         def delta(text: str | None, finish: str | None) -> dict[str, Any]:
@@ -762,15 +791,7 @@ def create_app(core: ServerCore) -> FastAPI:
     @app.post("/v1/completions", response_model=api.Completion, responses=_ERRORS,
               summary="Text completion of a prompt (streamed with stream: true)")
     async def completions(body: api.CompletionRequest, request: Request) -> Any:
-        body.check()
-        max_tokens = core.check_max_tokens(body.max_tokens)
-        if "max_tokens" not in body.model_fields_set and settings.n_predict > 0:
-            max_tokens = settings.n_predict  # -n on the command line, else OpenAI's 16
-        elif max_tokens < 0:  # "max_tokens": null
-            max_tokens = core.default_max_tokens
-        job = Job([], core.sampling_for(body), max_tokens, body.stops(), body.cache_prompt, body.ignore_eos)
-        job.prompt, echoed = await run_in_threadpool(core.completion_prompt, body)
-        core.check_fits(job.prompt, "prompt")
+        job, echoed = await core.completion_job(body)
         echo = echoed if body.echo else ""
         pending_echo = echo
 
@@ -848,6 +869,7 @@ def create_app(core: ServerCore) -> FastAPI:
         return {"content": await run_in_threadpool(core.detokenize, body.tokens)}
 
     # llama.cpp also answers without the /v1 prefix; so do we (kept out of the schema).
+    ollama_api.add_routes(app, core)
     app.add_api_route("/chat/completions", chat_completions, methods=["POST"], include_in_schema=False)
     app.add_api_route("/completions", completions, methods=["POST"], include_in_schema=False)
     app.add_api_route("/models", models, methods=["GET"], include_in_schema=False)

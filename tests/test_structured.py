@@ -11,14 +11,14 @@ import enum
 import json
 import uuid
 from pathlib import Path
-from typing import Iterator, Literal, Optional
+from typing import Literal, Optional
 
 import jsonschema
 import openai
 import pydantic
 import pytest
 from pydantic import BaseModel, Field
-from test_server import ServerProcess
+from test_server import ServerProcess, client, server  # noqa: F401  one server per module, as there
 
 from gemmachat.structured import SchemaRefused, grammar_for_schema
 
@@ -74,18 +74,6 @@ SCHEMAS: list[type[BaseModel]] = [
     pydantic.create_model("Record", title=(str, Name), done=(bool, ...), rank=(Optional[int], ...),
                           colour=(Colour, ...)),
 ]
-
-
-@pytest.fixture(scope="module")
-def server(server_env: dict[str, str], model_path: Path) -> Iterator[ServerProcess]:
-    running = ServerProcess(server_env)
-    yield running
-    running.stop()
-
-
-@pytest.fixture(scope="module")
-def client(server: ServerProcess) -> openai.OpenAI:
-    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=120)
 
 
 @pytest.mark.parametrize("model", SCHEMAS, ids=[model.__name__ for model in SCHEMAS])

@@ -1,0 +1,160 @@
+"""Ollama's API on the same port: /api/chat, /api/generate, /api/tags, /api/show, /api/ps, /api/version.
+
+So that the `ollama` client libraries and Ollama-speaking apps work unchanged. Each request is
+translated into the OpenAI request models (gemmachat/openai_api.py): the same validation,
+sampling, slots and structured output; the answers are Ollama's, one JSON object or, streaming
+(Ollama's default), one JSON object per line. `model` and `keep_alive` are accepted and ignored:
+the loaded model answers, and it stays loaded.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+from typing import TYPE_CHECKING, Any, AsyncIterator, Literal
+
+from fastapi import FastAPI, Request
+from fastapi.responses import StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from gemmachat import __version__, openai_api as api
+from gemmachat.structured import JSON_OBJECT_SCHEMA
+
+if TYPE_CHECKING:
+    from gemmachat.server import Job, ServerCore
+
+# Ollama's option names that mean what an OpenAI parameter means.
+OPTIONS = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "min_p": "min_p", "seed": "seed",
+           "repeat_penalty": "repeat_penalty", "presence_penalty": "presence_penalty",
+           "frequency_penalty": "frequency_penalty", "num_predict": "max_tokens", "stop": "stop"}
+
+
+class _Ollama(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    model: str | None = Field(None, description="accepted and ignored: the loaded model answers")
+    stream: bool = True
+    format: Literal["json"] | dict[str, Any] | None = Field(None, description='"json" or a JSON schema')
+    options: dict[str, Any] | None = None
+    keep_alive: str | int | float | None = Field(None, description="accepted and ignored: the model stays loaded")
+
+    def openai_fields(self) -> dict[str, Any]:
+        fields: dict[str, Any] = {}
+        for name, value in (self.options or {}).items():
+            if name in OPTIONS and value is not None:
+                fields[OPTIONS[name]] = value
+        if fields.get("max_tokens", 0) < 0:  # Ollama's num_predict -1: until the model stops
+            del fields["max_tokens"]
+        if self.format is not None:
+            fields["json_schema"] = JSON_OBJECT_SCHEMA if self.format == "json" else self.format
+        return fields
+
+
+class OllamaMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    role: Literal["system", "user", "assistant"]
+    content: str = ""
+
+
+class OllamaChatRequest(_Ollama):
+    messages: list[OllamaMessage] = Field(min_length=1)
+
+
+class OllamaGenerateRequest(_Ollama):
+    prompt: str = ""
+    system: str | None = None
+    raw: bool = Field(False, description="true: the prompt as it is, without the chat template")
+
+
+class OllamaShowRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    model: str | None = None
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat()
+
+
+def add_routes(app: FastAPI, core: ServerCore) -> None:
+    from gemmachat.server import Job, finish_reason
+
+    def details() -> dict[str, Any]:
+        architecture = core.engine.info.architecture or "unknown"
+        return {"format": "gguf", "family": architecture, "families": [architecture], "parameter_size": "",
+                "quantization_level": ""}
+
+    def card() -> dict[str, Any]:
+        size = core.engine.path.stat().st_size - core.engine.info.start
+        return {"name": core.model_id, "model": core.model_id, "digest": "", "size": size, "details": details(),
+                "modified_at": datetime.datetime.fromtimestamp(core.created, datetime.timezone.utc).isoformat()}
+
+    def timings(stats: Any) -> dict[str, Any]:
+        return {"done_reason": "length" if finish_reason(stats) == "length" else "stop",
+                "total_duration": int((stats.prompt_seconds + stats.generation_seconds) * 1e9), "load_duration": 0,
+                "prompt_eval_count": stats.prompt_tokens,
+                "prompt_eval_duration": int(stats.prompt_seconds * 1e9),
+                "eval_count": stats.generated_tokens, "eval_duration": int(stats.generation_seconds * 1e9)}
+
+    async def answer(request: Request, job: Job, stream: bool, piece: Any) -> Any:
+        """Run the job: one object with the whole text, or NDJSON lines; piece(text) is the
+        part of an object that carries text (a message for /api/chat, a response for /api/generate)."""
+        job.stream = stream
+        first = await core.begin(request, job)
+        head = {"model": core.model_id}
+        if not stream:
+            text, stats = await core.collect(job, first)
+            core.note(request, job, stats)
+            return {**head, "created_at": _now(), **piece(text), "done": True, **timings(stats)}
+        job.stop_watching()
+
+        async def lines() -> AsyncIterator[str]:
+            async for kind, value in core.events(request, job, first):
+                if kind == "text":
+                    line = {**head, "created_at": _now(), **piece(value), "done": False}
+                elif kind == "done":
+                    line = {**head, "created_at": _now(), **piece(""), "done": True, **timings(value)}
+                else:
+                    line = {"error": value.message}
+                yield json.dumps(line, ensure_ascii=False) + "\n"
+
+        return StreamingResponse(lines(), media_type="application/x-ndjson")
+
+    @app.post("/api/chat", summary="Ollama's chat (NDJSON unless stream: false)")
+    async def ollama_chat(body: OllamaChatRequest, request: Request) -> Any:
+        chat = api.ChatCompletionRequest(messages=[{"role": m.role, "content": m.content} for m in body.messages],
+                                         **body.openai_fields())
+        job = await core.chat_job(chat)
+        return await answer(request, job, body.stream,
+                            lambda text: {"message": {"role": "assistant", "content": text}})
+
+    @app.post("/api/generate", summary="Ollama's completion of a prompt (NDJSON unless stream: false)")
+    async def ollama_generate(body: OllamaGenerateRequest, request: Request) -> Any:
+        if body.raw:
+            completion = api.CompletionRequest(prompt=body.prompt, **{"max_tokens": None, **body.openai_fields()})
+            job, _ = await core.completion_job(completion)
+        else:
+            messages = ([{"role": "system", "content": body.system}] if body.system else [])
+            messages.append({"role": "user", "content": body.prompt})
+            job = await core.chat_job(api.ChatCompletionRequest(messages=messages, **body.openai_fields()))
+        return await answer(request, job, body.stream, lambda text: {"response": text})
+
+    @app.get("/api/tags", summary="Ollama's list of models: the loaded one")
+    async def ollama_tags() -> Any:
+        return {"models": [card()]}
+
+    @app.get("/api/ps", summary="Ollama's running models: the loaded one")
+    async def ollama_ps() -> Any:
+        return {"models": [{**card(), "expires_at": "2999-01-01T00:00:00Z", "size_vram": 0,
+                            "context_length": core.engine.n_ctx_seq}]}
+
+    @app.post("/api/show", summary="Ollama's model details")
+    async def ollama_show(body: OllamaShowRequest) -> Any:
+        info = core.engine.info
+        architecture = info.architecture or "unknown"
+        return {"modelfile": "", "parameters": "", "template": info.chat_template or "", "details": details(),
+                "model_info": {"general.architecture": architecture, "general.name": info.name,
+                               f"{architecture}.context_length": core.engine.n_ctx_train},
+                "capabilities": ["completion"], "modified_at": card()["modified_at"]}
+
+    @app.get("/api/version", summary="Ollama's version call: gemma-chat's version")
+    async def ollama_version() -> Any:
+        return {"version": __version__}

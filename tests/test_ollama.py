@@ -1,0 +1,74 @@
+"""Ollama's API, spoken by the official `ollama` client from PyPI, against the real server."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+import ollama
+import pytest
+from test_server import ServerProcess, server  # noqa: F401  one server per module, as there
+
+from gemmachat.engine import Engine
+
+PROMPT = "The capital of France is"
+
+
+@pytest.fixture(scope="module")
+def client(server: ServerProcess) -> ollama.Client:
+    return ollama.Client(host=server.url, timeout=120)
+
+
+def test_generate_raw_equals_the_openai_completion_streamed_or_not(client: ollama.Client, server: ServerProcess) -> None:
+    options = {"temperature": 0, "num_predict": 12}
+    whole = client.generate(model="gemma", prompt=PROMPT, raw=True, options=options)
+    pieces = list(client.generate(model="gemma", prompt=PROMPT, raw=True, options=options, stream=True))
+    status, openai_style = server.request("POST", "/v1/completions", {"prompt": PROMPT, "max_tokens": 12,
+                                                                      "temperature": 0})
+    assert status == 200
+    assert whole.response == "".join(p.response for p in pieces) == openai_style["choices"][0]["text"]
+    assert whole.done and pieces[-1].done and not pieces[0].done
+    assert whole.eval_count == 12 and whole.done_reason == "length"
+    assert whole.prompt_eval_count == openai_style["usage"]["prompt_tokens"]
+
+
+def test_chat_uses_the_chat_template_and_options(client: ollama.Client, server: ServerProcess) -> None:
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a colour."}]
+    reply = client.chat(model="gemma", messages=messages, options={"temperature": 0, "num_predict": 8, "seed": 1})
+    status, openai_style = server.request("POST", "/v1/chat/completions", {"messages": messages, "max_tokens": 8,
+                                                                           "temperature": 0, "seed": 1})
+    assert status == 200
+    assert reply.message.role == "assistant"
+    assert reply.message.content == openai_style["choices"][0]["message"]["content"]
+    streamed = "".join(part.message.content for part in client.chat(
+        model="gemma", messages=messages, options={"temperature": 0, "num_predict": 8, "seed": 1}, stream=True))
+    assert streamed == reply.message.content
+
+
+def test_format_json_and_a_schema(client: ollama.Client) -> None:
+    schema = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20}}, "required": ["city"],
+              "additionalProperties": False}
+    reply = client.chat(model="gemma", messages=[{"role": "user", "content": "A city as JSON."}], format=schema,
+                        options={"temperature": 1, "num_predict": 100})
+    assert set(json.loads(reply.message.content)) == {"city"}
+    loose = client.generate(model="gemma", prompt="A dog as JSON:", format="json", options={"num_predict": 200})
+    assert isinstance(json.loads(loose.response), dict)
+
+
+def test_list_show_ps_and_version(client: ollama.Client, engine: Engine, server: ServerProcess) -> None:
+    (listed,) = client.list().models
+    assert listed.model == engine.name and listed.details.family == "gemma3"
+    shown = client.show("gemma")
+    assert shown.modelinfo["gemma3.context_length"] == engine.n_ctx_train
+    (running,) = client.ps().models
+    assert running.model == engine.name and running.context_length == 2048
+    status, version = server.request("GET", "/api/version")
+    assert status == 200 and version["version"]
+
+
+def test_bad_requests_are_4xx_with_ollamas_error_shape(client: ollama.Client) -> None:
+    with pytest.raises(ollama.ResponseError) as error:
+        client.chat(model="gemma", messages=[])
+    assert error.value.status_code in (400, 422)
+    with pytest.raises(ollama.ResponseError) as error:
+        client.chat(model="gemma", messages=[{"role": "user", "content": "x"}], format={"type": "integer", "minimum": 1})
+    assert error.value.status_code == 400 and "minimum" in str(error.value)
