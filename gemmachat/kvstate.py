@@ -19,6 +19,10 @@ from gemmachat.errors import UserError
 from gemmachat.templates import Message
 
 MAGIC = b"gemma-chat kv state 1\n"
+# Saved caches kept, the most recently saved ones: each is megabytes for the default model and
+# can be hundreds of megabytes for a 4B model's long conversation. Older conversations resume by
+# evaluating them again.
+KEPT_STATES = 8
 
 
 @dataclass(frozen=True)
@@ -44,6 +48,18 @@ def save(path: Path, fingerprint: str, tokens: list[int], state: bytes,
     header = json.dumps({"fingerprint": fingerprint, "tokens": tokens, "replies": replies}).encode()
     path.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(path, MAGIC + header + b"\n" + state)
+    _prune(path.parent, KEPT_STATES)
+
+
+def _prune(folder: Path, keep: int) -> None:
+    def saved_at(path: Path) -> float:
+        try:
+            return path.stat().st_mtime
+        except FileNotFoundError:  # another process pruned it meanwhile
+            return 0.0
+
+    for old in sorted(folder.glob("*.state"), key=saved_at, reverse=True)[keep:]:
+        old.unlink(missing_ok=True)
 
 
 def load(path: Path, fingerprint: str, messages: list[Message]) -> tuple[SavedState | None, str]:

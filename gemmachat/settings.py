@@ -78,7 +78,7 @@ class Settings:
     port: int
     api_key: str | None
     parallel: int
-    keep_history: bool | None = None  # None: the mode decides (the chat keeps, --server does not)
+    keep_history: bool | None = None  # --history / --no-history; None: the chat keeps them
     resume: str | None = None  # "" for the latest conversation
     save_to: str | None = None
     temp_given: bool = False  # --temp on the command line, so no mode picks its own default
@@ -257,9 +257,8 @@ def build_parser() -> argparse.ArgumentParser:
     kept = parser.add_argument_group(
         "conversations (kept in conversations.db in the user data folder, or $GEMMA_CHAT_DATA_DIR)")
     kept.add_argument("--history", dest="keep_history", action=argparse.BooleanOptionalAction, default=None,
-                      help="keep every chat conversation as it happens (default: on in the chat; "
-                           "--server and --cli keep nothing unless --save-to or --resume); "
-                           "config key: history = false")
+                      help="keep every chat conversation as it happens (default: on; --server keeps "
+                           "nothing, --cli only with --save-to or --resume); config key: history = false")
     kept.add_argument("--resume", nargs="?", const="", metavar="ID|TITLE",
                       help="continue the latest conversation, or the one with this id or title "
                            "prefix (/history lists them); with --cli, -p is its next message")

@@ -4,6 +4,7 @@ chat's /history, /resume, /copy, /edit N and toolbar, in a real terminal with th
 from __future__ import annotations
 
 import base64
+import os
 import re
 import sqlite3
 import subprocess
@@ -14,6 +15,7 @@ from pathlib import Path
 import pexpect
 import pytest
 
+from gemmachat import kvstate
 from gemmachat.engine import Engine
 from gemmachat.recorder import Recorder
 from gemmachat.session import ChatSession
@@ -251,12 +253,20 @@ def test_killed_mid_reply_then_resumed_in_a_terminal(env: dict[str, str], tmp_pa
     child.send_line("/resume 1")
     child.expect("conversation 1: Hello from the first turn")
     child.expect("restored its cache of")
+    child.expect(">>>")
+    # /edit N puts the message in the prompt; what is sent replaces it and what followed.
+    child.send_line("/edit 1")
+    child.expect("editing message 1")
+    child.expect(">>> Hello from the first turn")
+    child.send_line(", edited")
+    child.expect(">>>")
     child.send_line("/exit")
     child.expect(pexpect.EOF)
     child.close()
     assert child.exitstatus == 0
-    assert [(number, role) for number, role, _, _ in stored(data)] == [
-        (1, "user"), (1, "assistant"), (1, "user"), (1, "assistant"), (2, "user"), (2, "assistant")]
+    assert [(number, role, content) for number, role, content, _ in stored(data)][::2] == [
+        (1, "user", "Hello from the first turn, edited"), (2, "user", "Another topic")]
+    assert len(stored(data)) == 4
 
 
 def test_edit_resends_a_changed_message_and_drops_what_followed(run_cli, env: dict[str, str], tmp_path: Path) -> None:
@@ -299,3 +309,15 @@ def test_cli_holds_a_conversation_across_calls(run_cli, env: dict[str, str], tmp
     assert rows[1][2] == first.stdout
     refused = run_cli("--cli", "--resume", "--no-history", "-p", "x", env=env)
     assert refused.returncode == 2 and refused.stderr.count("\n") == 1
+
+
+def test_only_the_latest_saved_caches_are_kept(tmp_path: Path) -> None:
+    for number in range(kvstate.KEPT_STATES + 3):
+        kvstate.save(kvstate.path_for(tmp_path, number), "same", [1, 2], b"state", [])
+        os.utime(kvstate.path_for(tmp_path, number), (number, number))  # saved in this order
+    kept = sorted(int(path.stem) for path in (tmp_path / "kv").iterdir())
+    assert kept == list(range(3, kvstate.KEPT_STATES + 3))
+    saved, why = kvstate.load(kvstate.path_for(tmp_path, 5), "other", [])
+    assert saved is None and "changed" in why
+    kvstate.path_for(tmp_path, 5).write_bytes(kvstate.MAGIC + b"{broken\n")
+    assert kvstate.load(kvstate.path_for(tmp_path, 5), "same", []) == (None, "its saved state is damaged")
