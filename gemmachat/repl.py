@@ -86,8 +86,7 @@ class Chat:
         # handler only sets a flag, so llama.cpp is never interrupted half-way through a step.
         previous = signal.signal(signal.SIGINT, lambda *_: cancel.set())
         try:
-            with typeahead_kept(sys.stdin):
-                self.printer.reply(self.session.respond(cancel.is_set, self._dropped))
+            self.printer.reply(self.session.respond(cancel.is_set, self._dropped))
         finally:
             signal.signal(signal.SIGINT, previous)
         stats = self.session.last_stats
@@ -134,7 +133,8 @@ class Chat:
 
 @contextmanager
 def typeahead_kept(stream: TextIO) -> Iterator[None]:
-    """While a reply streams, keys typed ahead wait for the next prompt as they were typed.
+    """While a line is handled (a reply streams, a message or a conversation's cache is stored),
+    keys typed ahead wait for the next prompt as they were typed.
 
     Between prompts the terminal is in cooked mode: it would echo the keys over the reply and turn
     Enter into ctrl-j, which the prompt takes as a line break, so a message typed ahead and sent
@@ -316,7 +316,8 @@ def interactive(chat: Chat, printer: Printer, environ: dict[str, str]) -> int:
                 chat.cycle_role()
             continue
         try:
-            chat.handle(text)
+            with typeahead_kept(sys.stdin):
+                chat.handle(text)
         except ExitChat:
             return 0
 
