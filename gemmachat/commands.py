@@ -12,6 +12,7 @@ import os
 import shlex
 import subprocess
 import tempfile
+import time
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
@@ -103,9 +104,10 @@ def _exit(chat: Chat, argument: str) -> None:
 
 # -- the conversation ------------------------------------------------------------------------------
 
-@command("clear", "/clear", "restart the conversation (the system prompt stays)",
-         "Checkpoints made with /push are dropped too.")
+@command("clear", "/clear", "start a new conversation (the system prompt stays)",
+         "Checkpoints made with /push are dropped too. The one left stays stored: /history, /resume.")
 def _clear(chat: Chat, argument: str) -> None:
+    chat.recorder.start_new()
     chat.session.conversation.clear()
     chat.printer.info("conversation cleared")
 
@@ -158,12 +160,14 @@ def _system(chat: Chat, argument: str) -> None:
         chat.printer.text(conversation.system or "(no system prompt)")
 
 
-@command("retry", "/retry", "write the last reply again")
+@command("retry", "/retry", "write the last reply again",
+         "After a resumed conversation whose last message lost its reply, writes that reply.")
 def _retry(chat: Chat, argument: str) -> None:
     messages = chat.session.conversation.messages
-    if not messages or messages[-1].role != "assistant":
+    if messages and messages[-1].role == "assistant":
+        messages.pop()
+    elif not messages or messages[-1].role != "user":
         raise UserError("there is no reply to retry")
-    messages.pop()
     chat.respond()
 
 
@@ -177,8 +181,15 @@ def _manual(chat: Chat, argument: str) -> None:
     chat.printer.info(f"manual mode {'on: an empty line cycles the role' if chat.manual else 'off'}")
 
 
-@command("edit", "/edit", "write the next message in $EDITOR")
+@command("edit", "/edit [N]", "change your message N and send it again, or write one in $EDITOR",
+         "/edit N puts your Nth message of this conversation (counting from 1) in the prompt: what "
+         "you send then replaces it, and everything after it (replies included) is dropped. An "
+         "empty line or a command instead leaves the conversation as it was. /edit alone opens "
+         "$VISUAL or $EDITOR to write the next message.")
 def _edit(chat: Chat, argument: str) -> None:
+    if argument.isdigit():
+        _edit_message(chat, int(argument))
+        return
     editor = os.environ.get("VISUAL") or os.environ.get("EDITOR") or "vi"
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "message.md"
@@ -192,6 +203,18 @@ def _edit(chat: Chat, argument: str) -> None:
         chat.printer.info("nothing sent")
         return
     chat.send(text.rstrip("\n"))
+
+
+def _edit_message(chat: Chat, number: int) -> None:
+    messages = chat.session.conversation.messages
+    mine = [index for index, message in enumerate(messages) if message.role == "user"]
+    if not 1 <= number <= len(mine):
+        raise UserError(f"there is no message {number}: this conversation has {len(mine)} of yours")
+    chat.editing = mine[number - 1]
+    chat.prefill = messages[chat.editing].content
+    after = len(messages) - chat.editing - 1
+    chat.printer.info(f"editing message {number}: sending replaces it and drops the {after} message(s) "
+                      "after it; an empty line cancels")
 
 
 # -- files -----------------------------------------------------------------------------------------
@@ -226,6 +249,7 @@ def _save(chat: Chat, argument: str) -> None:
 @command("load", "/load FILE", "load a conversation saved with /save", takes_path=True)
 def _load(chat: Chat, argument: str) -> None:
     loaded = Conversation.load(_path_argument(argument, "/load FILE"))
+    chat.recorder.start_new()  # kept as a new conversation; the one left stays stored
     chat.session.conversation = loaded
     chat.printer.info(f"loaded {len(loaded.messages)} messages")
 
@@ -367,3 +391,97 @@ def _show(chat: Chat, argument: str) -> None:
         chat.printer.text(chat.template_description)
     else:
         raise UserError("usage: /show [settings|model|system|template]")
+
+
+# -- stored conversations --------------------------------------------------------------------------
+
+@command("history", "/history [COUNT]", "the latest stored conversations (20 unless COUNT)",
+         "Every conversation is kept as it happens (README, Where files go); --no-history turns "
+         "that off. * marks this one.")
+def _history(chat: Chat, argument: str) -> None:
+    if argument and not argument.isdigit():
+        raise UserError("usage: /history [COUNT]")
+    summaries = chat.recorder.recent(int(argument or 20))
+    if not summaries:
+        chat.printer.info("no conversation is stored yet")
+        return
+    lines = [f"  {'id':>5}  {'updated':<16}  {'turns':>5}  {'model':<28}  title"]
+    for summary in summaries:
+        mark = "*" if summary.id == chat.recorder.conversation_id else " "
+        updated = time.strftime("%Y-%m-%d %H:%M", time.localtime(summary.updated))
+        lines.append(f"{mark} {summary.id:>5}  {updated:<16}  {summary.turns:>5}  {summary.model[:28]:<28}  "
+                     f"{summary.title or '(untitled)'}")
+    chat.printer.text("\n".join(lines))
+
+
+@command("resume", "/resume N|TITLE", "continue stored conversation N (or the latest whose title "
+         "starts with TITLE)", "/history lists them. The one left stays stored.")
+def _resume(chat: Chat, argument: str) -> None:
+    if not argument:
+        raise UserError("usage: /resume N|TITLE (/history lists them)")
+    chat.resume(argument)
+
+
+@command("rename", "/rename TITLE", "give this conversation a title",
+         "Titles come from the first message otherwise; /resume TITLE finds it.")
+def _rename(chat: Chat, argument: str) -> None:
+    if not argument:
+        raise UserError("usage: /rename TITLE")
+    number = chat.recorder.rename(argument)
+    chat.printer.info(f"conversation {number} is now {argument!r}")
+
+
+@command("delete", "/delete N", "delete stored conversation N",
+         "Deleting this conversation also starts a new one, as /clear.")
+def _delete(chat: Chat, argument: str) -> None:
+    if not argument.isdigit():
+        raise UserError("usage: /delete N (/history lists them)")
+    if chat.recorder.delete(int(argument)):
+        chat.session.conversation.clear()
+        chat.printer.info(f"deleted conversation {argument}, this one: the chat starts afresh")
+    else:
+        chat.printer.info(f"deleted conversation {argument}")
+
+
+# -- the clipboard ---------------------------------------------------------------------------------
+
+@command("copy", "/copy [code]", "copy the last reply (or its last code block) to the clipboard",
+         "Through the terminal (its OSC 52 sequence), so it works over SSH and in tmux with "
+         "set-clipboard on; some terminals ask first or need it allowed in their settings.")
+def _copy(chat: Chat, argument: str) -> None:
+    if argument not in ("", "code"):
+        raise UserError("usage: /copy [code]")
+    reply = next((m.content for m in reversed(chat.session.conversation.messages) if m.role == "assistant"), None)
+    if reply is None:
+        raise UserError("there is no reply to copy")
+    text, what = reply, "the last reply"
+    if argument == "code":
+        blocks = code_blocks(reply)
+        if not blocks:
+            raise UserError("the last reply has no code block")
+        text, what = blocks[-1], "its last code block"
+    if not chat.printer.stream.isatty():
+        raise UserError("/copy needs a terminal: it goes through the terminal's clipboard sequence")
+    chat.printer.to_clipboard(text)
+    chat.printer.info(f"copied {what} ({len(text)} characters)")
+
+
+def code_blocks(markdown: str) -> list[str]:
+    """The fenced code blocks of a Markdown text, without their fences (an unclosed last one runs
+    to the end, as in a reply cut short)."""
+    blocks: list[str] = []
+    fence: str | None = None
+    lines: list[str] = []
+    for line in markdown.split("\n"):
+        stripped = line.strip()
+        if fence is None:
+            if stripped.startswith(("```", "~~~")):
+                fence, lines = stripped[:3], []
+        elif stripped.startswith(fence) and not stripped.strip(fence[0]):
+            blocks.append("\n".join(lines))
+            fence = None
+        else:
+            lines.append(line)
+    if fence is not None:
+        blocks.append("\n".join(lines).rstrip("\n"))
+    return blocks

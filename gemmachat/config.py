@@ -82,6 +82,10 @@ def _value_for(action: argparse.Action, key: str, value: object, path: Path) -> 
     def wrong(expected: str) -> UserError:
         return UserError(f"config file {path}: key '{key}' must be {expected}, not {value!r}")
 
+    if isinstance(action, argparse.BooleanOptionalAction):  # history = false, or no-history = true
+        if not isinstance(value, bool):
+            raise wrong("true or false")
+        return value != key.startswith("no-")
     if action.nargs == 0:  # a switch: --mlock, --cli ...
         if not isinstance(value, bool):
             raise wrong("true or false")

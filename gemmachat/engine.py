@@ -166,6 +166,16 @@ class _Job:
     released: bool = False  # the consumer is done with it
 
 
+@dataclass(eq=False)
+class _Call:
+    """Work on the context that the scheduler does between two steps, for another thread."""
+
+    work: Callable[[], object]
+    result: object = None
+    error: Exception | None = None
+    done: bool = False
+
+
 @dataclass
 class Generation:
     """A running generation: iterate it for text pieces; `stats` and `tokens` fill as it goes."""
@@ -292,7 +302,7 @@ class Engine:
         # Shared with the scheduler thread, under _cond: what it should do next.
         self._cond = threading.Condition()
         self._arrivals: list[_Job] = []  # submitted, not admitted yet
-        self._clears: set[int] = set()  # sequences to empty
+        self._calls: list[_Call] = []  # work on the context, done between two steps
         self._jobs: list[_Job] = []  # admitted, by sequence id, until their consumer releases them
         self._in_flight: set[_Job] = set()  # in the step being decoded
         self._failure: BaseException | None = None
@@ -544,15 +554,68 @@ class Engine:
             raise ValueError(f"sequence {seq_id} outside 0..{self.options.sequences - 1}")
         with self._cond:
             sequence = self._sequences.setdefault(seq_id, Sequence(seq_id))
-            # The scheduler thread empties it between two steps: the context is its alone.
-            self._clears.add(seq_id)
+        self._between_steps(lambda: self._empty(sequence))
+        return sequence
+
+    def _empty(self, sequence: Sequence) -> None:
+        llama.llama_memory_seq_rm(self._memory, sequence.seq_id, -1, -1)
+        sequence.tokens.clear()
+
+    def sequence_state(self, sequence: Sequence) -> tuple[list[int], bytes]:
+        """The sequence's KV cache as llama.cpp serialises it, and the tokens it holds: saved, it
+        lets a later process resume the conversation without evaluating it again. Call it only
+        while no generation runs on that sequence."""
+        def copy() -> tuple[list[int], bytes]:
+            size = llama.llama_state_seq_get_size(self._ctx, sequence.seq_id)
+            buffer = (ctypes.c_uint8 * size)()
+            written = llama.llama_state_seq_get_data(self._ctx, buffer, size, sequence.seq_id)
+            return list(sequence.tokens), memoryview(buffer)[:written].tobytes()
+
+        return self._between_steps(copy)  # type: ignore[return-value]
+
+    def restore_sequence(self, sequence: Sequence, tokens: list[int], state: bytes) -> bool:
+        """Put back a KV cache saved by sequence_state; False (and the sequence empty) when this
+        context cannot take it (another llama.cpp, another cache layout, too few cells)."""
+        def load() -> bool:
+            self._empty(sequence)
+            if not tokens or len(tokens) >= self.n_ctx_seq:
+                return False
+            buffer = (ctypes.c_uint8 * len(state)).from_buffer_copy(state)
+            read = llama.llama_state_seq_set_data(self._ctx, buffer, len(state), sequence.seq_id)
+            # The cache must end where the token list does, or the two would disagree.
+            if read == 0 or llama.llama_memory_seq_pos_max(self._memory, sequence.seq_id) != len(tokens) - 1:
+                self._empty(sequence)
+                return False
+            sequence.tokens.extend(tokens)
+            return True
+
+        return bool(self._between_steps(load))
+
+    def state_fingerprint(self) -> str:
+        """What a saved KV cache depends on: the model file, llama.cpp's version and the settings
+        that shape the cache. A saved state is restored only into an engine with the same."""
+        stat = self.path.stat()
+        return "|".join(str(part) for part in (
+            self.name, self.path.resolve(), stat.st_size, stat.st_mtime_ns, self.info.start,
+            llama.__version__, self.n_ctx_seq, self.options.flash_attn,
+        ))
+
+    def _between_steps(self, work: Callable[[], object]) -> object:
+        """Run `work` on the thread that decodes, between two steps (only that thread may use the
+        context), and return what it returns."""
+        call = _Call(work)
+        with self._cond:
+            self._check_scheduler()
+            self._calls.append(call)
             self._cond.notify_all()
             if self._scheduler is None:
                 self._tidy()
-            while seq_id in self._clears:
+            while not call.done:
                 self._check_scheduler()
                 self._cond.wait()
-        return sequence
+        if call.error is not None:
+            raise call.error
+        return call.result
 
     def generate(
         self,
@@ -728,12 +791,15 @@ class Engine:
         return True
 
     def _tidy(self) -> None:
-        """Empty the sequences asked for, then admit new jobs (with the lock held)."""
-        if self._clears:
-            for seq_id in self._clears:
-                llama.llama_memory_seq_rm(self._memory, seq_id, -1, -1)
-                self._sequences[seq_id].tokens.clear()
-            self._clears.clear()
+        """Do the work asked of the context, then admit new jobs (with the lock held)."""
+        if self._calls:
+            for call in self._calls:
+                try:
+                    call.result = call.work()
+                except Exception as error:  # noqa: BLE001 - it belongs to the caller, who re-raises it
+                    call.error = error
+                call.done = True
+            self._calls.clear()
             self._cond.notify_all()
         if self._arrivals:
             for job in self._arrivals:

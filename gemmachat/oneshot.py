@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import sys
+from typing import Iterable
 
 from gemmachat import fatal
-from gemmachat.engine import load_engine, renderer_for
-from gemmachat.errors import UserError
+from gemmachat.engine import Engine, load_engine, renderer_for
+from gemmachat.errors import UserError, warn
+from gemmachat.recorder import Recorder
 from gemmachat.safe_io import read_file, read_stream
+from gemmachat.session import ChatSession
 from gemmachat.settings import Settings
-from gemmachat.templates import Message, Segment, load_template, to_tokens
+from gemmachat.templates import Message, Segment, Template, load_template, to_tokens
 
 # As much as the server takes in one request: more than any context holds.
 PROMPT_LIMIT = 10 << 20
@@ -34,6 +37,8 @@ def run(settings: Settings) -> int:
         raise UserError("the prompt is empty: give one with -p, -f or on stdin")
     # One generation read by this thread: it decodes too, as llama-completion does (see EngineOptions).
     with load_engine(settings, inline=True) as engine:
+        if settings.resume is not None or settings.save_to is not None:
+            return _stored_turn(settings, engine, template, prompt)
         if settings.chat_turn:
             segments = renderer_for(engine, settings, template)(settings.system, [Message("user", prompt)], True)
         else:
@@ -45,12 +50,7 @@ def run(settings: Settings) -> int:
             engine.new_sequence(), tokens, settings.sampling, max_tokens=settings.n_predict,
             stop=settings.stop, ignore_eos=settings.ignore_eos,
         )
-        out = sys.stdout
-        for piece in generation:
-            out.write(piece)
-            out.flush()
-        if out.isatty():
-            out.write("\n")
+        _print(generation)
         if settings.verbose:
             stats = generation.stats
             print(
@@ -64,4 +64,38 @@ def run(settings: Settings) -> int:
                   f"{times.prompt_tokens} tokens, eval {times.eval_ms:.2f} ms / {times.eval_runs} runs, "
                   f"graphs reused {times.graphs_reused}",
                   file=sys.stderr)
+    return 0
+
+
+def _print(pieces: Iterable[str]) -> None:
+    out = sys.stdout
+    for piece in pieces:
+        out.write(piece)
+        out.flush()
+    if out.isatty():
+        out.write("\n")
+
+
+def _stored_turn(settings: Settings, engine: Engine, template: Template, prompt: str) -> int:
+    """--resume or --save-to: the prompt is the next user message of a stored conversation, and
+    the exchange is kept in it (with its KV cache, so that the next call starts at once)."""
+    session = ChatSession(engine, renderer_for(engine, settings, template), settings.sampling,
+                          n_predict=settings.n_predict, special=settings.special)
+    session.conversation.system = settings.system
+    recorder = Recorder.open(session, settings, warn, required=True)
+    try:
+        if settings.resume is not None:
+            _, how = recorder.resume(settings.resume)
+            if settings.verbose:
+                warn(how)
+        else:
+            assert settings.save_to is not None
+            recorder.continue_titled(settings.save_to)
+        session.say(prompt)
+        recorder.sync()
+        fatal.interrupts_to_python()
+        _print(session.respond())
+    finally:
+        recorder.sync()
+        recorder.close()
     return 0

@@ -7,6 +7,7 @@ would cost more as it grows, and a Live region taller than the terminal leaves c
 
 from __future__ import annotations
 
+import base64
 import re
 import sys
 from typing import Iterable, TextIO
@@ -56,6 +57,12 @@ class Printer:
             self._plain_line(text)
         else:
             self.console.print(Text(text))
+
+    def to_clipboard(self, text: str) -> None:
+        """Hand `text` to the terminal's clipboard with OSC 52 (ESC ] 52 ; c ; base64 BEL), which
+        terminals honour over SSH too, where no local clipboard tool could reach."""
+        self.stream.write(f"\x1b]52;c;{base64.b64encode(text.encode('utf-8')).decode('ascii')}\a")
+        self.stream.flush()
 
     def _plain_line(self, text: str) -> None:
         self.stream.write(text + "\n")

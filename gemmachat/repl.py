@@ -30,9 +30,11 @@ from gemmachat.engine import Engine, default_reply_limit, load_engine, renderer_
 from gemmachat.errors import UserError
 from gemmachat.model_path import resolve_model
 from gemmachat.output import Printer
+from gemmachat.recorder import Recorder
 from gemmachat.safe_io import write_file
 from gemmachat.session import ChatSession
 from gemmachat.settings import DEFAULT_SYSTEM_PROMPT, Settings
+from gemmachat.store import data_dir
 from gemmachat.templates import Message, Template, load_template
 
 ROLES = ("user", "assistant", "system")
@@ -46,33 +48,45 @@ class Chat:
     session: ChatSession
     printer: Printer
     template_description: str
+    recorder: Recorder
     manual: bool = False
     role: str = "user"
+    editing: int | None = None  # /edit N: the index of the message the next one replaces
+    prefill: str = ""  # text the next prompt starts with
+    meter: str | None = None  # the bottom toolbar's line, None when there is no toolbar
 
     def handle(self, line: str) -> None:
-        """One line of input: a command or a message. User errors are shown, never fatal."""
+        """One line of input: a command or a message. User errors are shown, never fatal. Whatever
+        it changed in the conversation is stored before the next prompt."""
+        editing, self.editing = self.editing, None  # an edit applies to the very next message only
         try:
             if line.startswith("/") and not line.startswith("//"):
                 commands.dispatch(self, line)
             else:
-                self.send(line[1:] if line.startswith("//") else line)
+                self.send(line[1:] if line.startswith("//") else line, editing)
         except UserError as error:
             self.printer.error(str(error))
+        finally:
+            self.recorder.sync()
+            self.update_meter()
 
-    def send(self, text: str) -> None:
+    def send(self, text: str, replacing: int | None = None) -> None:
         role = self.role if self.manual else "user"
         self.session.say(text, role)
+        if replacing is not None:
+            # The edited message and everything after it give way to the new one.
+            del self.session.conversation.messages[replacing:-1]
         if role == "user":
             self.respond()
 
     def respond(self) -> None:
+        self.recorder.sync()  # the message is kept before its reply is written
         cancel = threading.Event()
         # ctrl-c during a reply stops it at the next token and keeps what was written; the
         # handler only sets a flag, so llama.cpp is never interrupted half-way through a step.
         previous = signal.signal(signal.SIGINT, lambda *_: cancel.set())
         try:
-            with typeahead_kept(sys.stdin):
-                self.printer.reply(self.session.respond(cancel.is_set, self._dropped))
+            self.printer.reply(self.session.respond(cancel.is_set, self._dropped))
         finally:
             signal.signal(signal.SIGINT, previous)
         stats = self.session.last_stats
@@ -80,8 +94,37 @@ class Chat:
             self.printer.info("(reply interrupted; it stays in the conversation, /undo drops it)")
 
     def _dropped(self, messages: list[Message]) -> None:
+        self.recorder.dropped(len(messages))
         self.printer.info(f"(context full: dropped the {len(messages)} oldest message(s); "
                           "the system prompt stays)")
+
+    def resume(self, reference: str) -> None:
+        """Continue a stored conversation: show it, then say how its next reply starts."""
+        summary, how = self.recorder.resume(reference)
+        self.printer.info(f"conversation {summary.id}: {summary.title or '(untitled)'} "
+                          f"({summary.turns} turns, {summary.model})")
+        conversation = self.session.conversation
+        if conversation.system:
+            self.printer.info(f"system: {conversation.system}")
+        for message in conversation.messages:
+            if message.role == "assistant":
+                self.printer.reply([message.content])
+            else:
+                self.printer.text(f"{'>>>' if message.role == 'user' else 'system:'} {message.content}")
+            if message.interrupted:
+                self.printer.info("(interrupted)")
+        self.printer.info(how)
+        if conversation.messages and conversation.messages[-1].role == "user":
+            self.printer.info("(its last message has no reply: /retry writes one)")
+
+    def update_meter(self) -> None:
+        """The toolbar's numbers: /context's count, and /stats' speed of the last reply."""
+        if self.meter is None:
+            return
+        used, total = self.session.context_used(), self.session.context_size
+        last = self.session.last_stats
+        speed = f"{last.generation_tokens_per_second:.1f} tokens/s" if last else "none yet"
+        self.meter = f" context: {used}/{total} tokens · last reply: {speed} "
 
     def cycle_role(self) -> None:
         self.role = ROLES[(ROLES.index(self.role) + 1) % len(ROLES)]
@@ -90,7 +133,8 @@ class Chat:
 
 @contextmanager
 def typeahead_kept(stream: TextIO) -> Iterator[None]:
-    """While a reply streams, keys typed ahead wait for the next prompt as they were typed.
+    """While a line is handled (a reply streams, a message or a conversation's cache is stored),
+    keys typed ahead wait for the next prompt as they were typed.
 
     Between prompts the terminal is in cooked mode: it would echo the keys over the reply and turn
     Enter into ctrl-j, which the prompt takes as a line break, so a message typed ahead and sent
@@ -180,7 +224,7 @@ class AtomicFileHistory(FileHistory):
 
 def input_history(environ: dict[str, str] | None = None) -> tuple[History, str | None]:
     """The persistent input history, or an in-memory one and a warning if it cannot be kept."""
-    folder = Path(platformdirs.user_data_dir("gemma-chat"))
+    folder = data_dir(environ or {})
     path = folder / "history"
     try:
         folder.mkdir(parents=True, exist_ok=True)
@@ -243,33 +287,37 @@ def banner(engine: Engine, settings: Settings, server_line: str | None, session:
     return "\n".join(lines)
 
 
-def interactive(chat: Chat, printer: Printer) -> int:
-    history, warning = input_history()
+def interactive(chat: Chat, printer: Printer, environ: dict[str, str]) -> int:
+    history, warning = input_history(environ)
     if warning:
         printer.info(warning)
     prompt_session: PromptSession[str] = PromptSession(
         history=history, completer=ChatCompleter(), key_bindings=_key_bindings(),
         complete_while_typing=False, enable_history_search=False,
+        bottom_toolbar=(lambda: chat.meter) if chat.meter is not None else None,
     )
     # Start-up is over: ctrl-c now stops a reply, clears the input or leaves at an empty prompt.
     fatal.interrupts_to_python()
     while True:
         label = f"{chat.role} >>> " if chat.manual else ">>> "
         try:
-            first = prompt_session.prompt(label)
+            first = prompt_session.prompt(label, default=chat.prefill)
         except EOFError:
             return 0
         if isinstance(history, AtomicFileHistory) and (problem := history.take_problem()):
             printer.info(problem)
+        chat.prefill = ""
         text = read_message(prompt_session.prompt, first)
         if text is None:
             continue
         if not text.strip():
+            chat.editing = None  # an empty line cancels /edit N
             if chat.manual:
                 chat.cycle_role()
             continue
         try:
-            chat.handle(text)
+            with typeahead_kept(sys.stdin):
+                chat.handle(text)
         except ExitChat:
             return 0
 
@@ -361,15 +409,26 @@ def converse(engine: Engine, settings: Settings, template: Template, printer: Pr
     session = ChatSession(engine, renderer_for(engine, settings, template), settings.sampling,
                           n_predict=default_reply_limit(engine, settings.n_predict), special=settings.special)
     session.conversation.system = system_prompt(settings, engine)
-    chat = Chat(session, printer, template_description=f"{template.name}: {template.description}")
-    if is_terminal:
-        if not settings.nologo:
+    recorder = Recorder.open(session, settings, printer.info)
+    chat = Chat(session, printer, template_description=f"{template.name}: {template.description}",
+                recorder=recorder, meter="" if is_terminal and not printer.plain else None)
+    try:
+        if is_terminal and not settings.nologo:
             printer.info(banner(engine, settings, server_line, session))
-        return interactive(chat, printer)
-    if server_line and not settings.nologo:
-        print(f"gemma-chat: {server_line}", file=sys.stderr)
-    lines = bounded_lines(stdin.buffer, commands.MESSAGE_LIMIT, printer) if hasattr(stdin, "buffer") else stdin
-    return scripted(chat, lines)
+        if settings.resume is not None:
+            try:
+                chat.resume(settings.resume)
+            except UserError as error:
+                printer.error(str(error))
+        chat.update_meter()
+        if is_terminal:
+            return interactive(chat, printer, dict(settings.environ))
+        if server_line and not settings.nologo:
+            print(f"gemma-chat: {server_line}", file=sys.stderr)
+        lines = bounded_lines(stdin.buffer, commands.MESSAGE_LIMIT, printer) if hasattr(stdin, "buffer") else stdin
+        return scripted(chat, lines)
+    finally:
+        recorder.close()
 
 
 def bounded_lines(stream: BinaryIO, limit: int, printer: Printer) -> Iterator[str]:

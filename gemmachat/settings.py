@@ -82,6 +82,9 @@ class Settings:
     port: int
     api_key: str | None
     parallel: int
+    keep_history: bool | None = None  # --history / --no-history; None: the chat keeps them
+    resume: str | None = None  # "" for the latest conversation
+    save_to: str | None = None
     temp_given: bool = False  # --temp on the command line, so no mode picks its own default
     environ: Mapping[str, str] = field(repr=False, default_factory=dict)
 
@@ -267,6 +270,18 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--plain", action="store_true",
                       help="plain text output, no colours or Markdown (also NO_COLOR)")
 
+    kept = parser.add_argument_group(
+        "conversations (kept in conversations.db in the user data folder, or $GEMMA_CHAT_DATA_DIR)")
+    kept.add_argument("--history", dest="keep_history", action=argparse.BooleanOptionalAction, default=None,
+                      help="keep every chat conversation as it happens (default: on; --server keeps "
+                           "nothing, --cli only with --save-to or --resume); config key: history = false")
+    kept.add_argument("--resume", nargs="?", const="", metavar="ID|TITLE",
+                      help="continue the latest conversation, or the one with this id or title "
+                           "prefix (/history lists them); with --cli, -p is its next message")
+    kept.add_argument("--save-to", metavar="TITLE",
+                      help="--cli: continue the conversation titled TITLE (started if there is none) "
+                           "and keep this exchange in it, so scripts can hold a conversation")
+
     server = parser.add_argument_group("server")
     server.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     server.add_argument("--port", type=_port, default=8080, help="port (default 8080)")
@@ -332,6 +347,11 @@ def parse_settings(argv: Sequence[str], environ: Mapping[str, str] | None = None
     if args.hf_file and not args.hf_repo:
         raise UserError("--hf-file names a file of the repository given with -hf")
     model, hf_repo = _one_model(args, argv, environ)
+    if args.resume is not None and args.save_to is not None:
+        raise UserError("give --resume or --save-to, not both")
+    if args.keep_history is False and (args.resume is not None or args.save_to is not None):
+        raise UserError("--resume and --save-to need the stored conversations, which --no-history "
+                        "(or history = false in the config) turns off")
     return Settings(
         mode=mode,
         model=model,
@@ -375,6 +395,9 @@ def parse_settings(argv: Sequence[str], environ: Mapping[str, str] | None = None
         port=args.port,
         api_key=_api_key(args.api_key),
         parallel=args.parallel,
+        keep_history=args.keep_history,
+        resume=args.resume,
+        save_to=args.save_to,
         temp_given=args.temp is not None,
         environ=environ,
     )

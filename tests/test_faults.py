@@ -113,7 +113,10 @@ def test_a_damaged_history_is_set_aside_and_sigterm_at_the_prompt_exits_cleanly(
     folder = data / "gemma-chat"
     assert (folder / "history.corrupt").read_bytes() == damaged
     assert (folder / "history").read_text().endswith("+Hello\n")
-    assert sorted(p.name for p in folder.iterdir()) == ["history", "history.corrupt"]
+    # Nothing half-written left behind: the input history, the conversation kept (with its KV
+    # cache, saved on the way out) and nothing else.
+    assert sorted(p.name for p in folder.iterdir()) == ["conversations.db", "history", "history.corrupt", "kv"]
+    assert [p.name for p in (folder / "kv").iterdir()] == ["1.state"]
 
 
 def _started(process: subprocess.Popen) -> None:

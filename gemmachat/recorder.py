@@ -1,0 +1,209 @@
+"""One chat session's conversation, kept in the store as it changes, and resumed from it.
+
+The chat calls `sync` whenever its conversation may have changed (a message sent, a reply done,
+a command run); the difference with what was written last goes to the store in one transaction.
+Messages the context had to drop stay stored (they are still part of the conversation), so the
+session's messages are the stored ones from `offset` on.
+
+Storing must never cost the chat: when the store fails (a full disk, a read-only folder), one
+line says so and the chat goes on with its conversation in memory, unstored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Callable
+
+from gemmachat import kvstate
+from gemmachat.engine import common_prefix
+from gemmachat.errors import UserError
+from gemmachat.session import ChatSession
+from gemmachat.settings import Settings
+from gemmachat.store import Store, StoreError, Summary, data_dir, title_from
+from gemmachat.templates import Message
+
+Key = tuple[str, str, bool]
+
+
+def _key(message: Message) -> Key:
+    return message.role, message.content, message.interrupted
+
+
+class Recorder:
+    def __init__(self, session: ChatSession, store: Store | None, folder: Path, notify: Callable[[str], None],
+                 off_reason: str, settings: dict[str, object] | None = None) -> None:
+        self.session = session
+        self.store = store
+        self.folder = folder
+        self.notify = notify
+        self.off_reason = off_reason  # why store is None
+        self.settings = settings or {}
+        self.conversation_id: int | None = None
+        self._written: list[Key] = []
+        self._written_system: str | None = None
+        self._offset = 0
+        self._state_tokens: list[int] = []  # what the saved (or restored) cache holds
+        self._state_problem_told = False
+
+    @classmethod
+    def open(cls, session: ChatSession, settings: Settings, notify: Callable[[str], None],
+             required: bool = False) -> Recorder:
+        """The recorder the settings ask for: off with --no-history (or history = false), and off
+        with one line through `notify` when the store cannot be used (StoreError if `required`)."""
+        folder = data_dir(settings.environ)
+        recorded = {"template": settings.template, "jinja": settings.jinja,
+                    "context": session.context_size, "temperature": settings.sampling.temperature}
+        if settings.keep_history is False:
+            return cls(session, None, folder, notify, "conversations are not kept (--no-history)")
+        try:
+            store = Store.open(folder, notify)
+        except StoreError as error:
+            if required:
+                raise
+            notify(f"conversations are not kept: {error}")
+            return cls(session, None, folder, notify, f"conversations are not kept: {error}")
+        return cls(session, store, folder, notify, "", recorded)
+
+    def require(self) -> Store:
+        if self.store is None:
+            raise UserError(self.off_reason)
+        return self.store
+
+    # -- keeping ---------------------------------------------------------------------------------
+
+    def sync(self) -> None:
+        """Write what changed in the session's conversation since the last sync."""
+        if self.store is None:
+            return
+        conversation = self.session.conversation
+        keys = [_key(m) for m in conversation.messages]
+        kept = self._written[self._offset:]
+        same = common_prefix(kept, keys)
+        if same == len(kept) == len(keys) and conversation.system == self._written_system:
+            return
+        title = title_from(conversation.messages)
+        try:
+            if self.conversation_id is None:
+                if not keys:
+                    return  # nothing worth a conversation yet
+                self.conversation_id = self.store.create(title, self.session.engine.name, conversation.system,
+                                                         self.settings)
+            self.store.write(self.conversation_id, self._offset + same, conversation.messages[same:],
+                             conversation.system, title)
+        except StoreError as error:
+            self._turn_off(error)
+            return
+        self._written = self._written[:self._offset + same] + keys[same:]
+        self._written_system = conversation.system
+
+    def dropped(self, count: int) -> None:
+        """The context dropped the session's `count` oldest messages: they stay stored."""
+        self._offset += count
+
+    def _turn_off(self, error: StoreError) -> None:
+        assert self.store is not None
+        self.store.close()
+        self.store = None
+        self.off_reason = f"conversations are no longer kept: {error}"
+        self.notify(f"{self.off_reason} (this one stays in memory: /save FILE keeps it)")
+
+    def _attach(self, conversation_id: int | None, written: list[Key], system: str | None) -> None:
+        self.conversation_id = conversation_id
+        self._written, self._written_system, self._offset = written, system, 0
+
+    # -- switching -------------------------------------------------------------------------------
+
+    def start_new(self) -> None:
+        """The next message starts a new stored conversation (/clear, /load); this one's cache is
+        saved first, so that resuming it later is instant."""
+        self.save_state()
+        self._attach(None, [], None)
+
+    def resume(self, reference: str) -> tuple[Summary, str]:
+        """Make the stored conversation `reference` names the session's; returns it and one line
+        on how its next reply starts (from the saved cache, or evaluating it again, and why)."""
+        store = self.require()
+        summary, conversation = store.load(store.find(reference))
+        self.save_state()
+        session = self.session
+        session.conversation = conversation
+        self._attach(summary.id, [_key(m) for m in conversation.messages], conversation.system)
+        session.engine.new_sequence(session.seq_id)  # empties it: its tokens were another conversation's
+        self._state_tokens = []
+        saved, why = kvstate.load(self._state_path(summary.id), session.engine.state_fingerprint(),
+                                  conversation.messages)
+        if saved is not None:
+            conversation.messages[:] = [
+                dataclasses.replace(m, tokens=tuple(saved.replies[i])) if i in saved.replies else m
+                for i, m in enumerate(conversation.messages)]
+            if session.engine.restore_sequence(session.sequence, saved.tokens, saved.state):
+                self._state_tokens = saved.tokens
+                return summary, f"(restored its cache of {len(saved.tokens)} tokens: the next reply starts at once)"
+            why = "llama.cpp could not take its saved state"
+        return summary, f"(the next reply evaluates the conversation again: {why})"
+
+    def rename(self, title: str) -> int:
+        store = self.require()
+        try:
+            if self.conversation_id is None:
+                # Named before its first message: the conversation exists from now on.
+                self.conversation_id = store.create(title, self.session.engine.name,
+                                                    self.session.conversation.system, self.settings)
+                self._written_system = self.session.conversation.system
+            else:
+                store.rename(self.conversation_id, title)
+        except StoreError as error:
+            self._turn_off(error)
+            raise UserError("not renamed") from None
+        return self.conversation_id
+
+    def continue_titled(self, title: str) -> None:
+        """Make the latest conversation titled `title` the session's, or start one of that title."""
+        found = self.require().titled(title)
+        if found is None:
+            self.rename(title)
+        else:
+            self.resume(str(found))
+
+    def delete(self, conversation_id: int) -> bool:
+        """Delete a stored conversation and its saved cache; True if it was the session's own,
+        which then starts afresh."""
+        store = self.require()
+        if not store.delete(conversation_id):
+            raise UserError(f"there is no conversation {conversation_id} (/history lists them)")
+        kvstate.remove(self._state_path(conversation_id))
+        if conversation_id != self.conversation_id:
+            return False
+        self._attach(None, [], None)
+        return True
+
+    def recent(self, limit: int) -> list[Summary]:
+        return self.require().recent(limit)
+
+    # -- the KV cache ----------------------------------------------------------------------------
+
+    def save_state(self) -> None:
+        """Save the session's KV cache for its stored conversation. Failing only costs speed."""
+        session = self.session
+        if (self.store is None or self.conversation_id is None or not session.sequence.tokens
+                or session.sequence.tokens == self._state_tokens):
+            return
+        replies = [(self._offset + index, m) for index, m in enumerate(session.conversation.messages)]
+        try:
+            tokens, state = session.engine.sequence_state(session.sequence)
+            kvstate.save(self._state_path(self.conversation_id), session.engine.state_fingerprint(),
+                         tokens, state, replies)
+            self._state_tokens = tokens
+        except (UserError, OSError, RuntimeError) as error:  # RuntimeError: the engine stopped
+            if not self._state_problem_told:
+                self._state_problem_told = True
+                self.notify(f"the conversation's cache was not saved (resuming it will re-read it): {error}")
+
+    def _state_path(self, conversation_id: int) -> Path:
+        return kvstate.path_for(self.folder, conversation_id)
+
+    def close(self) -> None:
+        self.save_state()
+        if self.store is not None:
+            self.store.close()

@@ -1,0 +1,333 @@
+"""Conversations kept as they happen: the SQLite store, resuming (with the saved KV cache), and the
+chat's /history, /resume, /copy, /edit N and toolbar, in a real terminal with the real model."""
+
+from __future__ import annotations
+
+import base64
+import os
+import re
+import sqlite3
+import subprocess
+import sys
+import time
+from contextlib import closing
+from pathlib import Path
+
+import pexpect
+import pytest
+
+from gemmachat import kvstate
+from gemmachat.engine import Engine
+from gemmachat.recorder import Recorder
+from gemmachat.session import ChatSession
+from gemmachat.settings import Sampling, parse_settings
+from gemmachat.store import DATABASE_NAME, MIGRATIONS, Store, StoreError, title_from
+from gemmachat.templates import Message, load_template, render
+
+from test_chat_terminal import Terminal
+
+REPO = Path(__file__).resolve().parent.parent
+CPR = re.escape("\x1b[6n")
+OSC52 = re.compile("\x1b\\]52;c;([A-Za-z0-9+/=]*)\x07")
+
+
+def stored(folder: Path) -> list[tuple[int, str, str, int]]:
+    """(conversation, role, content, interrupted) of every stored message, in order."""
+    with closing(sqlite3.connect(folder / DATABASE_NAME)) as db:
+        return db.execute("SELECT conversation, role, content, interrupted FROM messages "
+                          "ORDER BY conversation, position").fetchall()
+
+
+def wait_until_stored(folder: Path, count: int) -> None:
+    deadline = time.monotonic() + 60
+    while len(stored(folder)) < count:
+        assert time.monotonic() < deadline, stored(folder)
+        time.sleep(0.1)
+
+
+# -- the store on its own --------------------------------------------------------------------------
+
+def test_the_schema_is_versioned_and_a_newer_one_is_refused(tmp_path: Path) -> None:
+    store = Store.open(tmp_path, pytest.fail)
+    number = store.create("t", "model.gguf", "sys", {"temperature": 0})
+    store.write(number, 0, [Message("user", "hi"), Message("assistant", "yo", interrupted=True)], "sys", "hi")
+    store.close()
+    with sqlite3.connect(tmp_path / DATABASE_NAME) as db:
+        assert db.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS)
+        assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        db.execute(f"PRAGMA user_version = {len(MIGRATIONS) + 1}")
+    with pytest.raises(StoreError, match="written by a newer gemma-chat"):
+        Store.open(tmp_path, pytest.fail)
+
+
+def test_two_processes_write_at_once(tmp_path: Path) -> None:
+    writer = ("import sys; from pathlib import Path; from gemmachat.store import Store; "
+              "from gemmachat.templates import Message\n"
+              "store = Store.open(Path(sys.argv[1]), print); number = store.create('other', 'm', None, {})\n"
+              "for i in range(300): store.write(number, i, [Message('user', f'other {i}')], None, 'other')\n")
+    store = Store.open(tmp_path, pytest.fail)
+    other = subprocess.Popen([sys.executable, "-c", writer, str(tmp_path)], cwd=REPO)
+    while not store.recent() and other.poll() is None:
+        time.sleep(0.01)  # until the other process writes: then both do at once
+    mine = store.create("mine", "m", None, {})
+    for index in range(300):
+        store.write(mine, index, [Message("user", f"mine {index}")], None, "mine")
+    assert other.wait(timeout=60) == 0
+    contents = [content for _, _, content, _ in stored(tmp_path)]
+    assert sorted(contents) == sorted([f"mine {i}" for i in range(300)] + [f"other {i}" for i in range(300)])
+    assert {s.title: s.turns for s in store.recent()} == {"mine": 300, "other": 300}
+
+
+def test_a_damaged_database_is_set_aside_with_one_line(tmp_path: Path) -> None:
+    (tmp_path / DATABASE_NAME).write_bytes(b"this is not a database, it is a shopping list\n" * 100)
+    warnings: list[str] = []
+    store = Store.open(tmp_path, warnings.append)
+    assert len(warnings) == 1 and "was damaged" in warnings[0] and "started a new one" in warnings[0]
+    aside = [path for path in tmp_path.iterdir() if ".corrupt-" in path.name]
+    assert len(aside) == 1 and aside[0].read_bytes().startswith(b"this is not a database")
+    assert store.recent() == []
+    # A database whose pages are damaged fails the integrity check on open: set aside too.
+    for index in range(200):
+        store.write(store.create(f"t{index}", "m", None, {}), 0, [Message("user", "x" * 500)], None, "t")
+    store.close()
+    data = bytearray((tmp_path / DATABASE_NAME).read_bytes())
+    data[4096 * 3:4096 * 6] = b"\xff" * (4096 * 3)
+    (tmp_path / DATABASE_NAME).write_bytes(bytes(data))
+    warnings.clear()
+    Store.open(tmp_path, warnings.append).close()
+    assert len(warnings) == 1 and "was damaged" in warnings[0]
+
+
+def test_an_unusable_folder_is_one_error(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("")
+    with pytest.raises(StoreError, match="cannot create .*file/data: Not a directory"):
+        Store.open(tmp_path / "file" / "data", pytest.fail)
+
+
+def test_titles_come_from_the_first_user_line() -> None:
+    assert title_from([Message("system", "s"), Message("user", "\n  Why is the sky blue?  \nmore")]) == \
+        "Why is the sky blue?"
+    assert len(title_from([Message("user", "word " * 40)])) == 60
+    assert title_from([Message("assistant", "a")]) == ""
+
+
+def test_history_is_a_flag_and_a_config_key(tmp_path: Path) -> None:
+    config = tmp_path / "config.toml"
+    config.write_text("history = false\n")
+    assert parse_settings([], {"GEMMA_CHAT_CONFIG": str(config)}).keep_history is False
+    assert parse_settings(["--history"], {"GEMMA_CHAT_CONFIG": str(config)}).keep_history is True
+    assert parse_settings(["--no-history"], {}).keep_history is False
+
+
+# -- the recorder on the real engine ----------------------------------------------------------------
+
+def session_for(engine: Engine) -> ChatSession:
+    template = load_template("gemma")
+    return ChatSession(engine, lambda system, messages, generation=True: render(template, system, messages, generation),
+                       Sampling(temperature=0), n_predict=8)
+
+
+def chat_settings(folder: Path):
+    return parse_settings(["--chat"], {"GEMMA_CHAT_DATA_DIR": str(folder)})
+
+
+def test_resuming_restores_the_cache_only_for_the_same_engine(engine: Engine, tmp_path: Path) -> None:
+    session = session_for(engine)
+    recorder = Recorder.open(session, chat_settings(tmp_path), pytest.fail)
+    for text in ("Hello there.", "Tell me about the sea."):
+        session.say(text)
+        recorder.sync()
+        "".join(session.respond())
+        recorder.sync()
+    recorder.close()
+    conversation_id = recorder.conversation_id
+    # A new session (as a new process would have) continues it from the saved cache...
+    again = session_for(engine)
+    recorder = Recorder.open(again, chat_settings(tmp_path), pytest.fail)
+    summary, how = recorder.resume(str(conversation_id))
+    assert summary.turns == 2 and "restored its cache" in how
+    again.say("And the mountains?")
+    "".join(again.respond())
+    stats = again.last_stats
+    assert stats.reused_tokens > 30 and stats.evaluated_tokens < 20, stats
+    # ...but not with another engine's cache layout: then it says why and evaluates it all.
+    session_for(engine)  # leaves the sequence to another conversation
+    original = engine.state_fingerprint
+    engine.state_fingerprint = lambda: original() + "|other"  # type: ignore[method-assign]
+    try:
+        _, how = recorder.resume(str(conversation_id))
+    finally:
+        del engine.state_fingerprint
+    assert "evaluates the conversation again: the model or the settings" in how
+    recorder.close()
+
+
+def test_a_full_disk_turns_storing_off_with_one_line_and_keeps_the_chat(engine: Engine, tmp_path: Path) -> None:
+    session = session_for(engine)
+    told: list[str] = []
+    recorder = Recorder.open(session, chat_settings(tmp_path), told.append)
+    session.say("First.")
+    recorder.sync()
+    assert recorder.store is not None
+    # SQLite's own "database or disk is full", as on a full disk.
+    recorder.store._db.execute("PRAGMA max_page_count = 1")
+    session.say("Second " * 2000)
+    recorder.sync()
+    session.conversation.messages.pop()
+    session.say("Third.")
+    recorder.sync()
+    assert len(told) == 1 and "no longer kept" in told[0] and "full" in told[0], told
+    assert "".join(session.respond()), "the chat goes on"
+    assert [m.content for m in session.conversation.messages][:2] == ["First.", "Third."]
+    assert [content for _, _, content, _ in stored(tmp_path)] == ["First."]
+
+
+# -- the program -----------------------------------------------------------------------------------
+
+class CprTerminal(Terminal):
+    """A terminal that answers prompt_toolkit's cursor position requests, as a real one does:
+    without the answer it cannot tell the height below the prompt, and shows no toolbar."""
+
+    def expect(self, pattern, timeout=-1, **kwargs):  # type: ignore[no-untyped-def, override]
+        patterns = [CPR] + (pattern if isinstance(pattern, list) else [pattern])
+        while True:
+            index = super().expect(patterns, timeout=timeout, **kwargs)
+            if index:
+                return index - 1
+            self.send("\x1b[1;1R")
+
+
+def open_chat(env: dict[str, str], *args: str) -> CprTerminal:
+    return CprTerminal(sys.executable, ["-m", "gemmachat", "--chat", "-c", "2048", "--nologo", *args], env=env,
+                       encoding="utf-8", timeout=60, dimensions=(40, 120), cwd=REPO)
+
+
+@pytest.fixture
+def env(cli_env: dict[str, str], tmp_path: Path) -> dict[str, str]:
+    return {**cli_env, "GEMMA_CHAT_DATA_DIR": str(tmp_path / "data")}
+
+
+def test_killed_mid_reply_then_resumed_in_a_terminal(env: dict[str, str], tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    child = open_chat(env, "-n", "6")
+    child.expect(">>>")
+    child.send_line("Hello from the first turn")
+    child.expect(">>>")
+    child.send_line("/set n_predict 600")
+    child.expect(">>>")
+    child.send_line("Write a very long story about the sea.")
+    wait_until_stored(data, 3)  # the message is kept before its reply starts...
+    time.sleep(1)  # ...which is then under way: 600 tokens take 10 s and more here
+    child.kill(9)
+    child.close()
+    messages = stored(data)
+    # Every message before the kill, and only the reply being written lost.
+    assert [(role, content) for _, role, content, _ in messages][::2] == [
+        ("user", "Hello from the first turn"), ("user", "Write a very long story about the sea.")]
+    assert len(messages) == 3
+    first_reply = messages[1][2]
+
+    child = open_chat(env, "-n", "6", "--resume")
+    child.expect("conversation 1: Hello from the first turn")
+    for _, role, content, _ in messages:
+        # A reply is shown as Markdown: look for its first word, which rendering leaves alone.
+        shown = content if role == "user" else (re.search(r"\w{3,}", content) or re.search(".*", content))[0]
+        child.expect(re.escape(shown))
+    child.expect("no saved state")
+    child.expect("no reply: /retry writes one")
+    child.expect(">>>")
+    # /copy: the last reply, through OSC 52.
+    child.send_line("/copy")
+    child.expect(OSC52)
+    assert base64.b64decode(child.match.group(1)).decode("utf-8") == first_reply
+    child.expect("copied the last reply")
+    child.send_line("/retry")
+    child.expect(">>>")
+    # The toolbar's numbers are /context's and /stats'.
+    child.send_line("/context")
+    child.expect(r"context: (\d+) tokens used, \d+ free, (\d+) total")
+    context = child.match.groups()
+    child.send_line("/stats")
+    child.expect(r"tokens generated at ([\d.]+) tokens/s")
+    speed = child.match.group(1)
+    child.expect(r"context: (\d+)/(\d+) tokens · last reply: ([\d.]+) tokens/s")
+    assert child.match.groups() == (*context, speed)
+    # A second conversation, then back to the first: its cache was saved when it was left.
+    child.send_line("/clear")
+    child.expect(">>>")
+    child.send_line("Another topic")
+    child.expect(">>>")
+    child.send_line("/history")
+    child.expect(r"\* +2 .* +1 +gemma-3-270m.* Another topic")
+    child.expect(r"  +1 .* +2 +gemma-3-270m.* Hello from the first turn")
+    child.send_line("/resume 1")
+    child.expect("conversation 1: Hello from the first turn")
+    child.expect("restored its cache of")
+    child.expect(">>>")
+    # /edit N puts the message in the prompt; what is sent replaces it and what followed.
+    child.send_line("/edit 1")
+    child.expect("editing message 1")
+    child.expect(">>> Hello from the first turn")
+    child.send_line(", edited")
+    child.expect(">>>")
+    child.send_line("/exit")
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0
+    assert [(number, role, content) for number, role, content, _ in stored(data)][::2] == [
+        (1, "user", "Hello from the first turn, edited"), (2, "user", "Another topic")]
+    assert len(stored(data)) == 4
+
+
+def test_edit_resends_a_changed_message_and_drops_what_followed(run_cli, env: dict[str, str], tmp_path: Path) -> None:
+    result = run_cli("--chat", "-n", "4", input="One\nTwo\nThree\n/edit 2\nTwo, changed\n/history\n", env=env)
+    assert result.returncode == 0, result.stderr
+    assert "editing message 2: sending replaces it and drops the 3 message(s) after it" in result.stdout
+    assert [(role, content) for _, role, content, _ in stored(tmp_path / "data")][::2] == [
+        ("user", "One"), ("user", "Two, changed")]
+
+
+def test_a_damaged_store_and_no_history(run_cli, env: dict[str, str], tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / DATABASE_NAME).write_bytes(b"\x00garbage" * 1000)
+    result = run_cli("--chat", "-n", "3", input="Still answering?\n", env=env)
+    assert result.returncode == 0 and "Traceback" not in result.stdout + result.stderr
+    assert result.stdout.count("was damaged") == 1 and "started a new one" in result.stdout
+    assert [content for _, _, content, _ in stored(data)][0] == "Still answering?"
+    # --no-history: nothing stored, nothing created.
+    fresh = {**env, "GEMMA_CHAT_DATA_DIR": str(tmp_path / "fresh")}
+    result = run_cli("--chat", "-n", "3", "--no-history", input="Not kept\n/history\n", env=fresh)
+    assert result.returncode == 0 and "conversations are not kept (--no-history)" in result.stdout
+    assert not (tmp_path / "fresh" / DATABASE_NAME).exists()
+
+
+def test_cli_holds_a_conversation_across_calls(run_cli, env: dict[str, str], tmp_path: Path) -> None:
+    def ask(*args: str) -> subprocess.CompletedProcess:
+        result = run_cli("--cli", "--temp", "0", "-n", "6", *args, env=env)
+        assert result.returncode == 0, result.stderr
+        return result
+
+    first = ask("--save-to", "notes", "-p", "My name is Ann.")
+    ask("--save-to", "notes", "-p", "What is my name?")
+    third = ask("--resume", "not", "-p", "Say it again.", "--verbose")
+    assert "restored its cache" in third.stderr
+    rows = stored(tmp_path / "data")
+    assert {number for number, *_ in rows} == {1}
+    assert [content for _, role, content, _ in rows if role == "user"] == [
+        "My name is Ann.", "What is my name?", "Say it again."]
+    assert rows[1][2] == first.stdout
+    refused = run_cli("--cli", "--resume", "--no-history", "-p", "x", env=env)
+    assert refused.returncode == 2 and refused.stderr.count("\n") == 1
+
+
+def test_only_the_latest_saved_caches_are_kept(tmp_path: Path) -> None:
+    for number in range(kvstate.KEPT_STATES + 3):
+        kvstate.save(kvstate.path_for(tmp_path, number), "same", [1, 2], b"state", [])
+        os.utime(kvstate.path_for(tmp_path, number), (number, number))  # saved in this order
+    kept = sorted(int(path.stem) for path in (tmp_path / "kv").iterdir())
+    assert kept == list(range(3, kvstate.KEPT_STATES + 3))
+    saved, why = kvstate.load(kvstate.path_for(tmp_path, 5), "other", [])
+    assert saved is None and "changed" in why
+    kvstate.path_for(tmp_path, 5).write_bytes(kvstate.MAGIC + b"{broken\n")
+    assert kvstate.load(kvstate.path_for(tmp_path, 5), "same", []) == (None, "its saved state is damaged")
