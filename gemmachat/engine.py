@@ -307,7 +307,7 @@ class Engine:
         self._in_flight: set[_Job] = set()  # in the step being decoded
         self._failure: BaseException | None = None
         self._closed = False
-        self._calls = 0  # calls into llama.cpp in progress on callers' threads (see _call)
+        self._calls_in_progress = 0  # calls into llama.cpp on callers' threads (see _call)
         self._longest_token: int | None = None  # in bytes, found when first needed
         self._scheduler: threading.Thread | None = None
         if options.inline:
@@ -412,7 +412,7 @@ class Engine:
             # tokenizing, detokenizing or rendering a template): freeing the model under one of
             # them crashed the server on SIGTERM. Should one not end in time, the model is left to
             # the end of the process instead.
-            if not self._cond.wait_for(lambda: not self._calls, CLOSE_WAIT_SECONDS):
+            if not self._cond.wait_for(lambda: not self._calls_in_progress, CLOSE_WAIT_SECONDS):
                 return
         llama.llama_batch_free(self._batch)
         llama.llama_free(self._ctx)
@@ -435,12 +435,12 @@ class Engine:
         with self._cond:
             if self._closed:
                 raise EngineClosed("the model is being unloaded")
-            self._calls += 1
+            self._calls_in_progress += 1
         try:
             yield
         finally:
             with self._cond:
-                self._calls -= 1
+                self._calls_in_progress -= 1
                 self._cond.notify_all()
 
     # -- text and tokens -------------------------------------------------------------------------
