@@ -19,9 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
-import llama_cpp as llama
-
 from gemmachat import backends, llama_log
+from gemmachat.bindings import llama_cpp as llama
 from gemmachat.cpu import decide_repack
 from gemmachat.errors import UserError, warn
 from gemmachat.gguf import GGUFInfo

@@ -16,10 +16,8 @@ import ctypes
 import os
 import sys
 
-import llama_cpp
-from llama_cpp._ggml import libggml
-
 from gemmachat import backends
+from gemmachat.bindings import libggml, llama_cpp
 
 # ggml.h's levels (llama_cpp/_logger.py still lists an older order).
 GGML_LOG_LEVEL_ERROR = 4
