@@ -32,7 +32,10 @@ from gemmachat.templates import load_template
 SERVER_PORT_TRIES = 10
 # In the order the chat needs them once the model is loaded.
 CHAT_MODULES = ("gemmachat.repl", "rich.markdown", "rich.live")
-SERVER_MODULES = ("gemmachat.server",)
+# Besides gemmachat.server's own imports, those that come lazily as the server starts: FastAPI
+# imports pydantic.v1 at the first route it builds (to tell v1 models apart), uvicorn its HTTP
+# protocol and lifespan as it starts serving.
+SERVER_MODULES = ("gemmachat.server", "pydantic.v1", "uvicorn.protocols.http.h11_impl", "uvicorn.lifespan.off")
 
 
 def import_behind(modules: Iterable[str]) -> None:
