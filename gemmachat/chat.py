@@ -3,9 +3,10 @@
 
 Most of the way to the first prompt is llama.cpp reading the weights: one long C call, which
 releases the GIL. What the chat needs only after it (prompt_toolkit, rich's Markdown, and for the
-server FastAPI and uvicorn: a third of a second to import on this 2-core machine, as long as the
-load itself) is imported on a second thread meanwhile, so the prompt comes about when the model is
-ready (docs/performance.md, "chat start-up").
+server FastAPI and uvicorn: a third of a second to import on 2 cores, nearly as long as the load
+itself) is imported on a second thread meanwhile. The server then starts behind the prompt, on a
+port bound before the banner names it. So the prompt comes about when the model is ready, whether
+or not a second core was free for the imports (docs/performance.md, "chat start-up").
 """
 
 from __future__ import annotations
@@ -16,16 +17,20 @@ import threading
 from contextlib import nullcontext
 from dataclasses import replace
 from pathlib import Path
-from typing import Iterable, TextIO
+from typing import TYPE_CHECKING, Callable, Iterable, TextIO
 
 import platformdirs
 
 from gemmachat.engine import Engine, load_engine
 from gemmachat.errors import UserError
+from gemmachat.listen import bind_socket, url_of
 from gemmachat.model_path import resolve_model
 from gemmachat.output import Printer
 from gemmachat.settings import Settings
 from gemmachat.templates import load_template
+
+if TYPE_CHECKING:
+    from gemmachat.server import BackgroundServer
 
 # The background server takes the first free port from --port on, as llamafile does: a second
 # chat, or another program on 8080, should not leave the chat without its server.
@@ -74,16 +79,51 @@ def run_chat(settings: Settings, stdin: TextIO | None = None, stdout: TextIO | N
     with engine:
         server, server_line = start_server(engine, settings) if with_server else (None, None)
         try:
-            return repl.converse(engine, settings, template, printer, server_line, stdin, is_terminal)
+            notices = server.take_failure if server is not None else repl.no_notices
+            return repl.converse(engine, settings, template, printer, server_line, stdin, is_terminal, notices)
         finally:
             if server is not None:
                 server.stop()
 
 
-def start_server(engine: Engine, settings: Settings) -> tuple[object | None, str]:
-    """The OpenAI-compatible server beside the chat, on the same weights (sequences 1..N)."""
-    from gemmachat.server import start_background
+class ServerBehind:
+    """The server beside the chat, started on a thread so that the prompt does not wait for it.
 
+    Its socket is bound and listening before the banner names it: a client that connects meanwhile
+    waits in the backlog. Should the server still fail to start, `take_failure` says so once.
+    """
+
+    def __init__(self, start: Callable[[], BackgroundServer]) -> None:
+        self._server: BackgroundServer | None = None
+        self._failure: str | None = None
+        self._thread = threading.Thread(target=self._start, args=(start,), name="gemma-chat server start",
+                                        daemon=True)
+        self._thread.start()
+
+    def _start(self, start: Callable[[], BackgroundServer]) -> None:
+        try:
+            self._server = start()
+        except Exception as error:  # noqa: BLE001 - one line in the chat, not a traceback over it
+            self._failure = f"server: off ({error})"
+
+    def take_failure(self) -> str | None:
+        failure, self._failure = self._failure, None
+        return failure
+
+    def stop(self) -> None:
+        """Once it has started (or failed to): cancel in-flight requests and stop."""
+        self._thread.join()
+        if self._server is not None:
+            self._server.stop()
+
+
+def start_server(engine: Engine, settings: Settings) -> tuple[ServerBehind | None, str]:
+    """The OpenAI-compatible server beside the chat, on the same weights (sequences 1..N): its port
+    bound now, the rest behind the prompt."""
+    try:
+        sock = bind_socket(settings.host, settings.port, SERVER_PORT_TRIES)
+    except UserError as error:
+        return None, f"server: off ({error})"
     # The chat defaults to temperature 0, as llamafile; API clients get llama.cpp's 0.8 unless
     # --temp was given.
     server_settings = settings
@@ -101,10 +141,10 @@ def start_server(engine: Engine, settings: Settings) -> tuple[object | None, str
         if log_file is not None:
             log_file.write(line.rstrip("\n") + "\n")
 
-    try:
-        server = start_background(engine, server_settings, list(range(1, 1 + settings.parallel)), log=log,
-                                  port_tries=SERVER_PORT_TRIES)
-    except UserError as error:
-        return None, f"server: off ({error})"
-    moved = f"port {settings.port} is in use; " if server.port != settings.port else ""
-    return server, f"server: {server.url} ({moved}OpenAI-compatible; log in {log_path})"
+    def start() -> BackgroundServer:
+        from gemmachat.server import start_background
+
+        return start_background(engine, server_settings, list(range(1, 1 + settings.parallel)), log=log, sock=sock)
+
+    moved = f"port {settings.port} is in use; " if sock.getsockname()[1] != settings.port else ""
+    return ServerBehind(start), f"server: {url_of(sock, settings.host)} ({moved}OpenAI-compatible; log in {log_path})"

@@ -40,6 +40,10 @@ from gemmachat.templates import Message, Template
 ROLES = ("user", "assistant", "system")
 
 
+def no_notices() -> str | None:
+    return None
+
+
 @dataclass
 class Chat:
     session: ChatSession
@@ -47,9 +51,13 @@ class Chat:
     template_description: str
     manual: bool = False
     role: str = "user"
+    # What happened behind the chat since its last turn (the background server failing to start).
+    notices: Callable[[], str | None] = no_notices
 
     def handle(self, line: str) -> None:
         """One line of input: a command or a message. User errors are shown, never fatal."""
+        if notice := self.notices():
+            self.printer.error(notice)
         try:
             if line.startswith("/") and not line.startswith("//"):
                 commands.dispatch(self, line)
@@ -298,11 +306,12 @@ def system_prompt(settings: Settings, engine: Engine) -> str | None:
 
 
 def converse(engine: Engine, settings: Settings, template: Template, printer: Printer,
-             server_line: str | None, stdin: TextIO, is_terminal: bool) -> int:
+             server_line: str | None, stdin: TextIO, is_terminal: bool,
+             notices: Callable[[], str | None] = no_notices) -> int:
     session = ChatSession(engine, renderer_for(engine, settings, template), settings.sampling,
                           n_predict=default_reply_limit(engine, settings.n_predict), special=settings.special)
     session.conversation.system = system_prompt(settings, engine)
-    chat = Chat(session, printer, template_description=f"{template.name}: {template.description}")
+    chat = Chat(session, printer, template_description=f"{template.name}: {template.description}", notices=notices)
     if is_terminal:
         if not settings.nologo:
             printer.info(banner(engine, settings, server_line, session))
