@@ -2,11 +2,11 @@
 (gemmachat/repl.py).
 
 Most of the way to the first prompt is llama.cpp reading the weights: one long C call, which
-releases the GIL. What the chat needs only after it (prompt_toolkit, rich's Markdown, and for the
-server FastAPI and uvicorn: a third of a second to import on 2 cores, nearly as long as the load
-itself) is imported on a second thread meanwhile. The server then starts behind the prompt, on a
-port bound before the banner names it. So the prompt comes about when the model is ready, whether
-or not a second core was free for the imports (docs/performance.md, "chat start-up").
+releases the GIL. What the prompt needs after it (prompt_toolkit, and rich's Markdown for the first
+reply) is imported on a second thread meanwhile. The server starts behind the prompt, on a port
+bound before the banner names it: FastAPI and uvicorn take a third of a second to import on 2
+cores, which would delay the prompt on a busy machine even if imported during the load, where
+they compete with it for the CPU (docs/performance.md, "chat start-up").
 """
 
 from __future__ import annotations
@@ -37,10 +37,6 @@ if TYPE_CHECKING:
 SERVER_PORT_TRIES = 10
 # In the order the chat needs them once the model is loaded.
 CHAT_MODULES = ("gemmachat.repl", "rich.markdown", "rich.live")
-# Besides gemmachat.server's own imports, those that come lazily as the server starts: FastAPI
-# imports pydantic.v1 at the first route it builds (to tell v1 models apart), uvicorn its HTTP
-# protocol and lifespan as it starts serving.
-SERVER_MODULES = ("gemmachat.server", "pydantic.v1", "uvicorn.protocols.http.h11_impl", "uvicorn.lifespan.off")
 
 
 def import_behind(modules: Iterable[str]) -> None:
@@ -70,7 +66,7 @@ def run_chat(settings: Settings, stdin: TextIO | None = None, stdout: TextIO | N
     # which the spinner's live display would freeze at its first frame. And before the imports
     # behind: they would slow the copy, which holds the GIL, instead of filling llama.cpp's load.
     model = resolve_model(settings.model, settings.environ)
-    import_behind(CHAT_MODULES + (SERVER_MODULES if with_server else ()))
+    import_behind(CHAT_MODULES)
     spinner = printer.console.status("loading model…") if is_terminal and not printer.plain else nullcontext()
     with spinner:
         engine = load_engine(settings, sequences, model=model)
