@@ -52,10 +52,10 @@ def test_without_verbose_llama_cpps_debug_lines_never_reach_python() -> None:
 
     received = []
     python_side = llama_cpp.llama_log_callback(lambda level, text, _: received.append((level, text)))
-    quiet = llama_cpp.llama_log_callback(_quiet_log.wrap(ctypes.cast(python_side, ctypes.c_void_p).value))
+    quiet = llama_cpp.llama_log_callback(_quiet_log.CALLBACK)
     debug, info, error, cont = 1, 2, 4, 5  # ggml.h's levels
     for level, text in [(info, b"a"), (cont, b"a+"), (debug, b"b"), (cont, b"b+"), (error, b"c"), (cont, b"c+")]:
-        quiet(level, text, None)
+        quiet(level, text, ctypes.cast(python_side, ctypes.c_void_p))
     assert received == [(info, b"a"), (cont, b"a+"), (error, b"c"), (cont, b"c+")]
 
 
