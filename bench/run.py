@@ -568,7 +568,8 @@ def startup_and_chat_memory_rows(s: Sides) -> list[Row]:
     import pexpect
 
     prompt_row = Row("start-up", "launch to first >>> (chat + server)", "s", native_name="llama-completion -cnv",
-                     higher_is_better=False, note="native: launch to its first '> ' prompt")
+                     higher_is_better=False, note="native: launch to its first '> ' prompt",
+                     target="≤ 1.1x (issue #18)", max_ratio=1.1)
     chat_rss = Row("memory", "chat (--chat) peak RSS, one reply", "MiB", native_name="llama-completion -cnv",
                    higher_is_better=False)
     both_rss = Row("memory", "chat + server peak RSS, one reply each", "MiB", native_name="llama-completion -cnv",

@@ -18,7 +18,7 @@ import re
 import sys
 from pathlib import Path
 
-import llama_cpp
+from gemmachat.bindings import llama_cpp
 
 _PREFIX, _SUFFIX = ("", ".dll") if sys.platform == "win32" else ("lib", ".dylib" if sys.platform == "darwin" else ".so")
 _GPU_MODULES = ("ggml-cuda", "ggml-hip", "ggml-vulkan", "ggml-metal", "ggml-sycl")

@@ -28,9 +28,9 @@ def run(settings: Settings) -> int:
         from gemmachat import server
 
         return server.serve(settings)
-    from gemmachat import repl
+    from gemmachat import chat
 
-    return repl.run_chat(settings)
+    return chat.run_chat(settings)
 
 
 def _interrupted(signum: int, frame: object) -> None:

@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import llama_cpp as llama
+from gemmachat.bindings import llama_cpp as llama
 
 AMX_CPU_FLAGS = ("amx_tile", "amx_int8")
 

@@ -23,9 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterator
 
-import llama_cpp as llama
-
 from gemmachat import backends, llama_log
+from gemmachat.bindings import llama_cpp as llama
 from gemmachat.cpu import decide_repack
 from gemmachat.errors import PromptTooLong, UserError, warn
 from gemmachat.gguf import GGUFInfo
@@ -244,6 +243,15 @@ def _load_from_file_ptr() -> Callable[..., int] | None:
     function.argtypes = [ctypes.c_void_p, llama.llama_model_params]
     function.restype = llama.llama_model_p_ctypes
     return function
+
+
+@functools.cache
+def _library_identity() -> str:
+    """Which build of libllama this is (its file's size and time): a saved KV cache is restored only
+    into the llama.cpp that wrote it. (The frozen program carries no package metadata to ask.)"""
+    library = Path(llama.llama_cpp._lib._name)
+    info = library.stat()
+    return f"{library.name}:{info.st_size}:{info.st_mtime_ns}"
 
 
 def loads_at_offset() -> bool:
@@ -597,7 +605,7 @@ class Engine:
         stat = self.path.stat()
         return "|".join(str(part) for part in (
             self.name, self.path.resolve(), stat.st_size, stat.st_mtime_ns, self.info.start,
-            llama.__version__, self.n_ctx_seq, self.options.flash_attn,
+            _library_identity(), self.n_ctx_seq, self.options.flash_attn,
         ))
 
     def _between_steps(self, work: Callable[[], object]) -> object:

@@ -16,10 +16,8 @@ import ctypes
 import os
 import sys
 
-import llama_cpp
-from llama_cpp._ggml import libggml
-
 from gemmachat import backends
+from gemmachat.bindings import libggml, llama_cpp
 
 # ggml.h's levels (llama_cpp/_logger.py still lists an older order).
 GGML_LOG_LEVEL_ERROR = 4
@@ -65,8 +63,19 @@ libggml.ggml_set_abort_callback.restype = ctypes.c_void_p
 
 def install(verbose: bool) -> None:
     _state["verbose"] = verbose
-    llama_cpp.llama_log_set(_on_log, ctypes.c_void_p(0))
+    callback, user_data = (_on_log, None) if verbose else _quiet()
+    llama_cpp.llama_log_set(callback, ctypes.c_void_p(user_data))
     libggml.ggml_set_abort_callback(_on_abort)
+
+
+def _quiet() -> tuple[ctypes._CFuncPtr, int | None]:
+    """A C callback that drops llama.cpp's debug lines without taking the GIL and hands the others
+    to _on_log, whose address is its user data (gemmachat/_quiet_log.c says why)."""
+    try:
+        from gemmachat import _quiet_log
+    except ImportError:  # a source tree never installed: every line goes through Python
+        return _on_log, None
+    return llama_cpp.llama_log_callback(_quiet_log.CALLBACK), ctypes.cast(_on_log, ctypes.c_void_p).value
 
 
 def last_error() -> str | None:

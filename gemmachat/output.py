@@ -13,8 +13,6 @@ import sys
 from typing import Iterable, TextIO
 
 from rich.console import Console
-from rich.live import Live
-from rich.markdown import Markdown
 from rich.text import Text
 
 from gemmachat.errors import escaped
@@ -80,6 +78,10 @@ class Printer:
                 self.stream.write("\n")
                 self.stream.flush()
             return
+        # Imported here: the chat's start imports them while the model loads (gemmachat/chat.py).
+        from rich.live import Live
+        from rich.markdown import Markdown
+
         written = ""
         committed = 0
         with Live(console=self.console, refresh_per_second=15, vertical_overflow="visible",

@@ -1,4 +1,7 @@
-"""The interactive chat: the prompt_toolkit input loop, the banner, and the scripted (piped) loop."""
+"""The interactive chat: the prompt_toolkit input loop, the banner, and the scripted (piped) loop.
+
+Its start (the model, the server beside it) is gemmachat/chat.py.
+"""
 
 from __future__ import annotations
 
@@ -26,21 +29,21 @@ from prompt_toolkit.key_binding import KeyBindings
 from gemmachat import __version__, backends, commands, fatal
 from gemmachat.commands import ExitChat
 from gemmachat.device import cpu_name, gpu_names
-from gemmachat.engine import Engine, default_reply_limit, load_engine, renderer_for
+from gemmachat.engine import Engine, default_reply_limit, renderer_for
 from gemmachat.errors import UserError
-from gemmachat.model_path import resolve_model
 from gemmachat.output import Printer
 from gemmachat.recorder import Recorder
 from gemmachat.safe_io import write_file
 from gemmachat.session import ChatSession
 from gemmachat.settings import DEFAULT_SYSTEM_PROMPT, Settings
 from gemmachat.store import data_dir
-from gemmachat.templates import Message, Template, load_template
+from gemmachat.templates import Message, Template
 
 ROLES = ("user", "assistant", "system")
-# The background server takes the first free port from --port on, as llamafile does: a second
-# chat, or another program on 8080, should not leave the chat without its server.
-SERVER_PORT_TRIES = 10
+
+
+def no_notices() -> str | None:
+    return None
 
 
 @dataclass
@@ -54,10 +57,14 @@ class Chat:
     editing: int | None = None  # /edit N: the index of the message the next one replaces
     prefill: str = ""  # text the next prompt starts with
     meter: str | None = None  # the bottom toolbar's line, None when there is no toolbar
+    # What happened behind the chat since its last turn (the background server failing to start).
+    notices: Callable[[], str | None] = no_notices
 
     def handle(self, line: str) -> None:
         """One line of input: a command or a message. User errors are shown, never fatal. Whatever
         it changed in the conversation is stored before the next prompt."""
+        if notice := self.notices():
+            self.printer.error(notice)
         editing, self.editing = self.editing, None  # an edit applies to the very next message only
         try:
             if line.startswith("/") and not line.startswith("//"):
@@ -346,72 +353,15 @@ def system_prompt(settings: Settings, engine: Engine) -> str | None:
     return DEFAULT_SYSTEM_PROMPT if engine.info.chat_template else None
 
 
-def run_chat(settings: Settings, stdin: TextIO | None = None, stdout: TextIO | None = None) -> int:
-    stdin = stdin or sys.stdin
-    stdout = stdout or sys.stdout
-    is_terminal = stdin.isatty() and stdout.isatty()
-    printer = Printer(plain=settings.plain or not stdout.isatty(), stream=stdout)
-    template = load_template(settings.template)
-    with_server = settings.mode == "chat"
-    sequences = 1 + settings.parallel if with_server else 1
-    if is_terminal and not printer.plain:
-        # First, outside the spinner: the first start copies the model with a progress bar of its
-        # own, which the spinner's live display would freeze at its first frame.
-        model = resolve_model(settings.model, settings.environ, hf_repo=settings.hf_repo,
-                               hf_file=settings.hf_file)
-        with printer.console.status("loading model…"):
-            engine = load_engine(settings, sequences, model=model)
-    else:
-        engine = load_engine(settings, sequences)
-    with engine:
-        server, server_line = start_server(engine, settings) if with_server else (None, None)
-        try:
-            return converse(engine, settings, template, printer, server_line, stdin, is_terminal)
-        finally:
-            if server is not None:
-                server.stop()
-
-
-def start_server(engine: Engine, settings: Settings) -> tuple[object | None, str]:
-    """The OpenAI-compatible server beside the chat, on the same weights (sequences 1..N)."""
-    from dataclasses import replace
-
-    from gemmachat.server import start_background
-
-    # The chat defaults to temperature 0, as llamafile; API clients get llama.cpp's 0.8 unless
-    # --temp was given.
-    server_settings = settings
-    if not settings.temp_given:
-        server_settings = replace(settings, sampling=replace(settings.sampling, temperature=0.8))
-    log_path = Path(platformdirs.user_log_dir("gemma-chat")) / "server.log"
-    try:
-        log_path.parent.mkdir(parents=True, exist_ok=True)
-        log_file = log_path.open("a", encoding="utf-8", buffering=1)
-    except OSError:
-        log_file = None
-
-    def log(line: str) -> None:
-        # Access lines go to a file: printed, they would garble the chat's terminal.
-        if log_file is not None:
-            log_file.write(line.rstrip("\n") + "\n")
-
-    try:
-        server = start_background(engine, server_settings, list(range(1, 1 + settings.parallel)), log=log,
-                                  port_tries=SERVER_PORT_TRIES)
-    except UserError as error:
-        return None, f"server: off ({error})"
-    moved = f"port {settings.port} is in use; " if server.port != settings.port else ""
-    return server, f"server: {server.url} ({moved}OpenAI-compatible; log in {log_path})"
-
-
 def converse(engine: Engine, settings: Settings, template: Template, printer: Printer,
-             server_line: str | None, stdin: TextIO, is_terminal: bool) -> int:
+             server_line: str | None, stdin: TextIO, is_terminal: bool,
+             notices: Callable[[], str | None] = no_notices) -> int:
     session = ChatSession(engine, renderer_for(engine, settings, template), settings.sampling,
                           n_predict=default_reply_limit(engine, settings.n_predict), special=settings.special)
     session.conversation.system = system_prompt(settings, engine)
     recorder = Recorder.open(session, settings, printer.info)
     chat = Chat(session, printer, template_description=f"{template.name}: {template.description}",
-                recorder=recorder, meter="" if is_terminal and not printer.plain else None)
+                recorder=recorder, meter="" if is_terminal and not printer.plain else None, notices=notices)
     try:
         if is_terminal and not settings.nologo:
             printer.info(banner(engine, settings, server_line, session))

@@ -11,7 +11,6 @@ cache. A client that goes away cancels its generation at the next token.
 from __future__ import annotations
 
 import asyncio
-import errno
 import hmac
 import json
 import logging
@@ -37,6 +36,7 @@ from gemmachat import __version__, fatal, ollama_api, openai_api as api
 from gemmachat.engine import (Engine, EngineClosed, common_prefix, default_reply_limit, Sequence, Stats,
                               load_engine, renderer_for)
 from gemmachat.errors import PromptTooLong, UserError, escaped, one_line, report
+from gemmachat.listen import ServerUnavailable, bind_socket, url_of
 from gemmachat.settings import LLAMA_DEFAULT_SEED, Sampling, Settings
 from gemmachat.templates import Message, Segment, load_template, to_tokens
 
@@ -51,10 +51,6 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
     for status, text in ((400, "Invalid request"), (401, "Missing or wrong API key"),
                          (413, "Request body too large"), (503, "Busy or shutting down"))
 }
-
-
-class ServerUnavailable(UserError):
-    """The server cannot start (the port is taken, the address does not exist)."""
 
 
 class ServerClosing(Exception):
@@ -878,58 +874,6 @@ def create_app(core: ServerCore) -> FastAPI:
     return app
 
 
-# -- listening -------------------------------------------------------------------------------------
-
-
-class _PortInUse(ServerUnavailable):
-    pass
-
-
-def bind_socket(host: str, port: int, tries: int = 1) -> socket.socket:
-    """A listening socket on `port` or, while the port is taken, on the next of `tries` ports (as
-    llamafile looks for a free one); else a one-line ServerUnavailable saying why not."""
-    last = min(port + tries, 65536) - 1
-    for candidate in range(port, last + 1):
-        try:
-            return _bind(host, candidate)
-        except _PortInUse:
-            pass
-    taken = f"port {port} is" if last == port else f"ports {port} to {last} are"
-    raise ServerUnavailable(f"{taken} in use; choose another with --port")
-
-
-def _bind(host: str, port: int) -> socket.socket:
-    try:
-        family, kind, proto, _, address = socket.getaddrinfo(
-            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
-    except socket.gaierror as error:
-        raise ServerUnavailable(f"cannot listen on {host}: {error.strerror}") from None
-    sock = socket.socket(family, kind, proto)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(address)
-        sock.listen(2048)
-        sock.setblocking(False)
-    except OSError as error:
-        sock.close()
-        if error.errno == errno.EADDRINUSE:
-            raise _PortInUse(f"port {port} is in use") from None
-        if error.errno == errno.EACCES:
-            message = f"not allowed to listen on port {port}"
-        elif error.errno == errno.EADDRNOTAVAIL:
-            message = f"cannot listen on {host}: no such address on this machine"
-        else:
-            message = f"cannot listen on {host}:{port}: {error.strerror}"
-        raise ServerUnavailable(message) from None
-    return sock
-
-
-def url_of(sock: socket.socket, host: str) -> str:
-    port = sock.getsockname()[1]
-    shown = f"[{host}]" if ":" in host else host
-    return f"http://{shown}:{port}"
-
-
 class _Server(uvicorn.Server):
     # Signals are ours to handle (uvicorn's would re-raise SIGTERM after shutdown, exiting 143).
     def capture_signals(self):  # type: ignore[override]
@@ -1014,14 +958,15 @@ class BackgroundServer:
 
 
 def start_background(engine: Engine, settings: Settings, seq_ids: list[int], log: LogFn | None = None,
-                     max_body: int | None = None, port_tries: int = 1) -> BackgroundServer:
-    """Serve the API beside the chat on settings.host:settings.port (or the next free one of
-    `port_tries` ports), on sequences `seq_ids`.
+                     max_body: int | None = None, sock: socket.socket | None = None) -> BackgroundServer:
+    """Serve the API beside the chat on `sock` (bind_socket's; it is the server's from then on),
+    else on settings.host:settings.port, on sequences `seq_ids`. Returns once it is serving.
 
-    Raises ServerUnavailable (a UserError, one line) at once if no port can be bound. Access log
-    lines and server warnings go to `log` (default: stderr).
+    Raises ServerUnavailable (a UserError, one line) if the port cannot be bound or the server does
+    not start. Access log lines and server warnings go to `log` (default: stderr).
     """
-    sock = bind_socket(settings.host, settings.port, port_tries)
+    if sock is None:
+        sock = bind_socket(settings.host, settings.port)
     try:
         core = ServerCore(engine, settings, seq_ids, log, max_body)
         server, handler = _uvicorn(core)

@@ -6,6 +6,7 @@ which pexpect would have to answer.
 
 from __future__ import annotations
 
+import io
 import json
 import socket
 import sys
@@ -17,6 +18,12 @@ from typing import Iterator
 
 import openai
 import pexpect
+
+from gemmachat.chat import ServerBehind
+from gemmachat.listen import ServerUnavailable
+from gemmachat.output import Printer
+from gemmachat.repl import Chat
+from gemmachat.server import BackgroundServer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench import run  # noqa: E402  (its peak_rss_of: the bench's own memory measure)
@@ -282,6 +289,23 @@ def test_every_port_taken_leaves_the_chat_running_without_server(cli_env: dict[s
         child.send_line("Still here?")
         child.expect(">>>", timeout=30)
         leave(child)
+
+
+def test_a_server_that_fails_to_start_behind_the_prompt_is_said_once_at_the_next_turn() -> None:
+    # Its port was bound before the banner named it; only its start can still fail, on a thread.
+    def fail() -> BackgroundServer:
+        raise ServerUnavailable("the server did not start: boom")
+
+    out = io.StringIO()
+    server = ServerBehind(fail)
+    chat = Chat(session=None, printer=Printer(plain=True, stream=out),  # type: ignore[arg-type]
+                template_description="", notices=server.take_failure)
+    server.stop()  # returns once the start has ended, here in failure
+    chat.handle("/bogus")
+    chat.handle("/bogus")
+    lines = out.getvalue().splitlines()
+    assert lines[0] == "server: off (the server did not start: boom)"
+    assert len(lines) == 3 and "bogus" in lines[1] and "bogus" in lines[2]
 
 
 def test_the_first_start_copies_the_model_with_a_bar_that_reaches_the_end(cli_env: dict[str, str],

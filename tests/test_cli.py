@@ -42,6 +42,23 @@ def test_verbose_shows_llama_cpp_log(run_cli) -> None:
     assert "tokens/s" in result.stderr
 
 
+def test_without_verbose_llama_cpps_debug_lines_never_reach_python() -> None:
+    """gemmachat/_quiet_log.c: debug lines, and the lines that continue them, are dropped in C;
+    every other line goes on to the Python callback, in order."""
+    import ctypes
+
+    from gemmachat import _quiet_log
+    from gemmachat.bindings import llama_cpp
+
+    received = []
+    python_side = llama_cpp.llama_log_callback(lambda level, text, _: received.append((level, text)))
+    quiet = llama_cpp.llama_log_callback(_quiet_log.CALLBACK)
+    debug, info, error, cont = 1, 2, 4, 5  # ggml.h's levels
+    for level, text in [(info, b"a"), (cont, b"a+"), (debug, b"b"), (cont, b"b+"), (error, b"c"), (cont, b"c+")]:
+        quiet(level, text, ctypes.cast(python_side, ctypes.c_void_p))
+    assert received == [(info, b"a"), (cont, b"a+"), (error, b"c"), (cont, b"c+")]
+
+
 def test_prompt_from_stdin_and_from_a_file(run_cli, tmp_path: Path) -> None:
     by_flag = run_cli("--cli", "-p", "Once upon a time", "-n", "12", *GREEDY).stdout
     assert run_cli("--cli", "-n", "12", *GREEDY, input="Once upon a time").stdout == by_flag
