@@ -12,6 +12,7 @@ from __future__ import annotations
 import codecs
 import ctypes
 import functools
+import hashlib
 import os
 import re
 import threading
@@ -247,11 +248,10 @@ def _load_from_file_ptr() -> Callable[..., int] | None:
 
 @functools.cache
 def _library_identity() -> str:
-    """Which build of libllama this is (its file's size and time): a saved KV cache is restored only
-    into the llama.cpp that wrote it. (The frozen program carries no package metadata to ask.)"""
-    library = Path(llama.llama_cpp._lib._name)
-    info = library.stat()
-    return f"{library.name}:{info.st_size}:{info.st_mtime_ns}"
+    """Which build of libllama this is (a hash of the library, a few milliseconds once): a saved KV
+    cache is restored only into the llama.cpp that wrote it. Not the file's time, which each
+    unpacking of the single file renews; not package metadata, which the frozen program lacks."""
+    return hashlib.sha256(Path(llama.llama_cpp._lib._name).read_bytes()).hexdigest()[:16]
 
 
 def loads_at_offset() -> bool:
