@@ -22,6 +22,7 @@ import pexpect
 from gemmachat.chat import ServerBehind
 from gemmachat.listen import ServerUnavailable
 from gemmachat.output import Printer
+from gemmachat.recorder import Recorder
 from gemmachat.repl import Chat
 from gemmachat.server import BackgroundServer
 
@@ -291,15 +292,16 @@ def test_every_port_taken_leaves_the_chat_running_without_server(cli_env: dict[s
         leave(child)
 
 
-def test_a_server_that_fails_to_start_behind_the_prompt_is_said_once_at_the_next_turn() -> None:
+def test_a_server_that_fails_to_start_behind_the_prompt_is_said_once_at_the_next_turn(tmp_path: Path) -> None:
     # Its port was bound before the banner named it; only its start can still fail, on a thread.
     def fail() -> BackgroundServer:
         raise ServerUnavailable("the server did not start: boom")
 
     out = io.StringIO()
     server = ServerBehind(fail)
+    keeping_nothing = Recorder(None, None, tmp_path, print, "off")  # type: ignore[arg-type]
     chat = Chat(session=None, printer=Printer(plain=True, stream=out),  # type: ignore[arg-type]
-                template_description="", notices=server.take_failure)
+                template_description="", recorder=keeping_nothing, notices=server.take_failure)
     server.stop()  # returns once the start has ended, here in failure
     chat.handle("/bogus")
     chat.handle("/bogus")
