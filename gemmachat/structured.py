@@ -40,6 +40,7 @@ class SchemaRefused(UserError):
 def grammar_for_schema(schema: object) -> str:
     """The GBNF grammar whose sentences are the JSON documents valid under `schema`."""
     _check(schema)
+    import gemmachat.bindings  # noqa: F401  first: llama-cpp-python's C bindings alone, not its whole package
     from llama_cpp.llama_grammar import SchemaConverter
 
     converter = SchemaConverter(prop_order={}, allow_fetch=False, dotall=False, raw_pattern=False)
