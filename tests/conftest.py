@@ -52,19 +52,35 @@ def native_tools(pytestconfig: pytest.Config) -> Path:
     from bench import native
 
     if not native._built(native.pinned_version()):
-        reporter = pytestconfig.pluginmanager.getplugin("terminalreporter")
-        capture = pytestconfig.pluginmanager.getplugin("capturemanager")
-        with capture.global_and_fixture_disabled():
-            reporter.write_line("building native llama.cpp tools for the fidelity and bench tests "
-                                "(several minutes, once; cached after)")
-            build = subprocess.Popen([sys.executable, str(REPO / "bench" / "native.py")], cwd=REPO,
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-            assert build.stderr is not None
-            for line in build.stderr:
-                reporter.write_line(f"  {line.rstrip()}")
-            if build.wait() != 0:
-                pytest.fail("bench/native.py could not build llama.cpp's tools (see above)")
+        build_in_the_open(pytestconfig, "building native llama.cpp tools for the fidelity and bench tests "
+                          "(several minutes, once; cached after)", REPO / "bench" / "native.py")
     return native.ensure_built()
+
+
+@pytest.fixture(scope="session")
+def portable_llama(pytestconfig: pytest.Config) -> None:
+    """The llama-cpp-python build that packaging/build.py puts in the single file (kernels for
+    every x86-64 CPU), built once in the open: about 9 minutes on 2 cores the first time."""
+    sys.path.insert(0, str(REPO / "packaging"))
+    import llama_build
+
+    if llama_build.cached_wheel(cuda=False) is None:
+        build_in_the_open(pytestconfig, "building llama.cpp with kernels for every x86-64 CPU for the "
+                          "single-file tests (about 9 minutes, once; cached after)", REPO / "packaging" / "llama_build.py")
+
+
+def build_in_the_open(pytestconfig: pytest.Config, announcement: str, script: Path) -> None:
+    reporter = pytestconfig.pluginmanager.getplugin("terminalreporter")
+    capture = pytestconfig.pluginmanager.getplugin("capturemanager")
+    with capture.global_and_fixture_disabled():
+        reporter.write_line(announcement)
+        build = subprocess.Popen([sys.executable, str(script)], cwd=REPO,
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        assert build.stderr is not None
+        for line in build.stderr:
+            reporter.write_line(f"  {line.rstrip()}")
+        if build.wait() != 0:
+            pytest.fail(f"{script.name} could not build llama.cpp (see above)")
 
 
 @pytest.fixture(scope="module")

@@ -38,7 +38,8 @@ def build_module():
 
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory: pytest.TempPathFactory, cli_env_base: dict[str, str]) -> Iterator[Built]:
+def built(tmp_path_factory: pytest.TempPathFactory, cli_env_base: dict[str, str],
+          portable_llama: None) -> Iterator[Built]:
     # The default model, as a user's build gets it: from the package, via the session's cache.
     root = tmp_path_factory.mktemp("pkg")
     output = root / "dist" / "gemma-chat"
