@@ -64,6 +64,23 @@ def generation_speed(command: list[str], env: dict[str, str]) -> float:
     return float(found[2])
 
 
+CHAT_PROMPT = ">>>\x1b\\["  # a fresh prompt: ">>>" then cursor movement (bench/run.py's)
+
+
+def chat_start(command: list[str], env: dict[str, str], ready: str) -> float:
+    """Seconds from launch until the interactive prompt `ready` is on the terminal."""
+    import pexpect
+
+    start = time.perf_counter()
+    child = pexpect.spawn(command[0], command[1:], env={**env, "PROMPT_TOOLKIT_NO_CPR": "1"}, cwd=env["HOME"],
+                          timeout=120, encoding="utf-8", dimensions=(40, 120))
+    child.expect(ready)
+    seconds = time.perf_counter() - start
+    child.terminate(force=True)
+    child.close()
+    return seconds
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--file", type=Path, default=REPO / "dist" / "gemma-chat")
@@ -96,6 +113,14 @@ def measure(args: argparse.Namespace, work: Path) -> int:
     for command, env in programs.values():  # first starts: assemble or unpack, not timed
         time_run(command + cli, env)
 
+    sys.path.insert(0, str(REPO))
+    from bench import native
+    from gemmachat.model_path import default_model
+
+    model = default_model(source_env)
+    native_chat = ([str(native.ensure_built() / "llama-completion"), "-m", str(model), "-c", "8192", "-cnv",
+                    "--color", "off", *native.repack_args("llama-completion")], dict(os.environ, HOME=str(home)))
+    chat_starts: dict[str, list[float]] = {"source": [], "single file": [], "llama-completion -cnv": []}
     first_start = "single file, first start (empty cache)"
     samples: dict[str, dict[str, list[float]]] = {name: {"first_token": [], "cli_total": [], "help": [],
                                                          "tokens_per_s": []} for name in programs}
@@ -115,12 +140,20 @@ def measure(args: argparse.Namespace, work: Path) -> int:
                 samples[name]["tokens_per_s"].append(generation_speed(command, env))
             samples[name]["first_token"].append(first_token)
             samples[name]["cli_total"].append(total)
+        chats = list(chat_starts) if round_ % 2 == 0 else list(reversed(chat_starts))
+        for name in chats:
+            if name == "llama-completion -cnv":
+                chat_starts[name].append(chat_start(native_chat[0], native_chat[1], "\n> "))
+            else:
+                command, env = programs[name]
+                chat_starts[name].append(chat_start(command + ["--nologo", "--port", "18765"], env, CHAT_PROMPT))
 
     medians = {name: {key: statistics.median(values) for key, values in measures.items()}
                for name, measures in samples.items()}
     ratios = {name: {key: medians[name][key] / medians["source"][key] for key in medians[name]}
               for name in medians if name != "source"}
     first_to_later = {key: medians[first_start][key] / medians["single file"][key] for key in medians[first_start]}
+    chat_medians = {name: statistics.median(values) for name, values in chat_starts.items()}
     result = {
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "machine": f"{platform.machine()} {platform.system()}, {os.cpu_count()} cores, shared with other jobs",
@@ -132,6 +165,7 @@ def measure(args: argparse.Namespace, work: Path) -> int:
         "medians_s": medians,
         "ratios_to_source": ratios,
         "first_start_to_later_starts": first_to_later,
+        "chat_start_s": chat_starts,
     }
     RESULTS_DIR.mkdir(exist_ok=True)
     (RESULTS_DIR / "startup_single_file.json").write_text(json.dumps(result, indent=2) + "\n")
@@ -156,6 +190,13 @@ def measure(args: argparse.Namespace, work: Path) -> int:
               f"First start (empty cache: the program unpacked, the weights used in place) against later "
               f"starts: {first_to_later['first_token']:.2f}x to the first token, "
               f"{first_to_later['cli_total']:.2f}x to the exit (target ≤ 1.3x).",
+              "",
+              "| launch to the first prompt (the chat with its server; native: its first `> `) | median | / native |",
+              "| --- | --- | --- |",
+              *[f"| {name} | {value:.2f} s | {value / chat_medians['llama-completion -cnv']:.2f}x |"
+                for name, value in chat_medians.items()],
+              "",
+              "Target: at most 1.1x native's, from source and from the single file.",
               "Command: `python bench/startup_single_file.py` (see its docstring)."]
     (RESULTS_DIR / "startup_single_file.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
