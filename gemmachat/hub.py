@@ -1,9 +1,10 @@
 """GGUF models from Hugging Face: `-hf USER/REPO[:QUANT]` or a short name such as `gemma3:1b`.
 
-huggingface_hub does the talking (endpoints, HF_TOKEN, resuming a `.incomplete` download, its
-cache layout, HF_HUB_OFFLINE); this module picks the file, shows a progress bar, checks the size
-and SHA-256 the Hub reports, and remembers what a name resolved to, so that a later start finds
-the file again without a single request. Files live under CACHE/hub/OWNER/NAME.
+huggingface_hub does the talking (endpoints, HF_TOKEN, retries, its errors); this module picks
+the file, downloads it into a `.partial` file that a later start resumes (see _download), shows a
+progress bar, checks the size and SHA-256 the Hub reports, and remembers what a name resolved to,
+so that a later start finds the file again without a single request. Files live under
+CACHE/hub/OWNER/NAME/<sha256[:16]>/.
 """
 
 from __future__ import annotations
@@ -38,6 +39,8 @@ SHORT_NAMES: dict[str, tuple[str, str]] = {
 DEFAULT_QUANT = "Q4_K_M"
 _REPO = re.compile(r"[\w.-]+/[\w.-]+")
 _SPLIT = re.compile(r"-(\d{5})-of-(\d{5})\.gguf$")
+# A quantisation in a file name: Q4_K_M, IQ3_XXS, Q8_0, F16, BF16 (underscores belong to it).
+_QUANT = re.compile(r"(?:^|[-_.])((?:I?Q\d|BF16|F16|F32)\w*)", re.IGNORECASE)
 _RECORD = "gemma-chat-models.json"
 MB = 1_000_000
 
@@ -83,17 +86,21 @@ def _remember(cache: Path, key: str, entry: dict) -> None:
     write_file(hub_dir(cache) / _RECORD, json.dumps(record, indent=2).encode())
 
 
+def _downloaded(entry: object) -> bool:
+    """A record entry whose files are all still there."""
+    return isinstance(entry, dict) and bool(entry.get("paths")) and all(Path(p).is_file() for p in entry["paths"])
+
+
 def cached_models(cache: Path) -> list[tuple[str, dict]]:
     """What -hf has downloaded and verified, by the name it was asked for."""
-    return [(key, entry) for key, entry in sorted(_record(cache).items())
-            if isinstance(entry, dict) and all(Path(p).is_file() for p in entry.get("paths", []))]
+    return [(key, entry) for key, entry in sorted(_record(cache).items()) if _downloaded(entry)]
 
 
 def resolve(model: HubModel, cache: Path, environ: Mapping[str, str]) -> Path:
     """The local path of the model's GGUF (the first part of a split one): from the record of an
     earlier download without a request, or downloaded, resumed and verified now."""
     entry = _record(cache).get(model.key)
-    if entry and entry.get("paths") and all(Path(p).is_file() for p in entry["paths"]):
+    if _downloaded(entry):
         _remember(cache, model.key, {**entry, "last_used": time.time()})
         return Path(entry["paths"][0])
     if environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
@@ -125,7 +132,7 @@ def _pick(model: HubModel, siblings: dict) -> list:
         wanted = re.compile(rf"(^|[-_.]){re.escape(model.quant or '')}([-_.]|$)", re.IGNORECASE)
         chosen = [name for name in ggufs if wanted.search(Path(name).name) and "mmproj" not in name.lower()]
         if not chosen:
-            quants = sorted({q for name in ggufs for q in re.findall(r"(?:I?Q\d\w*|F16|BF16|F32)", Path(name).name, re.I)})
+            quants = sorted({_quant_of(name) for name in ggufs} - {"?"})
             raise UserError(f"{model.repo} has no {model.quant} GGUF" + (f" (it has: {', '.join(quants)})" if quants else ""))
     first = chosen[0]
     split = _SPLIT.search(first)
@@ -251,7 +258,7 @@ def _first_line(error: BaseException) -> str:
 
 
 def _quant_of(file_name: str) -> str:
-    found = re.findall(r"(?:^|[-_.])(I?Q\d\w*?|F16|BF16|F32)(?=[-_.]|$)", Path(file_name).stem, re.IGNORECASE)
+    found = _QUANT.findall(_SPLIT.sub(".gguf", Path(file_name).name).removesuffix(".gguf"))
     return found[-1].upper() if found else "?"
 
 
