@@ -54,8 +54,8 @@ def _pid_alive(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except (PermissionError, OSError):
-        return True  # someone else's process, or we cannot tell: keep its folder
+    except OSError:
+        return True  # someone else's process (EPERM), or we cannot tell: keep its folder
     return True
 
 

@@ -61,10 +61,9 @@ def native_tools(pytestconfig: pytest.Config) -> Path:
 def portable_llama(pytestconfig: pytest.Config) -> None:
     """The llama-cpp-python build that packaging/build.py puts in the single file (kernels for
     every x86-64 CPU), built once in the open: about 9 minutes on 2 cores the first time."""
-    sys.path.insert(0, str(REPO / "packaging"))
-    import llama_build
+    from test_llama_build import cached_wheel  # loads the script without putting packaging/ on sys.path
 
-    if llama_build.cached_wheel(cuda=False) is None:
+    if cached_wheel(cuda=False) is None:
         build_in_the_open(pytestconfig, "building llama.cpp with kernels for every x86-64 CPU for the "
                           "single-file tests (about 9 minutes, once; cached after)", REPO / "packaging" / "llama_build.py")
 
