@@ -32,6 +32,13 @@ MAX_GRAMMAR_BYTES = 256 * 1024
 # Any JSON object (OpenAI's response_format {"type": "json_object"}).
 JSON_OBJECT_SCHEMA: dict = {"type": "object"}
 
+# llama-cpp-python's converter lets any character but '"' and '\\' into a string, and any but a
+# line break match a pattern's '.': raw control characters (a tab, a newline) that no JSON parser
+# accepts. llama.cpp's own converter excludes them from strings; so does ours, in both places.
+_LOOSE_CHAR = '[^"\\\\]'
+_LOOSE_DOT = '[^\\x0A\\x0D]'
+_JSON_STRING_CHAR = '[^"\\\\\\x7F\\x00-\\x1F]'
+
 
 class SchemaRefused(UserError):
     """A schema or grammar that cannot be enforced; the server answers 400 with it."""
@@ -47,10 +54,23 @@ def grammar_for_schema(schema: object) -> str:
     try:
         resolved = converter.resolve_refs(schema, "schema")
         converter.visit(resolved, "")
-        grammar = converter.format_grammar()
+        grammar = _strict_strings(converter.format_grammar())
     except (ValueError, KeyError, TypeError, AssertionError, RecursionError) as error:
         raise SchemaRefused(f"the JSON schema cannot be turned into a grammar: {error}") from None
     return check_grammar(grammar)
+
+
+def _strict_strings(grammar: str) -> str:
+    """The converter's grammar with JSON's rule for a string's characters, wherever it put its own."""
+    rules = []
+    for line in grammar.splitlines():
+        name, _, body = line.partition(" ::= ")
+        if name == "char":
+            if not body.startswith(_LOOSE_CHAR + " "):
+                raise AssertionError(f"the converter's string rule changed: {body}")
+            body = _JSON_STRING_CHAR + body[len(_LOOSE_CHAR):]
+        rules.append(f"{name} ::= {body.replace(_LOOSE_DOT, _JSON_STRING_CHAR)}" if body else line)
+    return "\n".join(rules) + "\n"
 
 
 def check_grammar(grammar: str) -> str:

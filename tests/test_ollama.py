@@ -50,8 +50,17 @@ def test_format_json_and_a_schema(client: ollama.Client) -> None:
     reply = client.chat(model="gemma", messages=[{"role": "user", "content": "A city as JSON."}], format=schema,
                         options={"temperature": 1, "num_predict": 100})
     assert set(json.loads(reply.message.content)) == {"city"}
-    loose = client.generate(model="gemma", prompt="A dog as JSON:", format="json", options={"num_predict": 200})
-    assert isinstance(json.loads(loose.response), dict)
+    # "json" is any object: the base model may write one past any token limit, so a reply cut by
+    # the limit is only checked as the start of an object; one that ends must parse.
+    ended = 0
+    for seed in range(1, 6):
+        loose = client.generate(model="gemma", prompt="A dog as JSON:", format="json",
+                                options={"num_predict": 120, "seed": seed})
+        assert loose.response.startswith("{"), loose.response
+        if loose.done_reason == "stop":
+            assert isinstance(json.loads(loose.response), dict), loose.response
+            ended += 1
+    assert ended, "no reply ended within the limit"
 
 
 def test_list_show_ps_and_version(client: ollama.Client, engine: Engine, server: ServerProcess) -> None:

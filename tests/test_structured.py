@@ -94,6 +94,26 @@ def test_json_object_is_any_object_streamed_too(client: openai.OpenAI) -> None:
     assert isinstance(json.loads(text), dict), text
 
 
+def test_strings_hold_no_raw_control_characters_even_when_the_model_wants_them(server: ServerProcess) -> None:
+    # llama-cpp-python's converter let a raw newline or tab into a string, which no JSON parser
+    # accepts: biased hard towards them, the model must still write only escapes.
+    wanted = []
+    for text in ("\n", "\t", "\n\n"):
+        status, body = server.request("POST", "/tokenize", {"content": text})
+        assert status == 200, body
+        wanted += body["tokens"]
+    schema = {"type": "object", "properties": {"a": {"type": "string", "maxLength": 12}, "b": {"type": "string",
+              "pattern": "^x.y$"}}, "required": ["a", "b"], "additionalProperties": False}
+    for response_format in ({"type": "json_object"}, {"type": "json_schema", "json_schema": {"name": "s", "schema": schema}}):
+        status, body = server.request("POST", "/v1/chat/completions", {
+            "messages": [{"role": "user", "content": "Some JSON."}], "max_tokens": 40, "temperature": 1.0, "seed": 5,
+            "response_format": response_format, "logit_bias": {str(token): 100 for token in wanted}})
+        assert status == 200, body
+        text = body["choices"][0]["message"]["content"]
+        assert text.startswith("{") and not any(ord(c) < 0x20 or c == "\x7f" for c in text), repr(text)
+    jsonschema.validate(json.loads(text), schema)
+
+
 def test_completions_take_llama_cpp_grammar_and_json_schema(server: ServerProcess) -> None:
     status, body = server.request("POST", "/v1/completions", {
         "prompt": "Is the sky blue? Answer:", "max_tokens": 8, "temperature": 1.0,
