@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterator
 
-from gemmachat import backends, llama_log
+from gemmachat import _logprobs, backends, llama_log
 from gemmachat.bindings import llama_cpp as llama
 from gemmachat.cpu import decide_repack
 from gemmachat.errors import PromptTooLong, UserError, warn
@@ -146,6 +146,16 @@ class Sequence:
     tokens: list[int] = field(default_factory=list)
 
 
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A generated token's log-probability under the model (the log-softmax of the logits it was
+    sampled from, before any sampler), and the `top` most likely tokens there with theirs."""
+
+    token: int
+    logprob: float
+    top: tuple[tuple[int, float], ...]
+
+
 @dataclass(eq=False)
 class _Job:
     """A generation as the scheduler sees it."""
@@ -164,6 +174,9 @@ class _Job:
     error: Exception | None = None
     first_token_at: float = 0.0
     released: bool = False  # the consumer is done with it
+    top_logprobs: int | None = None  # None: no logprobs; else how many alternatives each
+    sampled_logprob: TokenLogprob | None = None  # the latest sampled token's, until _take
+    out_logprobs: deque[TokenLogprob] = field(default_factory=deque)  # beside `out`
 
 
 @dataclass(eq=False)
@@ -183,6 +196,7 @@ class Generation:
     pieces: Iterator[str]
     stats: Stats
     tokens: list[int]
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # one per token, when asked for
 
     def __iter__(self) -> Iterator[str]:
         return self.pieces
@@ -291,6 +305,7 @@ class Engine:
         self.repack = decide_repack(no_repack=not options.repack)
         self._model = self._load_model(path, info.start, options, self.repack.use_extra_buffers)
         self._vocab = llama.llama_model_get_vocab(self._model)
+        self._n_vocab = int(llama.llama_vocab_n_tokens(self._vocab))
         self.n_ctx_train = int(llama.llama_model_n_ctx_train(self._model))
         self.n_layer = int(llama.llama_model_n_layer(self._model))
         self.n_swa = int(llama.llama_model_n_swa(self._model))
@@ -635,9 +650,11 @@ class Engine:
         stop: tuple[str, ...] = (),
         ignore_eos: bool = False,
         cancelled: Callable[[], bool] | None = None,
+        top_logprobs: int | None = None,
     ) -> Generation:
         """Start evaluating `prompt` on `sequence` (reusing its common prefix); iterate the result
-        for the reply.
+        for the reply. With `top_logprobs` (0 to 20), the Generation's `logprobs` get each token's
+        log-probability and that many alternatives, as the tokens are read.
 
         Generations on different sequences may run at once, from any threads: they share each
         llama_decode (see _schedule). Raises PromptTooLong at once if the prompt leaves no room
@@ -653,20 +670,21 @@ class Engine:
         history = prompt[-sampling.repeat_last_n:] if sampling.repeat_last_n > 0 else []
         with self._call():
             job = _Job(sequence, self._sampler_chain(sampling, ignore_eos, history), max_tokens, ignore_eos,
-                       cancelled, pending=list(prompt))
+                       cancelled, pending=list(prompt), top_logprobs=top_logprobs)
         stats = Stats(prompt_tokens=len(prompt))
         tokens: list[int] = []
+        logprobs: list[TokenLogprob] = []
         with self._cond:
             self._check_scheduler()
             self._arrivals.append(job)
             self._cond.notify_all()
-        pieces = self._read(job, stop, stats, tokens, time.perf_counter())
+        pieces = self._read(job, stop, stats, tokens, logprobs, time.perf_counter())
         # A generation dropped before it was read still has to leave the scheduler.
         weakref.finalize(pieces, self._release, job)
-        return Generation(pieces, stats, tokens)
+        return Generation(pieces, stats, tokens, logprobs)
 
     def _read(self, job: _Job, stop: tuple[str, ...], stats: Stats, generated: list[int],
-              started: float) -> Iterator[str]:
+              logprobs: list[TokenLogprob], started: float) -> Iterator[str]:
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         stop_guard = StopGuard(stop)
         try:
@@ -679,6 +697,9 @@ class Engine:
                 if not stats.prompt_seconds:
                     stats.prompt_seconds = job.first_token_at - started
                 generated.append(token)
+                if job.top_logprobs is not None:
+                    with self._cond:
+                        logprobs.append(job.out_logprobs.popleft())
                 stats.generated_tokens += 1
                 text, stopped = stop_guard.feed(decoder.decode(self.piece(token)))
                 if text:
@@ -911,6 +932,10 @@ class Engine:
             index += len(tokens)
             if self._wants_logits(job, tokens):
                 sampled[job] = llama.llama_sampler_sample(job.sampler, self._ctx, index - 1)
+                if job.top_logprobs is not None:
+                    logits = ctypes.cast(llama.llama_get_logits_ith(self._ctx, index - 1), ctypes.c_void_p).value
+                    logprob, top = _logprobs.top(logits or 0, self._n_vocab, sampled[job], job.top_logprobs)
+                    job.sampled_logprob = TokenLogprob(sampled[job], logprob, tuple(top))
         return sampled
 
     def _finish_decode(self, parts: list[tuple[_Job, list[int]]], status: int, sampled: dict[_Job, int]) -> None:
@@ -936,6 +961,8 @@ class Engine:
             job.finish = "stop"
             return
         job.out.append(token)
+        if job.sampled_logprob is not None:
+            job.out_logprobs.append(job.sampled_logprob)
         job.sampled += 1
         if job.sampled == job.max_tokens or len(job.sequence.tokens) + 1 >= self.n_ctx_seq:
             job.finish = "length"

@@ -2,7 +2,7 @@
 
 The request models are strict (a string where a number belongs is an error, not a coercion) and
 ignore fields they do not know, as OpenAI's own API does for harmless additions. Parameters we
-cannot honour (n > 1, logprobs, tools) are errors that say so rather than being silently dropped.
+cannot honour (n > 1, tools) are errors that say so rather than being silently dropped.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 import time
 import uuid
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Callable, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic_core import ErrorDetails
@@ -18,7 +18,11 @@ from pydantic_core import ErrorDetails
 from gemmachat.errors import one_line
 from gemmachat.structured import JSON_OBJECT_SCHEMA, SchemaRefused, check_grammar, grammar_for_schema
 
+if TYPE_CHECKING:
+    from gemmachat.engine import TokenLogprob
+
 MAX_STOPS = 16
+MAX_TOP_LOGPROBS = 20  # OpenAI's limit for top_logprobs
 
 # Fields whose numbers must be finite: JSON parsers in Python accept NaN and Infinity.
 _finite = {"allow_inf_nan": False}
@@ -193,16 +197,17 @@ class ChatCompletionRequest(_Generation):
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
-    logprobs: bool | None = None
-    top_logprobs: int | None = None
+    logprobs: bool | None = Field(None, description="each generated token's log-probability")
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS,
+                                     description="with logprobs: the most likely tokens at each position, and theirs")
     tools: list[Any] | None = None
     tool_choice: Any = None
     response_format: dict[str, Any] | None = None
 
     def check(self) -> None:
         self.check_common()
-        if self.logprobs:
-            raise ApiError(400, "logprobs are not supported", code="unsupported_value", param="logprobs")
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ApiError(400, "top_logprobs needs logprobs: true", code="invalid_value", param="top_logprobs")
         if self.tools:
             raise ApiError(400, "tools are not supported", code="unsupported_value", param="tools")
 
@@ -221,6 +226,9 @@ class ChatCompletionRequest(_Generation):
         raise ApiError(400, f"response_format type {kind!r} is not one of text, json_object, json_schema",
                        code="invalid_value", param="response_format")
 
+    def logprobs_wanted(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
+
     def token_limit(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
@@ -231,14 +239,13 @@ class CompletionRequest(_Generation):
     echo: bool = False
     suffix: str | None = None
     best_of: int | None = Field(None, ge=1)
-    logprobs: int | None = None
+    logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS, description=(
+        "each generated token's log-probability, and this many most likely tokens at each position"))
 
     def check(self) -> None:
         self.check_common()
         if self.best_of is not None and self.best_of > 1:
             raise ApiError(400, "best_of > 1 is not supported", code="unsupported_value", param="best_of")
-        if self.logprobs is not None:
-            raise ApiError(400, "logprobs are not supported", code="unsupported_value", param="logprobs")
         if self.suffix:
             raise ApiError(400, "suffix is not supported", code="unsupported_value", param="suffix")
         if isinstance(self.prompt, list):
@@ -247,6 +254,37 @@ class CompletionRequest(_Generation):
             if isinstance(self.prompt[0], str) and len(self.prompt) > 1:
                 raise ApiError(400, "several prompts in one request are not supported: send one",
                                code="unsupported_value", param="prompt")
+
+
+    def logprobs_wanted(self) -> int | None:
+        return self.logprobs
+
+
+def chat_logprobs(entries: list[TokenLogprob], piece: Callable[[int], bytes]) -> dict[str, Any]:
+    """A chat completion's `logprobs`, as OpenAI's: a token's text, its bytes and its log-probability."""
+
+    def described(token: int, logprob: float) -> dict[str, Any]:
+        data = piece(token)
+        return {"token": data.decode("utf-8", errors="replace"), "logprob": logprob, "bytes": list(data)}
+
+    return {"content": [{**described(entry.token, entry.logprob),
+                         "top_logprobs": [described(token, logprob) for token, logprob in entry.top]}
+                        for entry in entries],
+            "refusal": None}
+
+
+def completion_logprobs(entries: list[TokenLogprob], piece: Callable[[int], bytes], offset: int) -> dict[str, Any]:
+    """A completion's `logprobs`, in OpenAI's older shape: lists side by side; `offset` is where
+    the first token's text starts in the choice's text (after an echoed prompt)."""
+    texts = [piece(entry.token).decode("utf-8", errors="replace") for entry in entries]
+    offsets = []
+    for text in texts:
+        offsets.append(offset)
+        offset += len(text)
+    return {"tokens": texts, "token_logprobs": [entry.logprob for entry in entries],
+            "top_logprobs": [{piece(token).decode("utf-8", errors="replace"): logprob for token, logprob in entry.top}
+                             for entry in entries],
+            "text_offset": offsets}
 
 
 class TokenizeRequest(_Strict):
@@ -278,14 +316,14 @@ class ChatChoice(BaseModel):
     index: int
     message: AssistantMessage
     finish_reason: str
-    logprobs: None = None
+    logprobs: dict[str, Any] | None = None
 
 
 class CompletionChoice(BaseModel):
     index: int
     text: str
     finish_reason: str
-    logprobs: None = None
+    logprobs: dict[str, Any] | None = None
 
 
 class _Answer(BaseModel):

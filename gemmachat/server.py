@@ -33,7 +33,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message as AsgiMessage, Receive, Scope, Send
 
 from gemmachat import __version__, fatal, ollama_api, openai_api as api
-from gemmachat.engine import (Engine, EngineClosed, common_prefix, default_reply_limit, Sequence, Stats,
+from gemmachat.engine import (Engine, EngineClosed, TokenLogprob, common_prefix, default_reply_limit, Sequence, Stats,
                               load_engine, renderer_for)
 from gemmachat.errors import PromptTooLong, UserError, escaped, one_line, report
 from gemmachat.listen import ServerUnavailable, bind_socket, url_of
@@ -144,6 +144,8 @@ class Job:
     seq_id: int | None = None
     waited: float = 0.0
     stats: Stats | None = None  # the running generation's, once it has started
+    top_logprobs: int | None = None  # None: no logprobs asked for
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # what collect() gathered
 
     def stop_watching(self) -> None:
         if self.watcher is not None:
@@ -375,15 +377,26 @@ class ServerCore:
             self.engine.new_sequence(sequence.seq_id)
         self._make_room(sequence, job)
         generation = self.engine.generate(sequence, job.prompt, job.sampling, max_tokens=job.max_tokens,
-                                          stop=job.stop, ignore_eos=job.ignore_eos, cancelled=job.cancel.is_set)
+                                          stop=job.stop, ignore_eos=job.ignore_eos, cancelled=job.cancel.is_set,
+                                          top_logprobs=job.top_logprobs)
         job.stats = generation.stats
         pieces = iter(generation)
         # A reply nobody streams goes to the event loop in one piece: a wake-up of the loop per
         # token and client costs the decode CPU time on a small machine.
         held: list[str] = []
+        sent_logprobs = 0
+
+        def put_logprobs() -> None:
+            # ("logprobs", entries) goes just before the text of the tokens they are for.
+            nonlocal sent_logprobs
+            if len(generation.logprobs) > sent_logprobs:
+                put(("logprobs", generation.logprobs[sent_logprobs:]))
+                sent_logprobs = len(generation.logprobs)
+
         try:
             for piece in pieces:
                 if job.stream:
+                    put_logprobs()
                     put(("text", piece))
                 else:
                     held.append(piece)
@@ -398,6 +411,7 @@ class ServerCore:
             generation.stats.finish_reason = "length"
         finally:
             generation.pieces.close()  # type: ignore[attr-defined]
+            put_logprobs()
             if held:
                 put(("text", "".join(held)))
         return ("done", generation.stats)
@@ -429,7 +443,8 @@ class ServerCore:
         max_tokens = self.check_max_tokens(body.token_limit())
         if max_tokens < 0:
             max_tokens = self.default_max_tokens
-        job = Job([], self.sampling_for(body), max_tokens, body.stops(), body.cache_prompt, body.ignore_eos)
+        job = Job([], self.sampling_for(body), max_tokens, body.stops(), body.cache_prompt, body.ignore_eos,
+                  top_logprobs=body.logprobs_wanted())
         job.prompt = await run_in_threadpool(self.chat_prompt, body)
         self.check_fits(job.prompt, "messages")
         return job
@@ -442,7 +457,8 @@ class ServerCore:
             max_tokens = self.settings.n_predict  # -n on the command line, else OpenAI's 16
         elif max_tokens < 0:  # "max_tokens": null
             max_tokens = self.default_max_tokens
-        job = Job([], self.sampling_for(body), max_tokens, body.stops(), body.cache_prompt, body.ignore_eos)
+        job = Job([], self.sampling_for(body), max_tokens, body.stops(), body.cache_prompt, body.ignore_eos,
+                  top_logprobs=body.logprobs_wanted())
         job.prompt, echoed = await run_in_threadpool(self.completion_prompt, body)
         self.check_fits(job.prompt, "prompt")
         return job, echoed
@@ -455,6 +471,8 @@ class ServerCore:
                 kind, value = event
                 if kind == "text":
                     parts.append(value)
+                elif kind == "logprobs":
+                    job.logprobs += value
                 elif kind == "done":
                     return "".join(parts), value
                 else:
@@ -465,16 +483,21 @@ class ServerCore:
             job.cancel.set()  # a no-op once done; stops the work if this handler is cancelled
 
     async def stream(self, request: Request, job: Job, first: tuple[str, Any],
-                     chunk: Callable[[str | None, str | None], dict[str, Any]],
+                     chunk: Callable[[str | None, str | None, list[TokenLogprob]], dict[str, Any]],
                      include_usage: bool) -> AsyncIterator[str]:
-        """SSE data lines: chunk(text, None) per piece, chunk(None, finish_reason) at the end."""
+        """SSE data lines: chunk(text, None, logprobs) per piece, chunk(None, finish_reason, ...) at
+        the end, with the logprobs of the tokens since the last chunk."""
+        logprobs: list[TokenLogprob] = []
         async for kind, value in self.events(request, job, first):
-            if kind == "text":
-                yield _json(chunk(value, None))
+            if kind == "logprobs":
+                logprobs += value
+            elif kind == "text":
+                yield _json(chunk(value, None, logprobs))
+                logprobs = []
             elif kind == "done":
-                yield _json(chunk(None, finish_reason(value)))
+                yield _json(chunk(None, finish_reason(value), logprobs))
                 if include_usage:
-                    last = chunk(None, None)
+                    last = chunk(None, None, [])
                     last["choices"] = []
                     last["usage"] = api.usage(value.prompt_tokens, value.generated_tokens)
                     yield _json(last)
@@ -483,14 +506,15 @@ class ServerCore:
                 yield _json(value.body())
 
     async def events(self, request: Request, job: Job, first: tuple[str, Any]) -> AsyncIterator[tuple[str, Any]]:
-        """A streamed job's events for a response to format: ("text", piece)..., then ("done",
-        stats) or ("error", ApiError). Noted for the access log; a client that hangs up cancels it."""
+        """A streamed job's events for a response to format: ("text", piece)..., each after the
+        ("logprobs", entries) of its tokens if the job asked for them, then ("done", stats) or
+        ("error", ApiError). Noted for the access log; a client that hangs up cancels it."""
         event = first
         finished = False
         try:
             while True:
                 kind, value = event
-                if kind == "text":
+                if kind in ("text", "logprobs"):
                     yield event
                 elif kind == "done":
                     finished = True
@@ -782,7 +806,8 @@ def create_app(core: ServerCore) -> FastAPI:
             return {"delta": change}
 
         return await answer(request, body, job, "chatcmpl", ("chat.completion", "chat.completion.chunk"), delta,
-                            lambda text: {"message": {"role": "assistant", "content": text}})
+                            lambda text: {"message": {"role": "assistant", "content": text}},
+                            lambda entries: api.chat_logprobs(entries, core.engine.piece))
 
     @app.post("/v1/completions", response_model=api.Completion, responses=_ERRORS,
               summary="Text completion of a prompt (streamed with stream: true)")
@@ -797,14 +822,28 @@ def create_app(core: ServerCore) -> FastAPI:
             pending_echo = ""
             return piece
 
+        offset = len(echo)
+
+        def logprobs(entries: list[TokenLogprob]) -> dict[str, Any]:
+            nonlocal offset
+            shaped = api.completion_logprobs(entries, core.engine.piece, offset)
+            offset += sum(len(token) for token in shaped["tokens"])
+            return shaped
+
         return await answer(request, body, job, "cmpl", ("text_completion", "text_completion"), delta,
-                            lambda text: {"text": echo + text})
+                            lambda text: {"text": echo + text}, logprobs)
 
     async def answer(request: Request, body: api.CompletionRequest | api.ChatCompletionRequest, job: Job,
                      id_prefix: str, kinds: tuple[str, str], delta: Callable[[str | None, str | None], dict[str, Any]],
-                     whole: Callable[[str], dict[str, Any]]) -> Any:
+                     whole: Callable[[str], dict[str, Any]],
+                     shape_logprobs: Callable[[list[TokenLogprob]], dict[str, Any]]) -> Any:
         """Run the job and answer in OpenAI's shape: one object of kinds[0] (whole() gives the
-        choice's content) or, streaming, server-sent chunks of kinds[1] (delta() gives each one's)."""
+        choice's content) or, streaming, server-sent chunks of kinds[1] (delta() gives each one's);
+        shape_logprobs() gives a choice's logprobs when the request asked for them."""
+
+        def logprobs(entries: list[TokenLogprob]) -> dict[str, Any] | None:
+            return None if job.top_logprobs is None else shape_logprobs(entries)
+
         job.stream = bool(body.stream)
         first = await core.begin(request, job)
         head = {"id": api.new_id(id_prefix), "created": api.now(), "model": core.model_id,
@@ -813,9 +852,9 @@ def create_app(core: ServerCore) -> FastAPI:
             job.stop_watching()
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
-            def chunk(text: str | None, finish: str | None) -> dict[str, Any]:
-                event = {**head, "object": kinds[1],
-                         "choices": [{"index": 0, **delta(text, finish), "logprobs": None, "finish_reason": finish}]}
+            def chunk(text: str | None, finish: str | None, entries: list[TokenLogprob]) -> dict[str, Any]:
+                event = {**head, "object": kinds[1], "choices": [
+                    {"index": 0, **delta(text, finish), "logprobs": logprobs(entries), "finish_reason": finish}]}
                 if include_usage:
                     event["usage"] = None
                 return event
@@ -824,7 +863,8 @@ def create_app(core: ServerCore) -> FastAPI:
         text, stats = await core.collect(job, first)
         core.note(request, job, stats)
         return {**head, "object": kinds[0],
-                "choices": [{"index": 0, **whole(text), "finish_reason": finish_reason(stats), "logprobs": None}],
+                "choices": [{"index": 0, **whole(text), "finish_reason": finish_reason(stats),
+                             "logprobs": logprobs(job.logprobs)}],
                 "usage": api.usage(stats.prompt_tokens, stats.generated_tokens)}
 
     def model_card() -> dict[str, Any]:

@@ -553,3 +553,73 @@ def test_the_slot_queue_is_first_come_first_served() -> None:
         return order
 
     assert asyncio.run(scenario()) == ["first", "second", "third", "late refused"]
+
+
+def test_logprobs_in_openais_shapes_streamed_or_not(client: openai.OpenAI) -> None:
+    asked = dict(model="gemma", messages=[{"role": "user", "content": "Name a fruit."}], max_tokens=6,
+                 logprobs=True, top_logprobs=3, **GREEDY)
+    whole = client.chat.completions.create(**asked)
+    entries = whole.choices[0].logprobs.content
+    assert len(entries) == whole.usage.completion_tokens
+    assert "".join(entry.token for entry in entries) == whole.choices[0].message.content
+    for entry in entries:
+        assert entry.logprob <= 0 and bytes(entry.bytes).decode("utf-8", "replace") == entry.token
+        alternatives = [top.logprob for top in entry.top_logprobs]
+        assert len(alternatives) == 3 and alternatives == sorted(alternatives, reverse=True)
+        # Greedy: the token taken is the most likely one.
+        assert entry.top_logprobs[0].token == entry.token and entry.top_logprobs[0].logprob == entry.logprob
+    streamed = [part for chunk in client.chat.completions.create(**asked, stream=True)
+                if chunk.choices and chunk.choices[0].logprobs for part in chunk.choices[0].logprobs.content]
+    assert [(part.token, round(part.logprob, 4)) for part in streamed] == [
+        (entry.token, round(entry.logprob, 4)) for entry in entries]
+
+    completion = client.completions.create(model="gemma", prompt="The capital of France is", max_tokens=5,
+                                           logprobs=2, echo=True, **GREEDY)
+    choice = completion.choices[0]
+    shaped = choice.logprobs
+    assert len(shaped.tokens) == len(shaped.token_logprobs) == len(shaped.top_logprobs) == 5
+    for token, offset in zip(shaped.tokens, shaped.text_offset):
+        assert choice.text[offset:offset + len(token)] == token
+    assert shaped.text_offset[0] == len("The capital of France is")
+    assert all(len(top) <= 2 and max(top.values()) == logprob
+               for top, logprob in zip(shaped.top_logprobs, shaped.token_logprobs))
+    with pytest.raises(openai.BadRequestError, match="top_logprobs"):
+        client.chat.completions.create(model="gemma", messages=[{"role": "user", "content": "Hi"}], max_tokens=2,
+                                       top_logprobs=2)
+
+
+def test_logprobs_equal_native_llama_servers(server: ServerProcess, native_tools: Path, model_path: Path) -> None:
+    # Without --ctx-checkpoints 0, llama-server evaluates a prompt in two batches for Gemma's
+    # sliding-window layers (checkpointing before its last tokens); this small model's logits move
+    # by up to 0.13 with the batch split, more than any rounding the comparison should allow.
+    port = free_port()
+    native = subprocess.Popen([str(native_tools / "llama-server"), "-m", str(model_path), "--port", str(port),
+                               "-c", "4096", "-t", "2", "-np", "1", "--no-webui", "--ctx-checkpoints", "0"],
+                              stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if raw_request(port, "GET", "/health", timeout=2)[0] == 200:
+                    break
+            except OSError:
+                pass
+            assert native.poll() is None and time.monotonic() < deadline, "llama-server did not start"
+            time.sleep(0.2)
+        prompt = "The capital of France is"
+        status, ours = server.request("POST", "/v1/completions", {
+            "prompt": prompt, "max_tokens": 6, "logprobs": 5, "temperature": 0, "cache_prompt": False})
+        assert status == 200, ours
+        status, data = raw_request(port, "POST", "/completion", {
+            "prompt": prompt, "n_predict": 6, "n_probs": 5, "temperature": 0, "cache_prompt": False})
+        assert status == 200, data
+        theirs = json.loads(data)["completion_probabilities"]
+        ours = ours["choices"][0]["logprobs"]
+        assert ours["tokens"] == [entry["token"] for entry in theirs]
+        for logprob, top, entry in zip(ours["token_logprobs"], ours["top_logprobs"], theirs):
+            assert logprob == pytest.approx(entry["logprob"], abs=2e-3)
+            assert list(top) == [alternative["token"] for alternative in entry["top_logprobs"]]
+            assert list(top.values()) == pytest.approx([a["logprob"] for a in entry["top_logprobs"]], abs=2e-3)
+    finally:
+        native.kill()
+        native.wait(10)
