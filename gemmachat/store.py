@@ -124,6 +124,16 @@ class Store:
         except sqlite3.DatabaseError as error:
             raise StoreError(f"cannot use {path}: {_reason(error)}") from None
 
+    @classmethod
+    def memory(cls) -> Store:
+        """A store that writes nothing to disk and is gone when closed: the server's when it is
+        not asked to keep conversations, so that its page works the same, for as long as it runs."""
+        return cls(Path(":memory:"), _connect(Path(":memory:")))
+
+    @property
+    def kept(self) -> bool:
+        return self.path != Path(":memory:")
+
     def close(self) -> None:
         self._db.close()
 
