@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import json
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any, AsyncIterator, Iterator
+from typing import TYPE_CHECKING, Annotated, Any, AsyncIterator, Iterator
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Path, Request
 from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field
 from sse_starlette.sse import EventSourceResponse
@@ -34,6 +34,10 @@ from gemmachat.templates import Message, to_tokens
 
 if TYPE_CHECKING:
     from gemmachat.server import ServerCore
+
+
+# SQLite's integers are 64-bit: a larger id would be a crash in the driver, not a 404.
+ConversationId = Annotated[int, Path(ge=1, le=2**63 - 1)]
 
 
 class _Body(BaseModel):
@@ -51,13 +55,13 @@ class ConversationChange(_Body):
 
 
 class Generation(_Body):
-    temperature: float | None = Field(None, ge=0, le=2)
-    max_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0, le=2, allow_inf_nan=False)
+    max_tokens: int | None = Field(None, ge=1, le=2**63 - 1)
 
 
 class NewMessage(Generation):
     content: str
-    at: int | None = Field(None, ge=0, description="replace the user message at this index, and drop "
+    at: int | None = Field(None, ge=0, le=2**63 - 1, description="replace the user message at this index, and drop "
                            "everything after it (edit and resend); default: append")
     system: str | None = Field(None, description="set the system prompt first; \"\" for none")
 
@@ -153,11 +157,11 @@ def add_routes(app: FastAPI, core: ServerCore) -> None:
         return await document(create(loaded))
 
     @app.get("/conversations/{conversation_id}", summary="A conversation: its system prompt, messages and context use")
-    async def get_conversation(conversation_id: int) -> Any:
+    async def get_conversation(conversation_id: ConversationId) -> Any:
         return await document(conversation_id)
 
     @app.patch("/conversations/{conversation_id}", summary="Rename a conversation or change its system prompt")
-    async def change_conversation(conversation_id: int, body: ConversationChange) -> Any:
+    async def change_conversation(conversation_id: ConversationId, body: ConversationChange) -> Any:
         _, conversation = load(conversation_id)
         with stored():
             if body.title is not None:
@@ -168,7 +172,7 @@ def add_routes(app: FastAPI, core: ServerCore) -> None:
         return await document(conversation_id)
 
     @app.delete("/conversations/{conversation_id}", status_code=204, summary="Delete a conversation")
-    async def delete_conversation(conversation_id: int) -> Response:
+    async def delete_conversation(conversation_id: ConversationId) -> Response:
         if conversation_id in writing:
             raise api.ApiError(409, f"conversation {conversation_id} is writing a reply; stop it first",
                                code="conversation_busy")
@@ -181,14 +185,14 @@ def add_routes(app: FastAPI, core: ServerCore) -> None:
 
     @app.get("/conversations/{conversation_id}/export",
              summary="The conversation as the JSON file /save writes and /load reads")
-    async def export_conversation(conversation_id: int) -> Response:
+    async def export_conversation(conversation_id: ConversationId) -> Response:
         _, conversation = load(conversation_id)
         return Response(conversation.to_json(), media_type="application/json", headers={
             "content-disposition": f'attachment; filename="conversation-{conversation_id}.json"'})
 
     @app.post("/conversations/{conversation_id}/messages",
               summary="Append a user message (or replace one, with `at`) and stream the reply as server-sent events")
-    async def send_message(conversation_id: int, body: NewMessage, request: Request) -> Any:
+    async def send_message(conversation_id: ConversationId, body: NewMessage, request: Request) -> Any:
         _, conversation = load(conversation_id)
         messages = conversation.messages
         at = len(messages) if body.at is None else body.at
@@ -201,7 +205,7 @@ def add_routes(app: FastAPI, core: ServerCore) -> None:
 
     @app.post("/conversations/{conversation_id}/reply",
               summary="Write the last user message's reply again (regenerate), streamed as server-sent events")
-    async def regenerate(conversation_id: int, body: Generation, request: Request) -> Any:
+    async def regenerate(conversation_id: ConversationId, body: Generation, request: Request) -> Any:
         _, conversation = load(conversation_id)
         last_user = max((i for i, m in enumerate(conversation.messages) if m.role == "user"), default=None)
         if last_user is None:

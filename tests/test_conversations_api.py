@@ -161,3 +161,20 @@ def test_the_terminal_and_the_server_continue_each_others_conversations(
     rows = [(role, content) for n, role, content, _ in stored(data) if n == found["id"]]
     assert [content for role, content in rows if role == "user"] == ["My name is Ann.", "What is my name?", "Again?"]
     assert [role for role, _ in rows] == ["user", "assistant"] * 3 and rows[-1][1] == resumed.stdout
+
+
+def test_server_keeps_nothing_unless_asked_and_the_key_guards_the_api_not_the_page(
+        server_env: dict[str, str], tmp_path: Path, model_path: Path) -> None:
+    running = ServerProcess({**server_env, "GEMMA_CHAT_DATA_DIR": str(tmp_path)}, "--api-key", "sesame")
+    try:
+        status, page = running.request("GET", "/")
+        assert status == 200 and "<html" in page
+        assert running.request("GET", "/conversations")[0] == 401
+        key = {"Authorization": "Bearer sesame"}
+        status, created = running.request("POST", "/conversations", {}, headers=key)
+        assert status == 201
+        listing = running.request("GET", "/conversations", headers=key)[1]
+        assert not listing["kept"] and "--history" in listing["where"] and listing["data"][0]["id"] == created["id"]
+    finally:
+        running.stop()
+    assert list(tmp_path.iterdir()) == []
