@@ -102,7 +102,7 @@ def test_the_page_loads_under_a_strict_policy(page: Page, server: ServerProcess,
     expect(page.locator("#send")).to_be_visible()
 
 
-def test_a_reply_streams_and_grows_before_it_ends(page: Page, data: Path) -> None:
+def test_a_reply_streams_and_grows_before_it_ends(page: Page, data: Path, server: ServerProcess) -> None:
     page.click("#new")
     # Record the reply's length at every change, in the page, so no growth is missed.
     page.evaluate("""() => {
@@ -116,7 +116,10 @@ def test_a_reply_streams_and_grows_before_it_ends(page: Page, data: Path) -> Non
     lengths = [n for n in page.evaluate("window.lengths") if n > 0]
     assert len(set(lengths)) >= 2, lengths  # seen at two lengths before it ended
     expect(page.locator("#speed")).to_contain_text("tokens/s")
-    expect(page.locator("#context")).to_have_text(re.compile(r"context: \d+/\d+ tokens"))
+    number = int(page.evaluate("location.hash.slice(1)"))
+    context = server.request("GET", f"/conversations/{number}")[1]["context"]  # the server's tokenizer
+    expect(page.locator("#context")).to_have_text(f"context: {context['used']}/{context['size']} tokens")
+    assert 0 < context["used"] < context["size"]
     reply = last_reply(page).get_attribute("data-text")
     assert [(r, c) for _, r, c, _ in stored(data)][-2:] == [("user", "Count with me: 1, 2, 3,"), ("assistant", reply)]
 
@@ -159,6 +162,13 @@ def test_switch_conversations_reload_and_find_them(page: Page) -> None:
     expect(page.locator("#messages .message.user .body").first).to_have_text("Count with me: 1, 2, 3,")
     page.locator("#list .open", has_text="A second conversation").click()
     expect(page.locator("#messages .message.user .body")).to_have_text(["A second conversation"])
+    # Renamed and deleted from the page (its dialogs answered as a user would).
+    page.once("dialog", lambda dialog: dialog.accept("Renamed here"))
+    page.click("#rename")
+    expect(page.locator("#list .open[aria-current]")).to_have_text("Renamed here")
+    page.once("dialog", lambda dialog: dialog.accept())
+    page.click("#delete")
+    expect(page.locator("#list .open")).to_have_text([re.compile("Count with me")])
 
 
 def test_a_conversation_from_the_terminal_appears_and_continues(page: Page, data: Path, run_cli) -> None:
@@ -243,3 +253,24 @@ def test_server_opens_the_page_in_a_browser_unless_nobrowser(server_env: dict[st
     finally:
         process.kill()
         process.wait(10)
+
+
+def test_with_an_api_key_the_page_asks_once_and_keeps_it(browser: Browser, server_env: dict[str, str],
+                                                         tmp_path: Path, model_path: Path) -> None:
+    running = ServerProcess({**server_env, "GEMMA_CHAT_DATA_DIR": str(tmp_path)}, "--api-key", "sesame")
+    context = browser.new_context()
+    try:
+        page = context.new_page()
+        page.goto(running.url + "/")
+        expect(page.locator("#key-form")).to_be_visible()
+        page.fill("#key", "sesame")
+        page.keyboard.press("Enter")
+        expect(page.locator("#key-form")).to_be_hidden()
+        expect(page.locator("#kept")).to_contain_text("not kept")
+        page.reload()
+        expect(page.locator("#kept")).to_contain_text("not kept")
+        expect(page.locator("#key-form")).to_be_hidden()
+        assert len(running.log_lines('"GET /conversations" 401')) == 1
+    finally:
+        context.close()
+        running.stop()

@@ -314,8 +314,10 @@ async function stream(path, body) {
     refreshList().catch(showError);
   }
   if (!reply.interrupted) {
+    // The stored conversation, as a reload would show it; its meter counts the next prompt.
     state.current = await json(`/conversations/${state.id}`);
     $("title").textContent = state.current.title || "(untitled)";
+    showContext(state.current.context);
   }
 }
 
