@@ -201,6 +201,13 @@ class Store:
                            (title,))
         return rows[0][0] if rows else None
 
+    def version(self, conversation_id: int) -> tuple[float, int] | None:
+        """When the conversation's messages last changed, and how many there are (None once it is
+        deleted): a writer that remembers it sees whether another process wrote in between."""
+        rows = self._query("SELECT updated, (SELECT count(*) FROM messages WHERE conversation = ?) "
+                           "FROM conversations WHERE id = ?", (conversation_id, conversation_id))
+        return (rows[0][0], rows[0][1]) if rows else None
+
     def load(self, conversation_id: int) -> tuple[Summary, Conversation]:
         found = self._query(f"{_SUMMARY} WHERE c.id = ?", (conversation_id,))
         if not found:
