@@ -16,6 +16,7 @@ from playwright.sync_api import Browser, Page, expect, sync_playwright
 from test_conversations import stored
 from test_server import ServerProcess, free_port, raw_request
 
+from gemmachat.conversation import Conversation
 from gemmachat.store import Store
 from gemmachat.templates import Message
 
@@ -182,6 +183,31 @@ def test_a_conversation_from_the_terminal_appears_and_continues(page: Page, data
     send(page, "And back.", "3")
     number = int(page.evaluate("location.hash.slice(1)"))
     assert [c for n, r, c, _ in stored(data) if n == number and r == "user"] == ["Hello, page.", "And back."]
+
+
+def test_export_and_import_as_the_file_save_writes(page: Page, tmp_path: Path) -> None:
+    with page.expect_download() as download:
+        page.click("#export")
+    saved = tmp_path / "saved.json"
+    download.value.save_as(saved)
+    exported = Conversation.load(saved)  # what /load reads
+    assert [m.content for m in exported.messages][0] == "Hello, page."
+    page.set_input_files("#import-file", str(saved))
+    expect(page.locator("#list .open[aria-current]")).to_have_text("Hello, page.")
+    expect(page.locator("#messages .message.user .body")).to_have_text(
+        [m.content for m in exported.messages if m.role == "user"])
+
+
+def test_at_phone_width_the_list_opens_and_closes(page: Page) -> None:
+    page.set_viewport_size({"width": 390, "height": 844})
+    try:
+        expect(page.locator("#list")).to_be_hidden()
+        page.click("#toggle-side")
+        page.locator("#list .open", has_text="Count with me").click()
+        expect(page.locator("#list")).to_be_hidden()
+        expect(page.locator("#messages .message.user .body").first).to_have_text("Count with me: 1, 2, 3,")
+    finally:
+        page.set_viewport_size({"width": 1280, "height": 720})
 
 
 HOSTILE = [
