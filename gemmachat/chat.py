@@ -23,7 +23,7 @@ import platformdirs
 
 from gemmachat.engine import Engine, load_engine
 from gemmachat.errors import UserError
-from gemmachat.listen import bind_socket, url_of
+from gemmachat.listen import bind_socket, page_url
 from gemmachat.model_path import resolve_model
 from gemmachat.output import Printer
 from gemmachat.settings import Settings
@@ -143,4 +143,5 @@ def start_server(engine: Engine, settings: Settings) -> tuple[ServerBehind | Non
         return start_background(engine, server_settings, list(range(1, 1 + settings.parallel)), log=log, sock=sock)
 
     moved = f"port {settings.port} is in use; " if sock.getsockname()[1] != settings.port else ""
-    return ServerBehind(start), f"server: {url_of(sock, settings.host)} ({moved}OpenAI-compatible; log in {log_path})"
+    return ServerBehind(start), (f"server: {page_url(sock, settings.host)} ({moved}the chat page, and an "
+                                 f"OpenAI-compatible API; log in {log_path})")

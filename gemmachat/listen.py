@@ -60,3 +60,8 @@ def url_of(sock: socket.socket, host: str) -> str:
     port = sock.getsockname()[1]
     shown = f"[{host}]" if ":" in host else host
     return f"http://{shown}:{port}"
+
+
+def page_url(sock: socket.socket, host: str) -> str:
+    """The chat page's address: a server on every address (0.0.0.0, ::) is opened on loopback."""
+    return url_of(sock, {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)) + "/"

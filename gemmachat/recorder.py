@@ -43,6 +43,7 @@ class Recorder:
         self._written: list[Key] = []
         self._written_system: str | None = None
         self._offset = 0
+        self._version: tuple[float, int] | None = None  # the stored conversation's, after our last write
         self._state_tokens: list[int] = []  # what the saved (or restored) cache holds
         self._state_problem_told = False
 
@@ -84,6 +85,8 @@ class Recorder:
             return
         title = title_from(conversation.messages)
         try:
+            if self.conversation_id is not None and self.store.version(self.conversation_id) != self._version:
+                same = self._fork(title)
             if self.conversation_id is None:
                 if not keys:
                     return  # nothing worth a conversation yet
@@ -91,11 +94,30 @@ class Recorder:
                                                          self.settings)
             self.store.write(self.conversation_id, self._offset + same, conversation.messages[same:],
                              conversation.system, title)
+            self._version = self.store.version(self.conversation_id)
         except StoreError as error:
             self._turn_off(error)
             return
         self._written = self._written[:self._offset + same] + keys[same:]
         self._written_system = conversation.system
+
+    def _fork(self, title: str) -> int:
+        """Another process (the chat page, a second chat) changed or deleted the stored conversation
+        since this chat last wrote it: writing on would overwrite its messages, so this chat goes
+        on as a new conversation, with the stored messages the context had dropped. Returns how
+        many of the session's messages that one holds (none)."""
+        assert self.store is not None and self.conversation_id is not None
+        old = self.conversation_id
+        earlier: list[Message] = []
+        if self._offset and self.store.version(old) is not None:
+            earlier = self.store.load(old)[1].messages[:self._offset]
+        system = self.session.conversation.system
+        self.conversation_id = self.store.create(title, self.session.engine.name, system, self.settings)
+        self.store.write(self.conversation_id, 0, earlier, system, title)
+        self._written, self._offset = [_key(m) for m in earlier], len(earlier)
+        self.notify(f"conversation {old} was changed elsewhere (the chat page or another chat); this chat goes "
+                    f"on as conversation {self.conversation_id}")
+        return 0
 
     def dropped(self, count: int) -> None:
         """The context dropped the session's `count` oldest messages: they stay stored."""
@@ -111,6 +133,7 @@ class Recorder:
     def _attach(self, conversation_id: int | None, written: list[Key], system: str | None) -> None:
         self.conversation_id = conversation_id
         self._written, self._written_system, self._offset = written, system, 0
+        self._version = self.store.version(conversation_id) if self.store and conversation_id is not None else None
 
     # -- switching -------------------------------------------------------------------------------
 
@@ -151,6 +174,7 @@ class Recorder:
                 self.conversation_id = store.create(title, self.session.engine.name,
                                                     self.session.conversation.system, self.settings)
                 self._written_system = self.session.conversation.system
+                self._version = store.version(self.conversation_id)
             else:
                 store.rename(self.conversation_id, title)
         except StoreError as error:

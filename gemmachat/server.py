@@ -32,11 +32,11 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message as AsgiMessage, Receive, Scope, Send
 
-from gemmachat import __version__, fatal, ollama_api, openai_api as api
+from gemmachat import __version__, conversations_api, fatal, ollama_api, openai_api as api, web
 from gemmachat.engine import (Engine, EngineClosed, TokenLogprob, common_prefix, default_reply_limit, Sequence, Stats,
                               load_engine, renderer_for)
 from gemmachat.errors import PromptTooLong, UserError, escaped, one_line, report
-from gemmachat.listen import ServerUnavailable, bind_socket, url_of
+from gemmachat.listen import ServerUnavailable, bind_socket, page_url, url_of
 from gemmachat.settings import LLAMA_DEFAULT_SEED, Sampling, Settings
 from gemmachat.templates import Message, Segment, load_template, to_tokens
 
@@ -628,7 +628,7 @@ class Gatekeeper:
     async def _guarded(self, scope: Scope, receive: Receive, send: Send) -> None:
         core = self.core
         headers = {name.decode("latin-1").lower(): value.decode("latin-1") for name, value in scope["headers"]}
-        if core.api_key and scope["path"] != "/health":
+        if core.api_key and scope["path"] != "/health" and not web.is_page(scope["path"]):
             given = headers.get("authorization", "")
             scheme, _, token = given.partition(" ")
             if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), core.api_key.encode()):
@@ -906,6 +906,8 @@ def create_app(core: ServerCore) -> FastAPI:
 
     # llama.cpp also answers without the /v1 prefix; so do we (kept out of the schema).
     ollama_api.add_routes(app, core)
+    conversations_api.add_routes(app, core)
+    web.add_routes(app, core)
     app.add_api_route("/chat/completions", chat_completions, methods=["POST"], include_in_schema=False)
     app.add_api_route("/completions", completions, methods=["POST"], include_in_schema=False)
     app.add_api_route("/models", models, methods=["GET"], include_in_schema=False)
@@ -1044,6 +1046,7 @@ def serve(settings: Settings, log: LogFn | None = None) -> int:
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     _stderr(f"gemma-chat: serving {url_of(sock, settings.host)} (model {engine.name}, "
             f"{settings.parallel} slot{'s' if settings.parallel != 1 else ''})")
+    web.open_browser(page_url(sock, settings.host), settings.nobrowser, settings.environ)
     try:
         asyncio.run(_serve(core, server, sock))
     finally:

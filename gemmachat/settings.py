@@ -85,6 +85,7 @@ class Settings:
     keep_history: bool | None = None  # --history / --no-history; None: the chat keeps them
     resume: str | None = None  # "" for the latest conversation
     save_to: str | None = None
+    nobrowser: bool = False  # --server opens the page in a browser unless this (or no display)
     temp_given: bool = False  # --temp on the command line, so no mode picks its own default
     environ: Mapping[str, str] = field(repr=False, default_factory=dict)
 
@@ -274,7 +275,8 @@ def build_parser() -> argparse.ArgumentParser:
         "conversations (kept in conversations.db in the user data folder, or $GEMMA_CHAT_DATA_DIR)")
     kept.add_argument("--history", dest="keep_history", action=argparse.BooleanOptionalAction, default=None,
                       help="keep every chat conversation as it happens (default: on; --server keeps "
-                           "nothing, --cli only with --save-to or --resume); config key: history = false")
+                           "its conversations in memory only, --cli keeps only with --save-to or --resume); "
+                           "config key: history = false")
     kept.add_argument("--resume", nargs="?", const="", metavar="ID|TITLE",
                       help="continue the latest conversation, or the one with this id or title "
                            "prefix (/history lists them); with --cli, -p is its next message")
@@ -290,7 +292,8 @@ def build_parser() -> argparse.ArgumentParser:
     server.add_argument("-np", "--parallel", type=_positive_int, default=4, metavar="N",
                         help="requests decoded at once, in one batch (default 4)")
     server.add_argument("--nobrowser", action="store_true",
-                        help="accepted for llamafile compatibility (no browser is opened)")
+                        help="--server: do not open the chat page in the default browser (it opens "
+                             "only where there is a display)")
     return parser
 
 
@@ -398,6 +401,7 @@ def parse_settings(argv: Sequence[str], environ: Mapping[str, str] | None = None
         keep_history=args.keep_history,
         resume=args.resume,
         save_to=args.save_to,
+        nobrowser=args.nobrowser,
         temp_given=args.temp is not None,
         environ=environ,
     )

@@ -124,6 +124,16 @@ class Store:
         except sqlite3.DatabaseError as error:
             raise StoreError(f"cannot use {path}: {_reason(error)}") from None
 
+    @classmethod
+    def memory(cls) -> Store:
+        """A store that writes nothing to disk and is gone when closed: the server's when it is
+        not asked to keep conversations, so that its page works the same, for as long as it runs."""
+        return cls(Path(":memory:"), _connect(Path(":memory:")))
+
+    @property
+    def kept(self) -> bool:
+        return self.path != Path(":memory:")
+
     def close(self) -> None:
         self._db.close()
 
@@ -190,6 +200,13 @@ class Store:
         rows = self._query("SELECT id FROM conversations WHERE title = ? ORDER BY updated DESC, id DESC LIMIT 1",
                            (title,))
         return rows[0][0] if rows else None
+
+    def version(self, conversation_id: int) -> tuple[float, int] | None:
+        """When the conversation's messages last changed, and how many there are (None once it is
+        deleted): a writer that remembers it sees whether another process wrote in between."""
+        rows = self._query("SELECT updated, (SELECT count(*) FROM messages WHERE conversation = ?) "
+                           "FROM conversations WHERE id = ?", (conversation_id, conversation_id))
+        return (rows[0][0], rows[0][1]) if rows else None
 
     def load(self, conversation_id: int) -> tuple[Summary, Conversation]:
         found = self._query(f"{_SUMMARY} WHERE c.id = ?", (conversation_id,))

@@ -25,6 +25,7 @@ from gemmachat.output import Printer
 from gemmachat.recorder import Recorder
 from gemmachat.repl import Chat
 from gemmachat.server import BackgroundServer
+from test_server import raw_request
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench import run  # noqa: E402  (its peak_rss_of: the bench's own memory measure)
@@ -201,6 +202,11 @@ def test_background_server_answers_while_the_chat_runs(cli_env: dict[str, str]) 
     assert int(child.match.group(1)) > 0
     streamed = client.completions.create(model="any", prompt="The sky is", max_tokens=4, stream=True)
     assert "".join(chunk.choices[0].text for chunk in streamed)
+    # Its chat page lists the chat's conversation: they share the store.
+    status, listing = raw_request(port, "GET", "/conversations")
+    assert status == 200 and json.loads(listing)["data"][0]["title"] == "Hello from the terminal."
+    status, page = raw_request(port, "GET", "/")
+    assert status == 200 and b"/web/app.js" in page
     leave(child)
 
 
@@ -275,7 +281,7 @@ def taken_ports(count: int, free_after: int = 0) -> Iterator[int]:
 def test_a_taken_port_moves_the_background_server_to_the_next(cli_env: dict[str, str]) -> None:
     with taken_ports(1, free_after=1) as port:
         child = open_chat(cli_env, "-n", "3", "--port", str(port))
-        child.expect(rf"server: http://127.0.0.1:{port + 1} \(port {port} is in use; OpenAI-compatible")
+        child.expect(rf"server: http://127.0.0.1:{port + 1}/ \(port {port} is in use; the chat page, and an OpenAI")
         child.expect(">>>")
         with urllib.request.urlopen(f"http://127.0.0.1:{port + 1}/health", timeout=30) as health:
             assert health.status == 200 and json.load(health)["status"] == "ok"

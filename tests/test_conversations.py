@@ -182,6 +182,35 @@ def test_a_full_disk_turns_storing_off_with_one_line_and_keeps_the_chat(engine: 
     assert [content for _, _, content, _ in stored(tmp_path)] == ["First."]
 
 
+def test_a_conversation_changed_elsewhere_is_not_overwritten(engine: Engine, tmp_path: Path) -> None:
+    session = session_for(engine)
+    told: list[str] = []
+    recorder = Recorder.open(session, chat_settings(tmp_path), told.append)
+    session.say("Hello.")
+    recorder.sync()
+    "".join(session.respond())
+    recorder.sync()
+    first = recorder.conversation_id
+    # The chat page (the server: another connection, maybe another process) goes on with it...
+    page = Store.open(tmp_path, pytest.fail)
+    page.write(first, 2, [Message("user", "From the page."), Message("assistant", "Page reply.")], None, "Hello.")
+    # ...so the chat's next message goes to a new conversation instead of over the page's.
+    session.say("From the terminal.")
+    recorder.sync()
+    assert len(told) == 1 and f"conversation {first} was changed elsewhere" in told[0], told
+    second = recorder.conversation_id
+    assert second != first
+    rows = stored(tmp_path)
+    assert [c for n, _, c, _ in rows if n == first][2:] == ["From the page.", "Page reply."]
+    assert [c for n, r, c, _ in rows if n == second and r == "user"] == ["Hello.", "From the terminal."]
+    # Its own writes do not count as changes made elsewhere.
+    "".join(session.respond())
+    recorder.sync()
+    assert len(told) == 1 and recorder.conversation_id == second
+    page.close()
+    recorder.close()
+
+
 # -- the program -----------------------------------------------------------------------------------
 
 class CprTerminal(Terminal):

@@ -212,7 +212,10 @@ def test_no_request_can_name_a_file(server: ServerProcess, tmp_path: Path) -> No
         for field in model.get("properties", {}):
             assert not any(word in field.lower() for word in words), (name, field)
     assert sorted(schema["paths"]) == ["/api/chat", "/api/generate", "/api/ps", "/api/show", "/api/tags",
-                                       "/api/version", "/detokenize", "/health", "/tokenize",
+                                       "/api/version", "/conversations", "/conversations/import",
+                                       "/conversations/{conversation_id}", "/conversations/{conversation_id}/export",
+                                       "/conversations/{conversation_id}/messages",
+                                       "/conversations/{conversation_id}/reply", "/detokenize", "/health", "/tokenize",
                                        "/v1/chat/completions", "/v1/completions", "/v1/models",
                                        "/v1/models/{model_id}"]
     # ...and such fields sent anyway are refused or ignored, and nothing is read or written.

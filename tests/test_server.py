@@ -27,7 +27,7 @@ from gemmachat.templates import Message, Segment, load_template, render, to_toke
 
 REPO = Path(__file__).resolve().parent.parent
 # The server as users start it: `gemma-chat --server ARGS`.
-SERVER = [sys.executable, "-m", "gemmachat", "--server"]
+SERVER = [sys.executable, "-m", "gemmachat", "--server", "--nobrowser"]
 # Prompts evaluated from scratch: a reused KV prefix was computed in a batch of another size, and
 # this small model's near-ties can tip either way on such rounding differences.
 GREEDY: dict[str, Any] = {"temperature": 0.0, "seed": 42, "extra_body": {"cache_prompt": False}}

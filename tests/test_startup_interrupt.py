@@ -104,7 +104,7 @@ def test_ctrl_c_while_the_model_is_copied_into_the_cache_leaves_no_partial_copy(
     assert [path.stat().st_size for path in (cache / "models").iterdir()] in ([], [model_path.stat().st_size])
 
 
-MODES = {"cli": ["--cli", "-p", "1, 2, 3,", "-n", "3000", "--ignore-eos"], "server": ["--server"]}
+MODES = {"cli": ["--cli", "-p", "1, 2, 3,", "-n", "3000", "--ignore-eos"], "server": ["--server", "--nobrowser"]}
 
 
 def start_piped(env: dict[str, str], mode: str, *args: str) -> subprocess.Popen:

@@ -1,0 +1,436 @@
+// The chat page: plain JavaScript, no build step. It talks to /conversations on this server
+// (docs/server.md); replies are untrusted model output, rendered as Markdown only through
+// DOMPurify, with the page's Content-Security-Policy behind it.
+"use strict";
+
+const $ = (id) => document.getElementById(id);
+const KEY_STORE = "gemma-chat-api-key";
+const state = { list: [], current: null, id: null, controller: null, busy: false };
+
+// -- the API -----------------------------------------------------------------------------------
+
+let keyWaiters = [];
+
+function askForKey() {
+  // One form for every call waiting on the key: the page asks once and keeps it in the browser.
+  $("key-form").hidden = false;
+  $("key").focus();
+  return new Promise((resolve) => keyWaiters.push(resolve));
+}
+
+$("key-form").addEventListener("submit", (event) => {
+  event.preventDefault();
+  localStorage.setItem(KEY_STORE, $("key").value.trim());
+  $("key-form").hidden = true;
+  keyWaiters.splice(0).forEach((resolve) => resolve());
+});
+
+async function api(path, options = {}) {
+  for (;;) {
+    const key = localStorage.getItem(KEY_STORE);
+    const headers = { "Content-Type": "application/json", ...(options.headers || {}) };
+    if (key) headers.Authorization = `Bearer ${key}`;
+    const response = await fetch(path, { ...options, headers });
+    if (response.status === 401) {
+      await askForKey();
+      continue;
+    }
+    if (!response.ok) {
+      let message = `${response.status} ${response.statusText}`;
+      try { message = (await response.json()).error.message; } catch (_) { /* not JSON */ }
+      throw new Error(message);
+    }
+    return response;
+  }
+}
+
+const json = async (path, options) => (await api(path, options)).json();
+
+function showError(error) {
+  const box = $("error");
+  box.textContent = error ? String(error.message || error) : "";
+  box.hidden = !error;
+}
+
+// -- rendering untrusted Markdown -------------------------------------------------------------
+
+DOMPurify.addHook("afterSanitizeAttributes", (node) => {
+  // An image a reply points at would tell its server (or this one) that someone read the reply:
+  // only images carried in the reply itself (data: URLs) are shown.
+  if (node.tagName === "IMG") {
+    node.removeAttribute("srcset");
+    const src = node.getAttribute("src");
+    if (src && !/^data:image\/(?:png|gif|jpeg|webp);/i.test(src)) {
+      node.removeAttribute("src");
+      node.setAttribute("title", `image not loaded: ${src}`);
+    }
+  }
+  if (node.tagName === "A") {
+    node.setAttribute("rel", "noopener noreferrer");
+    node.setAttribute("target", "_blank");
+  }
+});
+
+const PURIFY = {
+  FORBID_TAGS: ["style", "form", "input", "button", "textarea", "select", "iframe", "svg", "math"],
+  FORBID_ATTR: ["style", "id", "name"],
+  ALLOWED_URI_REGEXP: /^(?:https?:|mailto:|#|\/|data:image\/(?:png|gif|jpeg|webp);)/i,
+};
+
+function renderMarkdown(element, text) {
+  element.innerHTML = DOMPurify.sanitize(marked.parse(text, { gfm: true, breaks: true }), PURIFY);
+  for (const code of element.querySelectorAll("pre code")) {
+    hljs.highlightElement(code);
+    const copy = button("Copy", "copy-code", () => copyText(code.textContent, copy));
+    code.parentElement.prepend(copy);
+  }
+}
+
+function button(label, className, onClick) {
+  const element = document.createElement("button");
+  element.type = "button";
+  element.className = className;
+  element.textContent = label;
+  element.addEventListener("click", onClick);
+  return element;
+}
+
+async function copyText(text, source) {
+  try {
+    await navigator.clipboard.writeText(text);
+    source.textContent = "Copied";
+  } catch (_) {
+    source.textContent = "Copy failed";
+  }
+  setTimeout(() => { source.textContent = "Copy"; }, 1500);
+}
+
+function messageElement(message) {
+  const element = document.createElement("article");
+  element.className = `message ${message.role}`;
+  const body = document.createElement("div");
+  body.className = "body";
+  element.append(body);
+  if (message.role === "assistant") {
+    element.append(button("Copy", "copy-reply", (event) => copyText(element.dataset.text, event.target)));
+  }
+  const note = document.createElement("p");
+  note.className = "note interrupted";
+  note.textContent = "(interrupted)";
+  element.append(note);
+  updateMessage(element, message);
+  return element;
+}
+
+function updateMessage(element, message) {
+  element.dataset.text = message.content;
+  const body = element.querySelector(".body");
+  if (message.role === "assistant") renderMarkdown(body, message.content);
+  else body.textContent = message.content;  // what the user typed is shown as typed
+  element.querySelector(".interrupted").hidden = !message.interrupted;
+}
+
+function renderConversation() {
+  const conversation = state.current;
+  const box = $("messages");
+  box.replaceChildren(...(conversation ? conversation.messages.map(messageElement) : []));
+  $("title").textContent = conversation ? conversation.title || "(untitled)" : "New conversation";
+  $("system").value = conversation ? conversation.system || "" : $("system").value;
+  for (const id of ["rename", "export", "delete"]) $(id).disabled = !conversation;
+  if (conversation) showContext(conversation.context);
+  else $("context").textContent = "context: –";
+  updateButtons();
+  box.scrollTop = box.scrollHeight;
+}
+
+function showContext(context) {
+  $("context").textContent = `context: ${context.used}/${context.size} tokens`;
+}
+
+function renderList() {
+  const list = $("list");
+  list.replaceChildren(...state.list.map((summary) => {
+    const item = document.createElement("li");
+    const open = button(summary.title || "(untitled)", "open", () => openConversation(summary.id));
+    open.dataset.id = summary.id;
+    open.title = `${new Date(summary.updated * 1000).toLocaleString()} · ${summary.turns} turns · ${summary.model}`;
+    if (summary.id === state.id) open.setAttribute("aria-current", "true");
+    item.append(open);
+    return item;
+  }));
+}
+
+function updateButtons() {
+  const messages = state.current ? state.current.messages : [];
+  $("send").hidden = state.busy;
+  $("stop").hidden = !state.busy;
+  $("regenerate").disabled = state.busy || !messages.some((m) => m.role === "user");
+  $("edit").disabled = state.busy || !messages.some((m) => m.role === "user");
+}
+
+// -- conversations ----------------------------------------------------------------------------
+
+async function refreshList() {
+  const listing = await json("/conversations");
+  state.list = listing.data;
+  $("kept").textContent = `Conversations are ${listing.where}.`;
+  renderList();
+}
+
+async function openConversation(id) {
+  if (state.busy) return;
+  showError(null);
+  try {
+    state.current = await json(`/conversations/${id}`);
+    state.id = id;
+    location.hash = `#${id}`;
+    renderConversation();
+    renderList();
+    closeSidebarOnPhone();
+    $("input").focus();
+  } catch (error) {
+    showError(error);
+  }
+}
+
+function newConversation() {
+  if (state.busy) return;
+  state.current = null;
+  state.id = null;
+  history.replaceState(null, "", location.pathname);
+  renderConversation();
+  renderList();
+  closeSidebarOnPhone();
+  $("input").focus();
+}
+
+function generation() {
+  const options = {};
+  const temperature = parseFloat($("temperature").value);
+  if (!Number.isNaN(temperature)) options.temperature = temperature;
+  const maxTokens = parseInt($("max-tokens").value, 10);
+  if (maxTokens > 0) options.max_tokens = maxTokens;
+  return options;
+}
+
+async function send(text, at) {
+  if (state.busy || !text.trim()) return;
+  showError(null);
+  const system = $("system").value;
+  try {
+    if (state.id === null) {
+      state.current = await json("/conversations", { method: "POST", body: JSON.stringify({ system }) });
+      state.id = state.current.id;
+      location.hash = `#${state.id}`;
+    }
+    const messages = state.current.messages;
+    messages.splice(at === undefined ? messages.length : at);
+    messages.push({ role: "user", content: text, interrupted: false });
+    $("input").value = "";
+    renderConversation();
+    const body = { content: text, system, ...generation() };
+    if (at !== undefined) body.at = at;
+    await stream(`/conversations/${state.id}/messages`, body);
+  } catch (error) {
+    showError(error);
+  }
+}
+
+async function regenerate() {
+  if (state.busy || !state.current) return;
+  const messages = state.current.messages;
+  let last = messages.length - 1;
+  while (last >= 0 && messages[last].role !== "user") last -= 1;
+  messages.splice(last + 1);
+  renderConversation();
+  try {
+    await stream(`/conversations/${state.id}/reply`, generation());
+  } catch (error) {
+    showError(error);
+  }
+}
+
+function editLast() {
+  const messages = state.current ? state.current.messages : [];
+  let last = messages.length - 1;
+  while (last >= 0 && messages[last].role !== "user") last -= 1;
+  if (last < 0 || state.busy) return;
+  state.editing = last;
+  $("input").value = messages[last].content;
+  $("input").focus();
+  $("send").textContent = "Resend";
+}
+
+async function stream(path, body) {
+  const reply = { role: "assistant", content: "", interrupted: false };
+  const element = messageElement(reply);
+  element.classList.add("streaming");
+  $("messages").append(element);
+  state.controller = new AbortController();
+  state.busy = true;
+  updateButtons();
+  let pending = false;
+  const draw = () => {
+    pending = false;
+    updateMessage(element, reply);
+    $("messages").scrollTop = $("messages").scrollHeight;
+  };
+  try {
+    const response = await api(path, { method: "POST", body: JSON.stringify(body), signal: state.controller.signal });
+    const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
+    let buffer = "";
+    for (;;) {
+      const { value, done } = await reader.read();
+      if (done) break;
+      buffer += value;
+      const lines = buffer.split("\n");
+      buffer = lines.pop();
+      for (const line of lines) {
+        if (!line.startsWith("data: ")) continue;
+        const event = JSON.parse(line.slice(6));
+        if (event.type === "text") {
+          reply.content += event.text;
+          if (!pending) { pending = true; requestAnimationFrame(draw); }
+        } else if (event.type === "done") {
+          showContext(event.context);
+          $("speed").textContent = `last reply: ${event.tokens_per_second.toFixed(1)} tokens/s`;
+        } else if (event.type === "error") {
+          throw new Error(event.error.message);
+        } else if (event.type === "start" && event.dropped) {
+          showError(`the context is full: the ${event.dropped} oldest messages were left out of this reply`);
+        }
+      }
+    }
+  } catch (error) {
+    if (error.name !== "AbortError") throw error;
+    reply.interrupted = true;  // the server keeps what was written, marked so, as the terminal does
+  } finally {
+    state.busy = false;
+    state.controller = null;
+    element.classList.remove("streaming");
+    state.current.messages.push(reply);
+    draw();
+    updateButtons();
+    refreshList().catch(showError);
+  }
+  if (!reply.interrupted) {
+    // The stored conversation, as a reload would show it; its meter counts the next prompt.
+    state.current = await json(`/conversations/${state.id}`);
+    $("title").textContent = state.current.title || "(untitled)";
+    showContext(state.current.context);
+  }
+}
+
+function stop() {
+  if (state.controller) state.controller.abort();
+}
+
+// -- the phone layout -------------------------------------------------------------------------
+
+function closeSidebarOnPhone() {
+  document.body.classList.remove("side-open");
+  $("toggle-side").setAttribute("aria-expanded", "false");
+}
+
+$("toggle-side").addEventListener("click", () => {
+  const open = document.body.classList.toggle("side-open");
+  $("toggle-side").setAttribute("aria-expanded", String(open));
+});
+
+// -- wiring -----------------------------------------------------------------------------------
+
+$("composer").addEventListener("submit", (event) => {
+  event.preventDefault();
+  const at = state.editing;
+  state.editing = undefined;
+  $("send").textContent = "Send";
+  send($("input").value, at);
+});
+
+$("input").addEventListener("keydown", (event) => {
+  if (event.key === "Enter" && !event.shiftKey && !event.isComposing) {
+    event.preventDefault();
+    $("composer").requestSubmit();
+  }
+});
+
+document.addEventListener("keydown", (event) => {
+  if (event.key === "Escape" && state.busy) stop();
+  if (event.altKey && event.key.toLowerCase() === "n") { event.preventDefault(); newConversation(); }
+});
+
+$("stop").addEventListener("click", stop);
+$("regenerate").addEventListener("click", regenerate);
+$("edit").addEventListener("click", editLast);
+$("new").addEventListener("click", newConversation);
+
+$("rename").addEventListener("click", async () => {
+  const title = prompt("Title", state.current.title);
+  if (title === null) return;
+  try {
+    state.current = await json(`/conversations/${state.id}`, { method: "PATCH", body: JSON.stringify({ title }) });
+    renderConversation();
+    await refreshList();
+  } catch (error) {
+    showError(error);
+  }
+});
+
+$("delete").addEventListener("click", async () => {
+  if (!confirm(`Delete "${state.current.title || "(untitled)"}"?`)) return;
+  try {
+    await api(`/conversations/${state.id}`, { method: "DELETE" });
+    newConversation();
+    await refreshList();
+  } catch (error) {
+    showError(error);
+  }
+});
+
+$("export").addEventListener("click", async () => {
+  try {
+    const blob = await (await api(`/conversations/${state.id}/export`)).blob();
+    const link = document.createElement("a");
+    link.href = URL.createObjectURL(blob);
+    link.download = `conversation-${state.id}.json`;
+    link.click();
+    URL.revokeObjectURL(link.href);
+  } catch (error) {
+    showError(error);
+  }
+});
+
+$("import").addEventListener("click", () => $("import-file").click());
+$("import-file").addEventListener("change", async () => {
+  const file = $("import-file").files[0];
+  if (!file) return;
+  try {
+    const imported = await json("/conversations/import", { method: "POST", body: await file.text() });
+    await refreshList();
+    await openConversation(imported.id);
+  } catch (error) {
+    showError(error);
+  } finally {
+    $("import-file").value = "";
+  }
+});
+
+// The address names the conversation (#ID): back, forward and a pasted link open it.
+window.addEventListener("hashchange", () => {
+  const wanted = parseInt(location.hash.slice(1), 10);
+  if (wanted && wanted !== state.id) refreshList().then(() => openConversation(wanted), showError);
+});
+
+async function start() {
+  try {
+    await refreshList();
+    const wanted = parseInt(location.hash.slice(1), 10);
+    if (wanted) await openConversation(wanted);
+    else renderConversation();
+  } catch (error) {
+    showError(error);
+  }
+  $("input").focus();
+}
+
+start();

@@ -1,0 +1,302 @@
+"""The chat page in a real browser: Debian's headless Chromium driven by Playwright, against a real
+server on the real model, sharing its store with the terminal chat. One server, one browser and one
+page for the module; every request the page makes is recorded."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+from playwright.sync_api import Browser, Page, expect, sync_playwright
+from test_conversations import stored
+from test_server import ServerProcess, free_port, raw_request
+
+from gemmachat.conversation import Conversation
+from gemmachat.store import Store
+from gemmachat.templates import Message
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+# Slow enough to see a reply grow on 2 busy cores, short enough to keep the module quick.
+SHORT = "6"
+
+if not CHROMIUM.exists():
+    pytest.fail(f"{CHROMIUM} is missing: apt-get install chromium (.ci/run does)", pytrace=False)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("data")
+
+
+@pytest.fixture(scope="module")
+def server(server_env: dict[str, str], data: Path, model_path: Path) -> Iterator[ServerProcess]:
+    running = ServerProcess({**server_env, "GEMMA_CHAT_DATA_DIR": str(data)}, "--history")
+    yield running
+    running.stop()
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Browser]:
+    with sync_playwright() as playwright:
+        launched = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        yield launched
+        launched.close()
+
+
+@pytest.fixture(scope="module")
+def requests() -> list[str]:
+    return []
+
+
+@pytest.fixture(scope="module")
+def page(browser: Browser, server: ServerProcess, requests: list[str]) -> Iterator[Page]:
+    context = browser.new_context()
+    opened = context.new_page()
+    opened.on("request", lambda request: requests.append(request.url))
+    errors: list[str] = []
+    opened.on("pageerror", lambda error: errors.append(str(error)))
+    opened.goto(server.url + "/")
+    yield opened
+    context.close()
+    assert not errors, errors
+
+
+def last_reply(page: Page):
+    return page.locator("#messages .message.assistant").last
+
+
+def send(page: Page, text: str, max_tokens: str = SHORT, wait: bool = True) -> None:
+    replies = page.locator("#messages .message.assistant").count()
+    settings(page, max_tokens)
+    page.focus("#input")
+    page.keyboard.type(text)
+    page.keyboard.press("Enter")  # Enter sends (Shift+Enter would break the line)
+    expect(page.locator("#messages .message.assistant")).to_have_count(replies + 1, timeout=30_000)
+    if wait:
+        finished(page)
+
+
+def finished(page: Page) -> None:
+    expect(page.locator("#messages .message.assistant.streaming")).to_have_count(0, timeout=60_000)
+
+
+def settings(page: Page, max_tokens: str) -> None:
+    page.evaluate("document.querySelector('#settings').open = true")
+    page.fill("#max-tokens", max_tokens)
+    page.fill("#temperature", "0")
+
+
+def test_the_page_loads_under_a_strict_policy(page: Page, server: ServerProcess, data: Path) -> None:
+    response = page.goto(server.url + "/")
+    assert response is not None and response.status == 200
+    policy = response.headers["content-security-policy"]
+    assert "default-src 'self'" in policy and "script-src 'self'" in policy and "connect-src 'self'" in policy
+    assert "unsafe-inline" not in policy and "unsafe-eval" not in policy
+    expect(page.locator("#kept")).to_contain_text(f"kept in {data}")
+    expect(page.locator("#send")).to_be_visible()
+
+
+def test_a_reply_streams_and_grows_before_it_ends(page: Page, data: Path, server: ServerProcess) -> None:
+    page.click("#new")
+    # Record the reply's length at every change, in the page, so no growth is missed.
+    page.evaluate("""() => {
+        window.lengths = [];
+        new MutationObserver(() => {
+            const reply = document.querySelector('#messages .message.assistant.streaming');
+            if (reply) window.lengths.push(reply.dataset.text.length);
+        }).observe(document.querySelector('#messages'), {subtree: true, childList: true, attributes: true});
+    }""")
+    send(page, "Count with me: 1, 2, 3,", "12")
+    lengths = [n for n in page.evaluate("window.lengths") if n > 0]
+    assert len(set(lengths)) >= 2, lengths  # seen at two lengths before it ended
+    expect(page.locator("#speed")).to_contain_text("tokens/s")
+    number = int(page.evaluate("location.hash.slice(1)"))
+    context = server.request("GET", f"/conversations/{number}")[1]["context"]  # the server's tokenizer
+    expect(page.locator("#context")).to_have_text(f"context: {context['used']}/{context['size']} tokens")
+    assert 0 < context["used"] < context["size"]
+    reply = last_reply(page).get_attribute("data-text")
+    assert [(r, c) for _, r, c, _ in stored(data)][-2:] == [("user", "Count with me: 1, 2, 3,"), ("assistant", reply)]
+
+
+def test_stop_keeps_the_partial_reply(page: Page, data: Path) -> None:
+    send(page, "Once upon a time", "250", wait=False)
+    expect(page.locator("#stop")).to_be_visible()
+    expect(page.locator("#messages .message.assistant.streaming .body")).to_have_text(re.compile(r"\S"),
+                                                                                     timeout=60_000)
+    page.keyboard.press("Escape")  # as the Stop button
+    expect(page.locator("#send")).to_be_visible()
+    expect(last_reply(page).locator(".interrupted")).to_be_visible()
+    shown = last_reply(page).get_attribute("data-text")
+    deadline = time.monotonic() + 30
+    while (row := stored(data)[-1])[1] != "assistant":
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    assert row[3] == 1 and row[2].startswith(shown) and len(row[2].split()) < 200
+
+
+def test_regenerate_replaces_the_last_reply(page: Page, data: Path) -> None:
+    before = len(stored(data))
+    settings(page, "4")
+    page.click("#regenerate")
+    expect(page.locator("#stop")).to_be_visible()  # at once: the click starts the reply
+    finished(page)
+    rows = stored(data)
+    assert len(rows) == before and rows[-1][1] == "assistant" and rows[-1][3] == 0
+    expect(last_reply(page).locator(".interrupted")).to_be_hidden()
+    assert page.locator("#messages .message").count() == 4
+
+
+def test_switch_conversations_reload_and_find_them(page: Page) -> None:
+    page.click("#new")
+    send(page, "A second conversation")
+    expect(page.locator("#list .open")).to_have_count(2)
+    page.locator("#list .open", has_text="Count with me").click()
+    expect(page.locator("#messages .message.user .body").first).to_have_text("Count with me: 1, 2, 3,")
+    page.reload()
+    expect(page.locator("#messages .message.user .body").first).to_have_text("Count with me: 1, 2, 3,")
+    page.locator("#list .open", has_text="A second conversation").click()
+    expect(page.locator("#messages .message.user .body")).to_have_text(["A second conversation"])
+    # Renamed and deleted from the page (its dialogs answered as a user would).
+    page.once("dialog", lambda dialog: dialog.accept("Renamed here"))
+    page.click("#rename")
+    expect(page.locator("#list .open[aria-current]")).to_have_text("Renamed here")
+    page.once("dialog", lambda dialog: dialog.accept())
+    page.click("#delete")
+    expect(page.locator("#list .open")).to_have_text([re.compile("Count with me")])
+
+
+def test_a_conversation_from_the_terminal_appears_and_continues(page: Page, data: Path, run_cli) -> None:
+    made = run_cli("--cli", "--temp", "0", "-n", "4", "--save-to", "from the terminal", "-p", "Hello, page.",
+                   env={"GEMMA_CHAT_DATA_DIR": str(data)})
+    assert made.returncode == 0, made.stderr
+    page.reload()
+    page.locator("#list .open", has_text="from the terminal").click()
+    expect(page.locator("#messages .message.user .body")).to_have_text(["Hello, page."])
+    expect(last_reply(page)).to_have_attribute("data-text", made.stdout)
+    send(page, "And back.", "3")
+    number = int(page.evaluate("location.hash.slice(1)"))
+    assert [c for n, r, c, _ in stored(data) if n == number and r == "user"] == ["Hello, page.", "And back."]
+
+
+def test_export_and_import_as_the_file_save_writes(page: Page, tmp_path: Path) -> None:
+    with page.expect_download() as download:
+        page.click("#export")
+    saved = tmp_path / "saved.json"
+    download.value.save_as(saved)
+    exported = Conversation.load(saved)  # what /load reads
+    assert [m.content for m in exported.messages][0] == "Hello, page."
+    page.set_input_files("#import-file", str(saved))
+    expect(page.locator("#list .open[aria-current]")).to_have_text("Hello, page.")
+    expect(page.locator("#messages .message.user .body")).to_have_text(
+        [m.content for m in exported.messages if m.role == "user"])
+
+
+def test_at_phone_width_the_list_opens_and_closes(page: Page) -> None:
+    page.set_viewport_size({"width": 390, "height": 844})
+    try:
+        expect(page.locator("#list")).to_be_hidden()
+        page.click("#toggle-side")
+        page.locator("#list .open", has_text="Count with me").click()
+        expect(page.locator("#list")).to_be_hidden()
+        expect(page.locator("#messages .message.user .body").first).to_have_text("Count with me: 1, 2, 3,")
+    finally:
+        page.set_viewport_size({"width": 1280, "height": 720})
+
+
+HOSTILE = [
+    "# Heading\n\nSome **bold** text.\n\n```python\nprint('hi')\n```\n",
+    "Look: <img src=x onerror=\"window.pwned = 'img'\"> there",
+    "<script>window.pwned = 'script'</script>inline",
+    "[click me](javascript:window.pwned='link')",
+    "![tracker](http://203.0.113.7/pixel.png) and <img src=\"https://example.com/x.png\">",
+]
+
+
+def test_hostile_replies_run_nothing_and_load_nothing(page: Page, data: Path, requests: list[str],
+                                                      server: ServerProcess) -> None:
+    store = Store.open(data, pytest.fail)
+    number = store.create("", "model.gguf", None, {})
+    messages = [message for text in HOSTILE for message in (Message("user", "show me"), Message("assistant", text))]
+    store.write(number, 0, messages, None, "hostile replies")
+    store.close()
+    page.goto(f"{server.url}/#{number}")
+    expect(page.locator("#messages .message.assistant")).to_have_count(len(HOSTILE))
+    replies = page.locator("#messages .message.assistant .body")
+    # Markdown is rendered: a heading, bold, a highlighted code block with its copy button.
+    expect(replies.nth(0).locator("h1")).to_have_text("Heading")
+    expect(replies.nth(0).locator("strong")).to_have_text("bold")
+    expect(replies.nth(0).locator("pre code.hljs .hljs-built_in")).to_have_text("print")
+    expect(replies.nth(0).locator("pre .copy-code")).to_be_visible()
+    replies.nth(3).locator("a").click()
+    page.wait_for_timeout(300)
+    assert page.evaluate("window.pwned") is None
+    assert page.locator("#messages script").count() == 0
+    assert page.locator("#messages [onerror]").count() == 0
+    assert page.locator("#messages a[href^='javascript']").count() == 0
+    assert page.evaluate("[...document.querySelectorAll('#messages img')].map(i => i.src)") == ["", "", ""]
+    outside = [url for url in requests if not url.startswith(server.url + "/")]
+    assert not outside, outside
+    assert any("/conversations" in url for url in requests)
+
+
+@pytest.mark.parametrize("flags, opened", [((), True), (("--nobrowser",), False)])
+def test_server_opens_the_page_in_a_browser_unless_nobrowser(server_env: dict[str, str], tmp_path: Path,
+                                                             model_path: Path, flags: tuple[str, ...],
+                                                             opened: bool) -> None:
+    # webbrowser runs $BROWSER: a script that writes down the address it was given.
+    seen = tmp_path / "opened"
+    browser_script = tmp_path / "browser"
+    browser_script.write_text(f"#!/bin/sh\necho \"$1\" > {seen}\n")
+    browser_script.chmod(0o755)
+    port = free_port()
+    env = {**server_env, "DISPLAY": ":99", "BROWSER": f"{browser_script} %s", "GEMMA_CHAT_DATA_DIR": str(tmp_path)}
+    process = subprocess.Popen([sys.executable, "-m", "gemmachat", "--server", "--port", str(port), "-c", "1024",
+                                "-np", "1", *flags], env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while True:  # the browser is started before the server answers its first request
+            assert time.monotonic() < deadline and process.poll() is None
+            try:
+                if raw_request(port, "GET", "/health", timeout=5)[0] == 200:
+                    break
+            except OSError:
+                time.sleep(0.1)
+        if opened:
+            while not seen.exists() or not seen.read_text():
+                assert time.monotonic() < deadline
+                time.sleep(0.1)
+            assert seen.read_text().strip() == f"http://127.0.0.1:{port}/"
+        else:
+            assert not seen.exists()
+    finally:
+        process.kill()
+        process.wait(10)
+
+
+def test_with_an_api_key_the_page_asks_once_and_keeps_it(browser: Browser, server_env: dict[str, str],
+                                                         tmp_path: Path, model_path: Path) -> None:
+    running = ServerProcess({**server_env, "GEMMA_CHAT_DATA_DIR": str(tmp_path)}, "--api-key", "sesame")
+    context = browser.new_context()
+    try:
+        page = context.new_page()
+        page.goto(running.url + "/")
+        expect(page.locator("#key-form")).to_be_visible()
+        page.fill("#key", "sesame")
+        page.keyboard.press("Enter")
+        expect(page.locator("#key-form")).to_be_hidden()
+        expect(page.locator("#kept")).to_contain_text("not kept")
+        page.reload()
+        expect(page.locator("#kept")).to_contain_text("not kept")
+        expect(page.locator("#key-form")).to_be_hidden()
+        assert len(running.log_lines('"GET /conversations" 401')) == 1
+    finally:
+        context.close()
+        running.stop()
