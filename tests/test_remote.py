@@ -16,7 +16,6 @@ import urllib.request
 from pathlib import Path
 from typing import Iterator
 
-import pexpect
 import pytest
 from test_chat_terminal import leave, open_chat
 from test_server import REPO, ServerProcess, free_port
