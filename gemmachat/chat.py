@@ -25,9 +25,10 @@ from gemmachat.engine import Engine, load_engine
 from gemmachat.errors import UserError
 from gemmachat.listen import bind_socket, page_url
 from gemmachat.model_path import resolve_model
+from gemmachat.models import LocalModel
 from gemmachat.output import Printer
 from gemmachat.settings import Settings
-from gemmachat.templates import load_template
+from gemmachat.templates import Template, load_template
 
 if TYPE_CHECKING:
     from gemmachat.server import BackgroundServer
@@ -60,6 +61,8 @@ def run_chat(settings: Settings, stdin: TextIO | None = None, stdout: TextIO | N
     is_terminal = stdin.isatty() and stdout.isatty()
     printer = Printer(plain=settings.plain or not stdout.isatty(), stream=stdout)
     template = load_template(settings.template)
+    if settings.remote is not None:
+        return _chat_remotely(settings, template, printer, stdin, is_terminal)
     with_server = settings.mode == "chat"
     sequences = 1 + settings.parallel if with_server else 1
     # First, outside the spinner: the first start copies the model with a progress bar of its own,
@@ -72,14 +75,23 @@ def run_chat(settings: Settings, stdin: TextIO | None = None, stdout: TextIO | N
         engine = load_engine(settings, sequences, model=model)
     from gemmachat import repl
 
-    with engine:
+    with LocalModel(engine) as model:
         server, server_line = start_server(engine, settings) if with_server else (None, None)
         try:
             notices = server.take_failure if server is not None else repl.no_notices
-            return repl.converse(engine, settings, template, printer, server_line, stdin, is_terminal, notices)
+            return repl.converse(model, settings, template, printer, server_line, stdin, is_terminal, notices)
         finally:
             if server is not None:
                 server.stop()
+
+
+def _chat_remotely(settings: Settings, template: Template, printer: Printer, stdin: TextIO,
+                   is_terminal: bool) -> int:
+    """--remote: nothing to load, and no server beside the chat (the one it talks to serves)."""
+    from gemmachat import remote, repl
+
+    with remote.connect(settings) as model:
+        return repl.converse(model, settings, template, printer, None, stdin, is_terminal)
 
 
 class ServerBehind:

@@ -17,7 +17,6 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
-from gemmachat import backends
 from gemmachat.conversation import Conversation
 from gemmachat.errors import PromptTooLong, UserError
 from gemmachat.safe_io import read_file, write_file
@@ -232,11 +231,11 @@ def _upload(chat: Chat, argument: str) -> None:
     content = f"{path.name}:\n```\n{text.rstrip()}\n```"
     size = chat.session.context_size
     try:
-        needed = len(chat.session.engine.tokenize(content, limit=size - 1))
+        needed = chat.session.count_tokens(content, None if size is None else size - 1)
     except PromptTooLong:
         raise UserError(f"{path} is {size} tokens or more; the context holds {size}") from None
     chat.session.say(content)
-    chat.printer.info(f"uploaded {path.name} ({needed} tokens)")
+    chat.printer.info(f"uploaded {path.name} ({'unknown' if needed is None else needed} tokens)")
 
 
 @command("save", "/save FILE", "save the conversation as JSON", takes_path=True)
@@ -283,6 +282,10 @@ def _context(chat: Chat, argument: str) -> None:
         chat.printer.text(f"context: the conversation is more than the {total} tokens it holds; the oldest "
                           "messages are dropped at the next reply")
         return
+    if used is None or total is None:  # a server that does not say
+        chat.printer.text(f"context: {'unknown' if used is None else used} tokens used, "
+                          f"{'unknown' if total is None else total} total (the server did not say)")
+        return
     width = 30
     filled = min(width, round(width * used / total))
     bar = "#" * filled + "." * (width - filled)
@@ -298,10 +301,16 @@ def _stats(chat: Chat, argument: str) -> None:
         return
     prefill = totals.evaluated_tokens / totals.prompt_seconds if totals.prompt_seconds else 0.0
     generation = totals.generated_tokens / totals.generation_seconds if totals.generation_seconds else 0.0
+    if not last.counted:  # a server that reported no usage
+        chat.printer.text(f"last reply: token counts unknown (the server reported no usage); "
+                          f"{last.prompt_seconds:.2f} s to the first piece, {last.generation_seconds:.2f} s after")
+    else:
+        reused = f"{last.reused_tokens} reused from the cache" if last.reuse_counted else "cache reuse unknown"
+        chat.printer.text(
+            f"last reply: prompt {last.evaluated_tokens} tokens evaluated ({reused}) "
+            f"at {last.prompt_tokens_per_second:.1f} tokens/s; "
+            f"{last.generated_tokens} tokens generated at {last.generation_tokens_per_second:.1f} tokens/s")
     chat.printer.text(
-        f"last reply: prompt {last.evaluated_tokens} tokens evaluated ({last.reused_tokens} reused "
-        f"from the cache) at {last.prompt_tokens_per_second:.1f} tokens/s; "
-        f"{last.generated_tokens} tokens generated at {last.generation_tokens_per_second:.1f} tokens/s\n"
         f"session: {totals.replies} replies; prefill {totals.evaluated_tokens} tokens at "
         f"{prefill:.1f} tokens/s; generation {totals.generated_tokens} tokens at {generation:.1f} tokens/s"
     )
@@ -374,17 +383,7 @@ def _show(chat: Chat, argument: str) -> None:
         rows.append(("format", "text" if sampling.grammar is None else "constrained by a grammar (/set format)"))
         chat.printer.text("\n".join(f"  {name:<18} {value}" for name, value in rows))
     elif what in ("model", "info"):
-        engine = session.engine
-        info = engine.info
-        where = f"{engine.name}, inside {engine.path} from byte {info.start}" if info.start else engine.path
-        rows = [("file", where), ("architecture", info.architecture), ("name", info.name),
-                ("training context", engine.n_ctx_train), ("context", session.context_size),
-                ("layers", engine.n_layer), ("chat template", "yes" if info.chat_template else "no (base model)"),
-                ("threads", f"{engine.threads} now, of {engine.options.threads}"
-                            + (" (fewer while other processes are busy)" if engine.options.adapt_threads else "")),
-                ("weight repacking", "yes" if engine.repack.use_extra_buffers else f"no: {engine.repack.reason}"),
-                ("CPU kernels", backends.cpu_variant() or "built for this machine's CPU")]
-        chat.printer.text("\n".join(f"  {name:<18} {value}" for name, value in rows))
+        chat.printer.text("\n".join(f"  {name:<18} {value}" for name, value in session.about()))
     elif what == "system":
         _system(chat, "")
     elif what == "template":

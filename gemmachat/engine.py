@@ -112,6 +112,10 @@ class Stats:
     prompt_seconds: float = 0.0
     generation_seconds: float = 0.0
     finish_reason: str = ""  # "stop" (end of turn or a stop string), "length" or "cancelled"
+    # A remote server reports what it reports: False where its usage left the counts out (the
+    # token counts), or said nothing of its prompt cache (reused_tokens). /stats says "unknown".
+    counted: bool = True
+    reuse_counted: bool = True
 
     @property
     def evaluated_tokens(self) -> int:

@@ -6,13 +6,12 @@ import sys
 from typing import Iterable
 
 from gemmachat import fatal
-from gemmachat.engine import Engine, load_engine, renderer_for
 from gemmachat.errors import UserError, warn
+from gemmachat.models import Model, open_model
 from gemmachat.recorder import Recorder
 from gemmachat.safe_io import read_file, read_stream
-from gemmachat.session import ChatSession
 from gemmachat.settings import Settings
-from gemmachat.templates import Message, Segment, Template, load_template, to_tokens
+from gemmachat.templates import Template, load_template
 
 # As much as the server takes in one request: more than any context holds.
 PROMPT_LIMIT = 10 << 20
@@ -35,35 +34,25 @@ def run(settings: Settings) -> int:
     prompt = read_prompt(settings)
     if not prompt:
         raise UserError("the prompt is empty: give one with -p, -f or on stdin")
-    # One generation read by this thread: it decodes too, as llama-completion does (see EngineOptions).
-    with load_engine(settings, inline=True) as engine:
+    # Locally, one generation read by this thread: it decodes too, as llama-completion does (see
+    # EngineOptions).
+    with open_model(settings, inline=True) as model:
         if settings.resume is not None or settings.save_to is not None:
-            return _stored_turn(settings, engine, template, prompt)
-        if settings.chat_turn:
-            segments = renderer_for(engine, settings, template)(settings.system, [Message("user", prompt)], True)
-        else:
-            segments = [Segment(prompt, trusted=False)]
-        tokens = to_tokens(engine, segments, special=settings.special, limit=engine.n_ctx_seq)
+            return _stored_turn(settings, model, template, prompt)
+        generation = model.complete(prompt, settings, template)
         # From the first token on, ctrl-c ends through KeyboardInterrupt: what was printed stays.
         fatal.interrupts_to_python()
-        generation = engine.generate(
-            engine.new_sequence(), tokens, settings.sampling, max_tokens=settings.n_predict,
-            stop=settings.stop, ignore_eos=settings.ignore_eos,
-        )
         _print(generation)
         if settings.verbose:
             stats = generation.stats
-            print(
-                f"gemma-chat: prompt {stats.prompt_tokens} tokens, "
-                f"{stats.prompt_tokens_per_second:.1f} tokens/s; generated {stats.generated_tokens} "
-                f"tokens, {stats.generation_tokens_per_second:.1f} tokens/s; {stats.finish_reason}",
-                file=sys.stderr,
-            )
-            times = engine.decode_times()
-            print(f"gemma-chat: llama.cpp decode times: prompt eval {times.prompt_ms:.2f} ms / "
-                  f"{times.prompt_tokens} tokens, eval {times.eval_ms:.2f} ms / {times.eval_runs} runs, "
-                  f"graphs reused {times.graphs_reused}",
-                  file=sys.stderr)
+            if stats.counted:
+                warn(f"prompt {stats.prompt_tokens} tokens, {stats.prompt_tokens_per_second:.1f} tokens/s; "
+                     f"generated {stats.generated_tokens} tokens, {stats.generation_tokens_per_second:.1f} "
+                     f"tokens/s; {stats.finish_reason}")
+            else:
+                warn(f"token counts unknown (the server reported no usage); {stats.finish_reason}")
+            for line in model.details():
+                warn(line)
     return 0
 
 
@@ -76,11 +65,10 @@ def _print(pieces: Iterable[str]) -> None:
         out.write("\n")
 
 
-def _stored_turn(settings: Settings, engine: Engine, template: Template, prompt: str) -> int:
+def _stored_turn(settings: Settings, model: Model, template: Template, prompt: str) -> int:
     """--resume or --save-to: the prompt is the next user message of a stored conversation, and
     the exchange is kept in it (with its KV cache, so that the next call starts at once)."""
-    session = ChatSession(engine, renderer_for(engine, settings, template), settings.sampling,
-                          n_predict=settings.n_predict, special=settings.special)
+    session = model.chat_session(settings, template, settings.n_predict)
     session.conversation.system = settings.system
     recorder = Recorder.open(session, settings, warn, required=True)
     try:

@@ -18,7 +18,7 @@ from typing import Callable
 from gemmachat import kvstate
 from gemmachat.engine import common_prefix
 from gemmachat.errors import UserError
-from gemmachat.session import ChatSession
+from gemmachat.session import Session
 from gemmachat.settings import Settings
 from gemmachat.store import Store, StoreError, Summary, data_dir, title_from
 from gemmachat.templates import Message
@@ -31,7 +31,7 @@ def _key(message: Message) -> Key:
 
 
 class Recorder:
-    def __init__(self, session: ChatSession, store: Store | None, folder: Path, notify: Callable[[str], None],
+    def __init__(self, session: Session, store: Store | None, folder: Path, notify: Callable[[str], None],
                  off_reason: str, settings: dict[str, object] | None = None) -> None:
         self.session = session
         self.store = store
@@ -48,7 +48,7 @@ class Recorder:
         self._state_problem_told = False
 
     @classmethod
-    def open(cls, session: ChatSession, settings: Settings, notify: Callable[[str], None],
+    def open(cls, session: Session, settings: Settings, notify: Callable[[str], None],
              required: bool = False) -> Recorder:
         """The recorder the settings ask for: off with --no-history (or history = false), and off
         with one line through `notify` when the store cannot be used (StoreError if `required`)."""
@@ -90,7 +90,7 @@ class Recorder:
             if self.conversation_id is None:
                 if not keys:
                     return  # nothing worth a conversation yet
-                self.conversation_id = self.store.create(title, self.session.engine.name, conversation.system,
+                self.conversation_id = self.store.create(title, self.session.model_name, conversation.system,
                                                          self.settings)
             self.store.write(self.conversation_id, self._offset + same, conversation.messages[same:],
                              conversation.system, title)
@@ -152,15 +152,17 @@ class Recorder:
         session = self.session
         session.conversation = conversation
         self._attach(summary.id, [_key(m) for m in conversation.messages], conversation.system)
-        session.engine.new_sequence(session.seq_id)  # empties it: its tokens were another conversation's
         self._state_tokens = []
-        saved, why = kvstate.load(self._state_path(summary.id), session.engine.state_fingerprint(),
-                                  conversation.messages)
+        cache = session.kv
+        if cache is None:
+            return summary, "(the server reads the conversation again: its cache is not kept here)"
+        cache.forget()  # its tokens were another conversation's
+        saved, why = kvstate.load(self._state_path(summary.id), cache.fingerprint(), conversation.messages)
         if saved is not None:
             conversation.messages[:] = [
                 dataclasses.replace(m, tokens=tuple(saved.replies[i])) if i in saved.replies else m
                 for i, m in enumerate(conversation.messages)]
-            if session.engine.restore_sequence(session.sequence, saved.tokens, saved.state):
+            if cache.restore(saved.tokens, saved.state):
                 self._state_tokens = saved.tokens
                 return summary, f"(restored its cache of {len(saved.tokens)} tokens: the next reply starts at once)"
             why = "llama.cpp could not take its saved state"
@@ -171,7 +173,7 @@ class Recorder:
         try:
             if self.conversation_id is None:
                 # Named before its first message: the conversation exists from now on.
-                self.conversation_id = store.create(title, self.session.engine.name,
+                self.conversation_id = store.create(title, self.session.model_name,
                                                     self.session.conversation.system, self.settings)
                 self._written_system = self.session.conversation.system
                 self._version = store.version(self.conversation_id)
@@ -209,15 +211,14 @@ class Recorder:
 
     def save_state(self) -> None:
         """Save the session's KV cache for its stored conversation. Failing only costs speed."""
-        session = self.session
-        if (self.store is None or self.conversation_id is None or not session.sequence.tokens
-                or session.sequence.tokens == self._state_tokens):
+        session, cache = self.session, self.session.kv
+        if (self.store is None or self.conversation_id is None or cache is None or not cache.tokens
+                or cache.tokens == self._state_tokens):
             return
         replies = [(self._offset + index, m) for index, m in enumerate(session.conversation.messages)]
         try:
-            tokens, state = session.engine.sequence_state(session.sequence)
-            kvstate.save(self._state_path(self.conversation_id), session.engine.state_fingerprint(),
-                         tokens, state, replies)
+            tokens, state = cache.state()
+            kvstate.save(self._state_path(self.conversation_id), cache.fingerprint(), tokens, state, replies)
             self._state_tokens = tokens
         except (UserError, OSError, RuntimeError) as error:  # RuntimeError: the engine stopped
             if not self._state_problem_told:

@@ -26,16 +26,15 @@ from prompt_toolkit.document import Document
 from prompt_toolkit.history import FileHistory, History, InMemoryHistory
 from prompt_toolkit.key_binding import KeyBindings
 
-from gemmachat import __version__, backends, commands, fatal
+from gemmachat import commands, fatal
 from gemmachat.commands import ExitChat
-from gemmachat.device import cpu_name, gpu_names
-from gemmachat.engine import Engine, default_reply_limit, renderer_for
 from gemmachat.errors import UserError
+from gemmachat.models import Model
 from gemmachat.output import Printer
 from gemmachat.recorder import Recorder
 from gemmachat.safe_io import write_file
-from gemmachat.session import ChatSession
-from gemmachat.settings import DEFAULT_SYSTEM_PROMPT, Settings
+from gemmachat.session import Session
+from gemmachat.settings import Settings
 from gemmachat.store import data_dir
 from gemmachat.templates import Message, Template
 
@@ -48,7 +47,7 @@ def no_notices() -> str | None:
 
 @dataclass
 class Chat:
-    session: ChatSession
+    session: Session
     printer: Printer
     template_description: str
     recorder: Recorder
@@ -130,8 +129,10 @@ class Chat:
             return
         used, total = self.session.context_used(), self.session.context_size
         last = self.session.last_stats
-        speed = f"{last.generation_tokens_per_second:.1f} tokens/s" if last else "none yet"
-        self.meter = f" context: {used}/{total} tokens · last reply: {speed} "
+        speed = (f"{last.generation_tokens_per_second:.1f} tokens/s" if last and last.counted
+                 else "unknown speed" if last else "none yet")
+        shown = ["unknown" if number is None else str(number) for number in (used, total)]
+        self.meter = f" context: {shown[0]}/{shown[1]} tokens · last reply: {speed} "
 
     def cycle_role(self) -> None:
         self.role = ROLES[(ROLES.index(self.role) + 1) % len(ROLES)]
@@ -269,31 +270,6 @@ def read_message(prompt: Callable[[str], str], first: str) -> str | None:
         lines.append(line)
 
 
-def banner(engine: Engine, settings: Settings, server_line: str | None, session: ChatSession) -> str:
-    gpus = gpu_names() if settings.n_gpu_layers > 0 else []
-    if gpus:
-        offloaded = min(settings.n_gpu_layers, engine.n_layer)
-        device = f"{', '.join(gpus)} ({offloaded}/{engine.n_layer} layers offloaded)"
-    else:
-        threads = engine.options.threads
-        count = f"up to {threads}" if engine.options.adapt_threads else str(threads)
-        variant = backends.cpu_variant()  # in a build with kernels for every CPU: the ones chosen
-        kernels = f", {variant} kernels" if variant else ""
-        device = f"{cpu_name()} (CPU, {count} thread{'s' if threads > 1 else ''}{kernels})"
-        if not engine.repack.use_extra_buffers:
-            device += f"; no weight repacking: {engine.repack.reason}"
-    kind = "" if engine.info.chat_template else (
-        f" · base model (no chat template): replies capped at {session.n_predict} tokens")
-    lines = [
-        f"gemma-chat {__version__} · {engine.name}{kind}",
-        f"device: {device} · context: {engine.n_ctx_seq} tokens",
-    ]
-    if server_line:
-        lines.append(server_line)
-    lines.append("type /help for commands, ctrl-d or /exit to leave")
-    return "\n".join(lines)
-
-
 def interactive(chat: Chat, printer: Printer, environ: dict[str, str]) -> int:
     history, warning = input_history(environ)
     if warning:
@@ -343,28 +319,29 @@ def scripted(chat: Chat, lines: Iterable[str]) -> int:
     return 0
 
 
-def system_prompt(settings: Settings, engine: Engine) -> str | None:
+def system_prompt(settings: Settings, model: Model) -> str | None:
     if settings.prompt is not None:
         return settings.prompt
     if settings.prompt_file is not None:
         from gemmachat.oneshot import read_prompt
 
         return read_prompt(settings)
-    return DEFAULT_SYSTEM_PROMPT if engine.info.chat_template else None
+    return model.default_system
 
 
-def converse(engine: Engine, settings: Settings, template: Template, printer: Printer,
+def converse(model: Model, settings: Settings, template: Template, printer: Printer,
              server_line: str | None, stdin: TextIO, is_terminal: bool,
              notices: Callable[[], str | None] = no_notices) -> int:
-    session = ChatSession(engine, renderer_for(engine, settings, template), settings.sampling,
-                          n_predict=default_reply_limit(engine, settings.n_predict), special=settings.special)
-    session.conversation.system = system_prompt(settings, engine)
+    session = model.chat_session(settings, template, model.reply_limit(settings.n_predict))
+    session.conversation.system = system_prompt(settings, model)
     recorder = Recorder.open(session, settings, printer.info)
-    chat = Chat(session, printer, template_description=f"{template.name}: {template.description}",
+    chat = Chat(session, printer, template_description=model.describe_template(template),
                 recorder=recorder, meter="" if is_terminal and not printer.plain else None, notices=notices)
     try:
         if is_terminal and not settings.nologo:
-            printer.info(banner(engine, settings, server_line, session))
+            lines = [*model.banner(settings), *([server_line] if server_line else []),
+                     "type /help for commands, ctrl-d or /exit to leave"]
+            printer.info("\n".join(lines))
         if settings.resume is not None:
             try:
                 chat.resume(settings.resume)

@@ -9,10 +9,11 @@ the system prompt) and the caller is told.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Protocol
 
+from gemmachat import backends
 from gemmachat.conversation import Conversation
-from gemmachat.engine import Engine, Generation, Stats
+from gemmachat.engine import Engine, Sequence, Stats
 from gemmachat.errors import PromptTooLong, UserError
 from gemmachat.settings import Sampling
 from gemmachat.templates import Message, Renderer, Segment, prompt_text, to_tokens
@@ -29,11 +30,86 @@ class Totals:
 
     def add(self, stats: Stats) -> None:
         self.replies += 1
+        if not stats.counted:  # a server that did not say: its speed stays out of the averages
+            return
         self.evaluated_tokens += stats.evaluated_tokens
         self.reused_tokens += stats.reused_tokens
         self.generated_tokens += stats.generated_tokens
         self.prompt_seconds += stats.prompt_seconds
         self.generation_seconds += stats.generation_seconds
+
+
+class Session(Protocol):
+    """What the chat (gemmachat/repl.py, commands.py, recorder.py, oneshot.py) asks of a conversation
+    with a model: ChatSession here on llama.cpp, RemoteSession (gemmachat/remote.py) over HTTP.
+    Numbers a session cannot know are None, and the chat says "unknown"."""
+
+    conversation: Conversation
+    sampling: Sampling
+    n_predict: int
+    last_stats: Stats | None
+    totals: Totals
+
+    @property
+    def model_name(self) -> str: ...
+
+    @property
+    def context_size(self) -> int | None: ...
+
+    @property
+    def kv(self) -> KVCache | None:
+        """The model's cache of this conversation, which the store can save to resume it at once."""
+
+    def context_used(self) -> int | None: ...
+
+    def count_tokens(self, text: str, limit: int | None) -> int | None: ...
+
+    def dump(self) -> str: ...
+
+    def about(self) -> list[tuple[str, object]]: ...
+
+    def say(self, text: str, role: str = "user") -> None: ...
+
+    def respond(self, cancelled: Callable[[], bool] | None = None,
+                on_drop: Callable[[list[Message]], None] | None = None) -> Iterator[str]: ...
+
+
+@dataclass
+class KVCache:
+    """One conversation's slice of a local engine's KV cache."""
+
+    engine: Engine
+    sequence: Sequence
+
+    @property
+    def tokens(self) -> list[int]:
+        return self.sequence.tokens
+
+    def fingerprint(self) -> str:
+        return self.engine.state_fingerprint()
+
+    def state(self) -> tuple[list[int], bytes]:
+        return self.engine.sequence_state(self.sequence)
+
+    def restore(self, tokens: list[int], state: bytes) -> bool:
+        return self.engine.restore_sequence(self.sequence, tokens, state)
+
+    def forget(self) -> None:
+        self.engine.new_sequence(self.sequence.seq_id)
+
+
+def say(conversation: Conversation, text: str, role: str) -> None:
+    if not text.strip():
+        raise UserError("the message is empty")
+    conversation.add(Message(role, text))
+
+
+def record_reply(session: Session, text: str, stats: Stats, tokens: tuple[int, ...] = ()) -> None:
+    """A reply, whole or interrupted, joins the conversation and the session's numbers."""
+    interrupted = stats.finish_reason in ("cancelled", "")
+    session.conversation.add(Message("assistant", text, tokens=tokens, interrupted=interrupted))
+    session.last_stats = stats
+    session.totals.add(stats)
 
 
 @dataclass
@@ -50,6 +126,30 @@ class ChatSession:
 
     def __post_init__(self) -> None:
         self.sequence = self.engine.new_sequence(self.seq_id)
+
+    @property
+    def model_name(self) -> str:
+        return self.engine.name
+
+    @property
+    def kv(self) -> KVCache:
+        return KVCache(self.engine, self.sequence)
+
+    def count_tokens(self, text: str, limit: int | None) -> int:
+        """Tokens of `text` as a message; PromptTooLong beyond `limit`."""
+        return len(self.engine.tokenize(text, limit=limit))
+
+    def about(self) -> list[tuple[str, object]]:
+        """/show model's rows."""
+        engine, info = self.engine, self.engine.info
+        where = f"{engine.name}, inside {engine.path} from byte {info.start}" if info.start else engine.path
+        return [("file", where), ("architecture", info.architecture), ("name", info.name),
+                ("training context", engine.n_ctx_train), ("context", self.context_size),
+                ("layers", engine.n_layer), ("chat template", "yes" if info.chat_template else "no (base model)"),
+                ("threads", f"{engine.threads} now, of {engine.options.threads}"
+                            + (" (fewer while other processes are busy)" if engine.options.adapt_threads else "")),
+                ("weight repacking", "yes" if engine.repack.use_extra_buffers else f"no: {engine.repack.reason}"),
+                ("CPU kernels", backends.cpu_variant() or "built for this machine's CPU")]
 
     # -- what the model sees ---------------------------------------------------------------------
 
@@ -124,17 +224,7 @@ class ChatSession:
                 text.append(piece)
                 yield piece
         finally:
-            self._finish(generation, "".join(text))
-
-    def _finish(self, generation: Generation, text: str) -> None:
-        stats = generation.stats
-        interrupted = stats.finish_reason in ("cancelled", "")
-        self.conversation.add(Message("assistant", text, tokens=tuple(generation.tokens),
-                                      interrupted=interrupted))
-        self.last_stats = stats
-        self.totals.add(stats)
+            record_reply(self, "".join(text), generation.stats, tuple(generation.tokens))
 
     def say(self, text: str, role: str = "user") -> None:
-        if not text.strip():
-            raise UserError("the message is empty")
-        self.conversation.add(Message(role, text))
+        say(self.conversation, text, role)

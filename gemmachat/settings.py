@@ -87,6 +87,8 @@ class Settings:
     save_to: str | None = None
     nobrowser: bool = False  # --server opens the page in a browser unless this (or no display)
     temp_given: bool = False  # --temp on the command line, so no mode picks its own default
+    remote: str | None = None  # --remote URL: an OpenAI-compatible server does the generating
+    timeout: float = 600.0  # --remote: seconds to wait for the server's answer, or its next piece
     environ: Mapping[str, str] = field(repr=False, default_factory=dict)
 
 
@@ -107,6 +109,13 @@ def _number(text: str) -> float:
         return float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expects a number, not {text!r}") from None
+
+
+def _positive_number(text: str) -> float:
+    value = _number(text)
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expects a number of seconds above 0, not {text!r}")
+    return value
 
 
 def _positive_int(text: str) -> int:
@@ -166,7 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
             "Config file: $GEMMA_CHAT_CONFIG, else config.toml in the user config folder "
             f"({config_path({})}); TOML keys are the long flag names, e.g. ctx-size = 4096, "
             "temp = 0.2, model = \"/path/model.gguf\", stop = [\"###\"]. Flags beat the "
-            "environment ($GEMMA_CHAT_MODEL, $GEMMA_CHAT_API_KEY), which beats the config file."
+            "environment ($GEMMA_CHAT_MODEL, $GEMMA_CHAT_API_KEY, $GEMMA_CHAT_REMOTE), which beats the "
+            "config file."
         ),
     )
     parser.add_argument("--version", action="version", version=f"gemma-chat {__version__}")
@@ -284,11 +294,23 @@ def build_parser() -> argparse.ArgumentParser:
                       help="--cli: continue the conversation titled TITLE (started if there is none) "
                            "and keep this exchange in it, so scripts can hold a conversation")
 
+    remote = parser.add_argument_group("remote (the chat and --cli on another machine's server)")
+    remote.add_argument("--remote", metavar="URL",
+                        help="talk to the OpenAI-compatible server at URL (llama-server, vLLM, Ollama, "
+                             "another gemma-chat --server) instead of loading a model: the chat and --cli "
+                             "keep working, no model is loaded and no server started here; -m NAME picks "
+                             "the server's model (default: the first it lists), --api-key is sent to it "
+                             "(also $GEMMA_CHAT_REMOTE; config key: remote = \"URL\")")
+    remote.add_argument("--timeout", type=_positive_number, default=600.0, metavar="SECONDS",
+                        help="--remote: how long to wait for the server's answer or for its next piece "
+                             "of a reply (default 600)")
+
     server = parser.add_argument_group("server")
     server.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     server.add_argument("--port", type=_port, default=8080, help="port (default 8080)")
     server.add_argument("--api-key", metavar="KEY",
-                        help="require 'Authorization: Bearer KEY' (also $GEMMA_CHAT_API_KEY)")
+                        help="require 'Authorization: Bearer KEY' (also $GEMMA_CHAT_API_KEY); with "
+                             "--remote, the key sent to the server")
     server.add_argument("-np", "--parallel", type=_positive_int, default=4, metavar="N",
                         help="requests decoded at once, in one batch (default 4)")
     server.add_argument("--nobrowser", action="store_true",
@@ -328,6 +350,19 @@ def _api_key(key: str | None) -> str | None:
     return key
 
 
+def _remote_url(url: str | None) -> str | None:
+    """The server's base URL, without a trailing /v1 (the paths we call add it): a URL copied from
+    an OpenAI client's base_url works as well as the server's address."""
+    if url is None:
+        return None
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url.strip())
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise UserError(f"--remote expects an http:// or https:// URL, not {url!r}")
+    return url.strip().rstrip("/").removesuffix("/v1").rstrip("/")
+
+
 def parse_settings(argv: Sequence[str], environ: Mapping[str, str] | None = None,
                    warn: Callable[[str], None] = warn) -> Settings:
     environ = dict(os.environ if environ is None else environ)
@@ -337,6 +372,8 @@ def parse_settings(argv: Sequence[str], environ: Mapping[str, str] | None = None
     apply_config(parser, read_config(path, required=bool(environ.get(CONFIG_ENV)), warn=warn), path)
     if environ.get("GEMMA_CHAT_MODEL"):
         parser.set_defaults(model=Path(environ["GEMMA_CHAT_MODEL"]))
+    if environ.get("GEMMA_CHAT_REMOTE"):
+        parser.set_defaults(remote=environ["GEMMA_CHAT_REMOTE"])
     if "GEMMA_CHAT_API_KEY" in environ:  # set but empty is refused below, not taken as "no key"
         parser.set_defaults(api_key=environ["GEMMA_CHAT_API_KEY"])
     args = parser.parse_args(list(argv))
@@ -355,6 +392,11 @@ def parse_settings(argv: Sequence[str], environ: Mapping[str, str] | None = None
     if args.keep_history is False and (args.resume is not None or args.save_to is not None):
         raise UserError("--resume and --save-to need the stored conversations, which --no-history "
                         "(or history = false in the config) turns off")
+    remote = _remote_url(args.remote)
+    if remote is not None and hf_repo is not None:
+        raise UserError("--remote uses a model of the server's: name it with -m NAME, not -hf")
+    if remote is not None and mode == "server":
+        raise UserError("--remote is for the chat and --cli; --server serves a model loaded here")
     return Settings(
         mode=mode,
         model=model,
@@ -403,5 +445,7 @@ def parse_settings(argv: Sequence[str], environ: Mapping[str, str] | None = None
         save_to=args.save_to,
         nobrowser=args.nobrowser,
         temp_given=args.temp is not None,
+        remote=remote,
+        timeout=args.timeout,
         environ=environ,
     )
