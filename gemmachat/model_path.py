@@ -177,7 +177,30 @@ def resolve_model(model: Path | None, environ: Mapping[str, str],
         start, name = 0, path.name
     try:
         info = read_gguf(path, start, size)
+        check_split_parts(path, info)
         check_hyperparameters(info)
     except GGUFError as error:
         raise UserError(f"cannot use model {path}: {error}") from None
     return ModelFile(path, info, name)
+
+
+def check_split_parts(first: Path, info: GGUFInfo) -> None:
+    """The other parts of a split GGUF, checked as the first one is: llama.cpp opens them itself,
+    by name, and would otherwise parse them unchecked."""
+    count = info.metadata.get("split.count", 1)
+    if not isinstance(count, int) or count <= 1:
+        return
+    suffix = f"-00001-of-{count:05d}.gguf"
+    if not first.name.endswith(suffix) or info.metadata.get("split.no", 0) != 0:
+        raise GGUFError(f"it is one part of a model split in {count}: give the first part (…{suffix})")
+    stem = str(first)[: -len(suffix)]
+    for number in range(2, count + 1):
+        part = Path(f"{stem}-{number:05d}-of-{count:05d}.gguf")
+        if not part.exists():
+            raise GGUFError(f"part {number} of {count} is missing: {part.name}")
+        try:
+            part_info = read_gguf(part)
+        except GGUFError as error:
+            raise GGUFError(f"part {number} of {count} ({part.name}): {error}") from None
+        if part_info.metadata.get("split.no") != number - 1 or part_info.metadata.get("split.count") != count:
+            raise GGUFError(f"{part.name} is not part {number} of this {count}-part model (its split metadata differ)")

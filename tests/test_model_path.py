@@ -124,3 +124,41 @@ def test_a_single_file_whose_gguf_is_cut_short_is_one_line(tmp_path: Path, model
     with pytest.raises(UserError, match="truncated") as error:
         resolve_model(None, {"GEMMA_CHAT_CACHE_DIR": str(tmp_path / "cache"), BUNDLE_VARIABLE: str(bundle)})
     assert "\n" not in str(error.value)
+
+
+def small_split(folder: Path, count: int) -> list[Path]:
+    """A model split in `count` parts, one small tensor each, as llama.cpp's gguf-split names them."""
+    import gguf
+    import numpy
+
+    paths = []
+    for number in range(1, count + 1):
+        path = folder / f"m-{number:05d}-of-{count:05d}.gguf"
+        writer = gguf.GGUFWriter(path, "gemma3")
+        writer.add_uint16("split.no", number - 1)
+        writer.add_uint16("split.count", count)
+        writer.add_tensor(f"t{number}", numpy.zeros(4, dtype=numpy.float32))
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        paths.append(path)
+    return paths
+
+
+def test_every_part_of_a_split_model_is_checked_before_llama_cpp_opens_it(tmp_path: Path) -> None:
+    first, second, third = small_split(tmp_path, 3)
+
+    def refusal(path: Path) -> str:
+        with pytest.raises(UserError) as error:
+            resolve_model(path, {})
+        return str(error.value)
+
+    assert resolve_model(first, {}).info.metadata["split.count"] == 3
+    assert "give the first part (…-00001-of-00003.gguf)" in refusal(second)
+    third.write_bytes(third.read_bytes()[:40])
+    assert "part 3 of 3 (m-00003-of-00003.gguf): 3 metadata entries and 1 tensors cannot fit" in refusal(first)
+    third.unlink()
+    assert "part 3 of 3 is missing: m-00003-of-00003.gguf" in refusal(first)
+    third.write_bytes(second.read_bytes())  # the second part again, under the third's name
+    assert "is not part 3 of this 3-part model" in refusal(first)
