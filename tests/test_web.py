@@ -4,6 +4,8 @@ page for the module; every request the page makes is recorded."""
 
 from __future__ import annotations
 
+import json
+import os
 import re
 import subprocess
 import sys
@@ -93,6 +95,21 @@ def settings(page: Page, max_tokens: str) -> None:
     page.fill("#temperature", "0")
 
 
+def watch_lengths(page: Page) -> None:
+    """Record the streaming reply's length at every change, in the page, so no growth is missed."""
+    page.evaluate("""() => {
+        window.lengths = [];
+        new MutationObserver(() => {
+            const reply = document.querySelector('#messages .message.assistant.streaming');
+            if (reply) window.lengths.push(reply.dataset.text.length);
+        }).observe(document.querySelector('#messages'), {subtree: true, childList: true, attributes: true});
+    }""")
+
+
+def seen_lengths(page: Page) -> list[int]:
+    return [n for n in page.evaluate("window.lengths") if n > 0]
+
+
 def test_the_page_loads_under_a_strict_policy(page: Page, server: ServerProcess, data: Path) -> None:
     response = page.goto(server.url + "/")
     assert response is not None and response.status == 200
@@ -105,16 +122,9 @@ def test_the_page_loads_under_a_strict_policy(page: Page, server: ServerProcess,
 
 def test_a_reply_streams_and_grows_before_it_ends(page: Page, data: Path, server: ServerProcess) -> None:
     page.click("#new")
-    # Record the reply's length at every change, in the page, so no growth is missed.
-    page.evaluate("""() => {
-        window.lengths = [];
-        new MutationObserver(() => {
-            const reply = document.querySelector('#messages .message.assistant.streaming');
-            if (reply) window.lengths.push(reply.dataset.text.length);
-        }).observe(document.querySelector('#messages'), {subtree: true, childList: true, attributes: true});
-    }""")
+    watch_lengths(page)
     send(page, "Count with me: 1, 2, 3,", "12")
-    lengths = [n for n in page.evaluate("window.lengths") if n > 0]
+    lengths = seen_lengths(page)
     assert len(set(lengths)) >= 2, lengths  # seen at two lengths before it ended
     expect(page.locator("#speed")).to_contain_text("tokens/s")
     number = int(page.evaluate("location.hash.slice(1)"))
@@ -300,3 +310,23 @@ def test_with_an_api_key_the_page_asks_once_and_keeps_it(browser: Browser, serve
     finally:
         context.close()
         running.stop()
+
+
+def test_the_page_works_with_the_network_cut_off(server_env: dict[str, str], tmp_path: Path,
+                                                 model_path: Path) -> None:
+    """The issue's last "done when": in a network namespace with only loopback, a server and a
+    browser of their own (tests/web_offline.py): the page loads, and a reply streams."""
+    namespace = ["unshare", "--net"] if os.geteuid() == 0 else ["unshare", "--user", "--map-root-user", "--net"]
+    trial = subprocess.run([*namespace, "true"], capture_output=True, text=True)
+    if trial.returncode != 0:
+        pytest.skip(f"{' '.join(namespace)} was refused here, so the network cannot be cut off for this test: "
+                    f"{trial.stderr.strip()}")
+    inside = subprocess.run([*namespace, sys.executable, str(Path(__file__).parent / "web_offline.py")],
+                            env={**server_env, "GEMMA_CHAT_DATA_DIR": str(tmp_path)}, capture_output=True,
+                            text=True, timeout=240)
+    assert inside.returncode == 0, inside.stderr[-4000:]
+    seen = json.loads(inside.stdout.splitlines()[-1])
+    assert seen["interfaces"] == ["lo"] and seen["outside"] == "ENETUNREACH", seen
+    assert seen["requests"] and all(url.startswith(seen["url"] + "/") for url in seen["requests"]), seen
+    assert seen["failed"] == [] and seen["styled"] == "6px", seen  # every file loaded, the style too
+    assert len(set(seen["lengths"])) >= 2 and seen["reply"], seen  # the reply grew before it ended
