@@ -220,6 +220,35 @@ def test_at_phone_width_the_list_opens_and_closes(page: Page) -> None:
         page.set_viewport_size({"width": 1280, "height": 720})
 
 
+def test_edit_and_resend_the_last_message(page: Page, data: Path) -> None:
+    page.click("#new")
+    send(page, "The capital of France is", "3")
+    send(page, "The capital of Spain is", "3")
+    number = int(page.evaluate("location.hash.slice(1)"))
+    page.click("#edit")
+    expect(page.locator("#input")).to_have_value("The capital of Spain is")
+    expect(page.locator("#input")).to_be_focused()
+    expect(page.locator("#send")).to_have_text("Resend")
+    page.fill("#input", "The capital of Italy is")
+    page.click("#send")
+    finished(page)
+    expect(page.locator("#send")).to_have_text("Send")
+    expect(page.locator("#messages .message.user .body")).to_have_text(["The capital of France is",
+                                                                        "The capital of Italy is"])
+    expect(page.locator("#messages .message.assistant")).to_have_count(2)
+    rows = [(role, content) for n, role, content, _ in stored(data) if n == number]
+    assert [role for role, _ in rows] == ["user", "assistant", "user", "assistant"], rows
+    assert rows[2][1] == "The capital of Italy is" and rows[3][1] == last_reply(page).get_attribute("data-text")
+    # An edit left unsent stays with its conversation: a new one starts empty and appends.
+    page.click("#edit")
+    page.click("#new")
+    expect(page.locator("#send")).to_have_text("Send")
+    expect(page.locator("#input")).to_have_value("")
+    send(page, "A fresh start", "2")
+    expect(page.locator("#error")).to_be_hidden()
+    expect(page.locator("#messages .message.user .body")).to_have_text(["A fresh start"])
+
+
 HOSTILE = [
     "# Heading\n\nSome **bold** text.\n\n```python\nprint('hi')\n```\n",
     "Look: <img src=x onerror=\"window.pwned = 'img'\"> there",

@@ -182,6 +182,7 @@ async function openConversation(id) {
   showError(null);
   try {
     state.current = await json(`/conversations/${id}`);
+    cancelEdit();
     state.id = id;
     location.hash = `#${id}`;
     renderConversation();
@@ -195,6 +196,7 @@ async function openConversation(id) {
 
 function newConversation() {
   if (state.busy) return;
+  cancelEdit();
   state.current = null;
   state.id = null;
   history.replaceState(null, "", location.pathname);
@@ -248,6 +250,14 @@ async function regenerate() {
   } catch (error) {
     showError(error);
   }
+}
+
+function cancelEdit() {
+  // An edit belongs to its conversation: the index it would resend at means nothing in another,
+  // and the old message it put in the box is not something the user typed there.
+  if (state.editing !== undefined) $("input").value = "";
+  state.editing = undefined;
+  $("send").textContent = "Send";
 }
 
 function editLast() {
@@ -342,9 +352,9 @@ $("toggle-side").addEventListener("click", () => {
 $("composer").addEventListener("submit", (event) => {
   event.preventDefault();
   const at = state.editing;
-  state.editing = undefined;
-  $("send").textContent = "Send";
-  send($("input").value, at);
+  const text = $("input").value;
+  cancelEdit();
+  send(text, at);
 });
 
 $("input").addEventListener("keydown", (event) => {
