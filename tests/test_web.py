@@ -110,6 +110,17 @@ def seen_lengths(page: Page) -> list[int]:
     return [n for n in page.evaluate("window.lengths") if n > 0]
 
 
+def store_conversation(data: Path, replies: list[str], title: str) -> int:
+    """A conversation written straight into the store, as the terminal chat would: replies the
+    small model would not write, shown without waiting for it."""
+    store = Store.open(data, pytest.fail)
+    number = store.create("", "model.gguf", None, {})
+    messages = [message for text in replies for message in (Message("user", "show me"), Message("assistant", text))]
+    store.write(number, 0, messages, None, title)
+    store.close()
+    return number
+
+
 def test_the_page_loads_under_a_strict_policy(page: Page, server: ServerProcess, data: Path) -> None:
     response = page.goto(server.url + "/")
     assert response is not None and response.status == 200
@@ -260,11 +271,7 @@ HOSTILE = [
 
 def test_hostile_replies_run_nothing_and_load_nothing(page: Page, data: Path, requests: list[str],
                                                       server: ServerProcess) -> None:
-    store = Store.open(data, pytest.fail)
-    number = store.create("", "model.gguf", None, {})
-    messages = [message for text in HOSTILE for message in (Message("user", "show me"), Message("assistant", text))]
-    store.write(number, 0, messages, None, "hostile replies")
-    store.close()
+    number = store_conversation(data, HOSTILE, "hostile replies")
     page.goto(f"{server.url}/#{number}")
     expect(page.locator("#messages .message.assistant")).to_have_count(len(HOSTILE))
     replies = page.locator("#messages .message.assistant .body")
@@ -283,6 +290,27 @@ def test_hostile_replies_run_nothing_and_load_nothing(page: Page, data: Path, re
     outside = [url for url in requests if not url.startswith(server.url + "/")]
     assert not outside, outside
     assert any("/conversations" in url for url in requests)
+
+
+COPIED = "Two blocks:\n\n```sh\necho one\n```\n\nand\n\n```python\nprint('two')\n```\n"
+
+
+def test_copy_buttons_copy_the_exact_text(page: Page, data: Path, server: ServerProcess) -> None:
+    page.context.grant_permissions(["clipboard-read", "clipboard-write"], origin=server.url)
+    number = store_conversation(data, [COPIED], "copy me")
+    page.goto(f"{server.url}/#{number}")
+    reply = last_reply(page)
+    copies = reply.locator("pre .copy-code")
+    expect(copies).to_have_count(2)
+    # Each block its own code, without the newline marked ends it with: pasted into a terminal,
+    # that newline would run the command at once.
+    for index, code in enumerate(["echo one", "print('two')"]):
+        copies.nth(index).click()
+        expect(copies.nth(index)).to_have_text("Copied")
+        assert page.evaluate("navigator.clipboard.readText()") == code
+    reply.locator(".copy-reply").click()
+    expect(reply.locator(".copy-reply")).to_have_text("Copied")
+    assert page.evaluate("navigator.clipboard.readText()") == COPIED  # the reply as written, Markdown and all
 
 
 @pytest.mark.parametrize("flags, opened", [((), True), (("--nobrowser",), False)])

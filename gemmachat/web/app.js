@@ -81,7 +81,9 @@ function renderMarkdown(element, text) {
   element.innerHTML = DOMPurify.sanitize(marked.parse(text, { gfm: true, breaks: true }), PURIFY);
   for (const code of element.querySelectorAll("pre code")) {
     hljs.highlightElement(code);
-    const copy = button("Copy", "copy-code", () => copyText(code.textContent, copy));
+    // Without the newline that ends every block: a command pasted into a terminal with it would
+    // run before its reader could look at it.
+    const copy = button("Copy", "copy-code", () => copyText(code.textContent.replace(/\n$/, ""), copy));
     code.parentElement.prepend(copy);
   }
 }
