@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Iterator
 
 import pytest
-from playwright.sync_api import Browser, Page, expect, sync_playwright
+from playwright.sync_api import Browser, Dialog, Page, Request, expect, sync_playwright
 from test_conversations import stored
 from test_server import ServerProcess, free_port, raw_request
 
@@ -311,6 +311,40 @@ def test_copy_buttons_copy_the_exact_text(page: Page, data: Path, server: Server
     reply.locator(".copy-reply").click()
     expect(reply.locator(".copy-reply")).to_have_text("Copied")
     assert page.evaluate("navigator.clipboard.readText()") == COPIED  # the reply as written, Markdown and all
+
+
+def test_cancelled_rename_and_delete_change_nothing(page: Page, data: Path, server: ServerProcess) -> None:
+    number = store_conversation(data, ["Kept as it was."], "keep me")
+    page.goto(f"{server.url}/#{number}")
+    expect(page.locator("#title")).to_have_text("keep me")
+    dialogs: list[tuple[str, str, str]] = []
+    changes: list[str] = []
+
+    def cancel(dialog: Dialog) -> None:
+        dialogs.append((dialog.type, dialog.message, dialog.default_value))
+        dialog.dismiss()
+
+    def record(request: Request) -> None:
+        if request.method not in ("GET", "POST"):
+            changes.append(f"{request.method} {request.url}")
+
+    page.on("request", record)
+    try:
+        page.on("dialog", cancel)
+        page.click("#rename")
+        page.click("#delete")
+        page.remove_listener("dialog", cancel)
+        assert dialogs == [("prompt", "Title", "keep me"), ("confirm", 'Delete "keep me"?', "")]
+        # A rename accepted after them: what a cancel sent would have gone before it.
+        page.once("dialog", lambda dialog: dialog.accept("still here"))
+        page.click("#rename")
+        expect(page.locator("#list .open[aria-current]")).to_have_text("still here")
+    finally:
+        page.remove_listener("request", record)
+    assert changes == [f"PATCH {server.url}/conversations/{number}"]
+    status, kept = server.request("GET", f"/conversations/{number}")
+    assert status == 200 and kept["title"] == "still here"
+    assert [m["content"] for m in kept["messages"]] == ["show me", "Kept as it was."]
 
 
 @pytest.mark.parametrize("flags, opened", [((), True), (("--nobrowser",), False)])
