@@ -260,6 +260,89 @@ def test_edit_and_resend_the_last_message(page: Page, data: Path) -> None:
     expect(page.locator("#messages .message.user .body")).to_have_text(["A fresh start"])
 
 
+def focus(page: Page) -> dict:
+    """The focused element: which it is, and whether it and its focus ring can be seen."""
+    return page.evaluate("""() => {
+        const element = document.activeElement, style = getComputedStyle(element);
+        return {id: element.id, classes: element.className, text: element.textContent.trim().slice(0, 30),
+                shown: element.getClientRects().length > 0 && style.visibility === 'visible',
+                ring: element.matches(':focus-visible') && style.outlineStyle !== 'none'
+                      && parseFloat(style.outlineWidth) >= 2};
+    }""")
+
+
+def tab_to(page: Page, selector: str, key: str = "Tab") -> list[dict]:
+    """Press Tab (or Shift+Tab) until `selector` has the focus; every element it stops at on the
+    way must be on screen and show that it has the focus. Returns the stops."""
+    stops = []
+    for _ in range(40):
+        page.keyboard.press(key)
+        stops.append(focus(page))
+        assert stops[-1]["shown"] and stops[-1]["ring"], stops
+        if page.evaluate("selector => document.activeElement.matches(selector)", selector):
+            return stops
+    raise AssertionError(f"{key} never reached {selector}: {stops}")
+
+
+def test_a_whole_turn_with_the_keyboard_only(page: Page) -> None:
+    page.keyboard.press("Alt+N")  # a new conversation, with the message box focused
+    expect(page.locator("#input")).to_be_focused()
+    expect(page.locator("#messages .message")).to_have_count(0)
+    tab_to(page, "#settings summary", "Shift+Tab")
+    if not page.evaluate("document.querySelector('#settings').open"):
+        page.keyboard.press("Enter")
+    for field, value in (("#temperature", "0"), ("#max-tokens", "250")):
+        tab_to(page, field)
+        page.keyboard.press("Control+A")
+        page.keyboard.type(value)
+    tab_to(page, "#input")
+    page.keyboard.type("Tell me a story")
+    page.keyboard.press("Shift+Enter")
+    page.keyboard.type("about a cat.")
+    expect(page.locator("#messages .message")).to_have_count(0)  # Shift+Enter sent nothing
+    page.keyboard.press("Enter")
+    expect(page.locator("#messages .message.user .body")).to_have_text(["Tell me a story\nabout a cat."])
+    expect(page.locator("#input")).to_have_value("")
+    expect(page.locator("#messages .message.assistant.streaming .body")).to_have_text(re.compile(r"\S"),
+                                                                                     timeout=60_000)
+    page.keyboard.press("Escape")
+    expect(last_reply(page).locator(".interrupted")).to_be_visible()
+    expect(page.locator("#input")).to_be_focused()  # typing goes on where it was
+    # The chosen keys switch conversations: Alt+Down the next (older) one in the list, Alt+Up back.
+    number = page.evaluate("location.hash")
+    listed = page.locator("#list .open")
+    expect(listed.first).to_have_attribute("aria-current", "true")
+    page.keyboard.press("Alt+ArrowDown")
+    expect(listed.nth(1)).to_have_attribute("aria-current", "true")
+    assert page.evaluate("location.hash") == f"#{listed.nth(1).get_attribute('data-id')}" != number
+    page.keyboard.press("Alt+ArrowUp")
+    expect(listed.first).to_have_attribute("aria-current", "true")
+    assert page.evaluate("location.hash") == number
+    # Tab reaches the controls and the list (backwards from the message box), Enter opens a conversation.
+    stops = tab_to(page, "#list li:last-child .open", "Shift+Tab")
+    reached = {stop["id"] for stop in stops}
+    assert {"delete", "export", "rename"} <= reached, stops
+    page.keyboard.press("Enter")
+    expect(listed.last).to_have_attribute("aria-current", "true")
+    expect(page.locator("#input")).to_be_focused()
+    # A button that hides or disables itself while a reply is written hands the focus on.
+    reached = {stop["id"] for stop in tab_to(page, "#regenerate")}
+    assert "send" in reached
+    page.keyboard.press("Enter")
+    expect(page.locator("#stop")).to_be_focused()
+    expect(page.locator("#messages .message.assistant.streaming .body")).to_have_text(re.compile(r"\S"),
+                                                                                     timeout=60_000)
+    page.keyboard.press("Enter")  # on Stop
+    expect(last_reply(page).locator(".interrupted")).to_be_visible()
+    expect(page.locator("#input")).to_be_focused()
+    tab_to(page, "#edit")
+    tab_to(page, "#import", "Shift+Tab")
+    tab_to(page, "#new", "Shift+Tab")
+    page.keyboard.press("Enter")
+    expect(page.locator("#list .open[aria-current]")).to_have_count(0)
+    expect(page.locator("#input")).to_be_focused()
+
+
 HOSTILE = [
     "# Heading\n\nSome **bold** text.\n\n```python\nprint('hi')\n```\n",
     "Look: <img src=x onerror=\"window.pwned = 'img'\"> there",

@@ -164,10 +164,14 @@ function renderList() {
 
 function updateButtons() {
   const messages = state.current ? state.current.messages : [];
+  const focused = document.activeElement;  // before the browser moves it off a disabled button
   $("send").hidden = state.busy;
   $("stop").hidden = !state.busy;
   $("regenerate").disabled = state.busy || !messages.some((m) => m.role === "user");
   $("edit").disabled = state.busy || !messages.some((m) => m.role === "user");
+  // A focused button that hides or disables itself drops the keyboard's focus to the top of the
+  // page: it goes on to Stop while a reply is written, then back to the message box.
+  if (focused && (focused.hidden || focused.disabled)) (state.busy ? $("stop") : $("input")).focus();
 }
 
 // -- conversations ----------------------------------------------------------------------------
@@ -366,9 +370,21 @@ $("input").addEventListener("keydown", (event) => {
   }
 });
 
+function openNeighbour(step) {
+  // The list is newest first; a new, unsaved conversation stands before its first entry.
+  const at = state.list.findIndex((summary) => summary.id === state.id);
+  const next = state.list[at + step];
+  if (next) openConversation(next.id);
+  else if (at + step === -1) newConversation();
+}
+
+// Alt+ these keys, anywhere on the page (index.html names them in the sidebar).
+const ALT_KEYS = { n: newConversation, arrowup: () => openNeighbour(-1), arrowdown: () => openNeighbour(1) };
+
 document.addEventListener("keydown", (event) => {
   if (event.key === "Escape" && state.busy) stop();
-  if (event.altKey && event.key.toLowerCase() === "n") { event.preventDefault(); newConversation(); }
+  const action = event.altKey && !event.ctrlKey && !event.metaKey && ALT_KEYS[event.key.toLowerCase()];
+  if (action) { event.preventDefault(); action(); }
 });
 
 $("stop").addEventListener("click", stop);
