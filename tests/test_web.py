@@ -220,12 +220,32 @@ def test_export_and_import_as_the_file_save_writes(page: Page, tmp_path: Path) -
 
 
 def test_at_phone_width_the_list_opens_and_closes(page: Page) -> None:
-    page.set_viewport_size({"width": 390, "height": 844})
+    page.set_viewport_size({"width": 360, "height": 740})
     try:
         expect(page.locator("#list")).to_be_hidden()
         page.click("#toggle-side")
         page.locator("#list .open", has_text="Count with me").click()
         expect(page.locator("#list")).to_be_hidden()
+        expect(page.locator("#messages .message.user .body").first).to_have_text("Count with me: 1, 2, 3,")
+        assert page.evaluate("(t => t.scrollWidth <= t.clientWidth)(document.querySelector('#title'))")  # not cut
+        # Let go without choosing: Escape (the keyboard back on the button), or a tap beside the list.
+        page.click("#toggle-side")
+        expect(page.locator("#list .open[aria-current]")).to_be_focused()
+        page.keyboard.press("Escape")
+        expect(page.locator("#list")).to_be_hidden()
+        expect(page.locator("#toggle-side")).to_be_focused()
+        page.click("#toggle-side")
+        dialogs: list[str] = []
+
+        def refuse(dialog: Dialog) -> None:  # Delete's confirm(), should the tap reach Delete
+            dialogs.append(dialog.message)
+            dialog.dismiss()
+
+        page.on("dialog", refuse)
+        page.mouse.click(340, 30)  # where Delete is, under the dimmed page: the tap only closes the list
+        expect(page.locator("#list")).to_be_hidden()
+        page.remove_listener("dialog", refuse)
+        assert not dialogs
         expect(page.locator("#messages .message.user .body").first).to_have_text("Count with me: 1, 2, 3,")
     finally:
         page.set_viewport_size({"width": 1280, "height": 720})
@@ -391,6 +411,9 @@ def test_copy_buttons_copy_the_exact_text(page: Page, data: Path, server: Server
         copies.nth(index).click()
         expect(copies.nth(index)).to_have_text("Copied")
         assert page.evaluate("navigator.clipboard.readText()") == code
+    for index in range(2):  # the button sits beside the code, not over it
+        button, code = copies.nth(index).bounding_box(), reply.locator("pre code").nth(index).bounding_box()
+        assert button and code and button["y"] + button["height"] <= code["y"], (button, code)
     reply.locator(".copy-reply").click()
     expect(reply.locator(".copy-reply")).to_have_text("Copied")
     assert page.evaluate("navigator.clipboard.readText()") == COPIED  # the reply as written, Markdown and all

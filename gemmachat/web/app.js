@@ -351,6 +351,20 @@ function closeSidebarOnPhone() {
 $("toggle-side").addEventListener("click", () => {
   const open = document.body.classList.toggle("side-open");
   $("toggle-side").setAttribute("aria-expanded", String(open));
+  // The list covers the button that opened it: the keyboard goes into the list, to the open conversation.
+  if (open) (document.querySelector("#list .open[aria-current]") || $("new")).focus();
+});
+
+// Over the page on a phone, the list must let go without a choice made in it: Escape, or a tap
+// on the dimmed page beside it.
+function leaveSidebar() {
+  if (!document.body.classList.contains("side-open")) return;
+  closeSidebarOnPhone();
+  $("toggle-side").focus();
+}
+
+document.addEventListener("click", (event) => {
+  if (!$("sidebar").contains(event.target) && !$("toggle-side").contains(event.target)) leaveSidebar();
 });
 
 // -- wiring -----------------------------------------------------------------------------------
@@ -382,7 +396,10 @@ function openNeighbour(step) {
 const ALT_KEYS = { n: newConversation, arrowup: () => openNeighbour(-1), arrowdown: () => openNeighbour(1) };
 
 document.addEventListener("keydown", (event) => {
-  if (event.key === "Escape" && state.busy) stop();
+  if (event.key === "Escape") {
+    if (state.busy) stop();
+    else leaveSidebar();
+  }
   const action = event.altKey && !event.ctrlKey && !event.metaKey && ALT_KEYS[event.key.toLowerCase()];
   if (action) { event.preventDefault(); action(); }
 });
