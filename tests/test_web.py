@@ -526,4 +526,5 @@ def test_the_page_works_with_the_network_cut_off(server_env: dict[str, str], tmp
     assert seen["interfaces"] == ["lo"] and seen["outside"] == "ENETUNREACH", seen
     assert seen["requests"] and all(url.startswith(seen["url"] + "/") for url in seen["requests"]), seen
     assert seen["failed"] == [] and seen["styled"] == "6px", seen  # every file loaded, the style too
+    assert seen["error"] == "", seen
     assert len(set(seen["lengths"])) >= 2 and seen["reply"], seen  # the reply grew before it ended
