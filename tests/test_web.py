@@ -4,6 +4,8 @@ page for the module; every request the page makes is recorded."""
 
 from __future__ import annotations
 
+import json
+import os
 import re
 import subprocess
 import sys
@@ -12,7 +14,7 @@ from pathlib import Path
 from typing import Iterator
 
 import pytest
-from playwright.sync_api import Browser, Page, expect, sync_playwright
+from playwright.sync_api import Browser, Dialog, Page, Request, expect, sync_playwright
 from test_conversations import stored
 from test_server import ServerProcess, free_port, raw_request
 
@@ -93,6 +95,32 @@ def settings(page: Page, max_tokens: str) -> None:
     page.fill("#temperature", "0")
 
 
+def watch_lengths(page: Page) -> None:
+    """Record the streaming reply's length at every change, in the page, so no growth is missed."""
+    page.evaluate("""() => {
+        window.lengths = [];
+        new MutationObserver(() => {
+            const reply = document.querySelector('#messages .message.assistant.streaming');
+            if (reply) window.lengths.push(reply.dataset.text.length);
+        }).observe(document.querySelector('#messages'), {subtree: true, childList: true, attributes: true});
+    }""")
+
+
+def seen_lengths(page: Page) -> list[int]:
+    return [n for n in page.evaluate("window.lengths") if n > 0]
+
+
+def store_conversation(data: Path, replies: list[str], title: str) -> int:
+    """A conversation written straight into the store, as the terminal chat would: replies the
+    small model would not write, shown without waiting for it."""
+    store = Store.open(data, pytest.fail)
+    number = store.create("", "model.gguf", None, {})
+    messages = [message for text in replies for message in (Message("user", "show me"), Message("assistant", text))]
+    store.write(number, 0, messages, None, title)
+    store.close()
+    return number
+
+
 def test_the_page_loads_under_a_strict_policy(page: Page, server: ServerProcess, data: Path) -> None:
     response = page.goto(server.url + "/")
     assert response is not None and response.status == 200
@@ -105,16 +133,9 @@ def test_the_page_loads_under_a_strict_policy(page: Page, server: ServerProcess,
 
 def test_a_reply_streams_and_grows_before_it_ends(page: Page, data: Path, server: ServerProcess) -> None:
     page.click("#new")
-    # Record the reply's length at every change, in the page, so no growth is missed.
-    page.evaluate("""() => {
-        window.lengths = [];
-        new MutationObserver(() => {
-            const reply = document.querySelector('#messages .message.assistant.streaming');
-            if (reply) window.lengths.push(reply.dataset.text.length);
-        }).observe(document.querySelector('#messages'), {subtree: true, childList: true, attributes: true});
-    }""")
+    watch_lengths(page)
     send(page, "Count with me: 1, 2, 3,", "12")
-    lengths = [n for n in page.evaluate("window.lengths") if n > 0]
+    lengths = seen_lengths(page)
     assert len(set(lengths)) >= 2, lengths  # seen at two lengths before it ended
     expect(page.locator("#speed")).to_contain_text("tokens/s")
     number = int(page.evaluate("location.hash.slice(1)"))
@@ -199,15 +220,147 @@ def test_export_and_import_as_the_file_save_writes(page: Page, tmp_path: Path) -
 
 
 def test_at_phone_width_the_list_opens_and_closes(page: Page) -> None:
-    page.set_viewport_size({"width": 390, "height": 844})
+    page.set_viewport_size({"width": 360, "height": 740})
     try:
         expect(page.locator("#list")).to_be_hidden()
         page.click("#toggle-side")
         page.locator("#list .open", has_text="Count with me").click()
         expect(page.locator("#list")).to_be_hidden()
         expect(page.locator("#messages .message.user .body").first).to_have_text("Count with me: 1, 2, 3,")
+        assert page.evaluate("(t => t.scrollWidth <= t.clientWidth)(document.querySelector('#title'))")  # not cut
+        # Let go without choosing: Escape (the keyboard back on the button), or a tap beside the list.
+        page.click("#toggle-side")
+        expect(page.locator("#list .open[aria-current]")).to_be_focused()
+        page.keyboard.press("Escape")
+        expect(page.locator("#list")).to_be_hidden()
+        expect(page.locator("#toggle-side")).to_be_focused()
+        page.click("#toggle-side")
+        dialogs: list[str] = []
+
+        def refuse(dialog: Dialog) -> None:  # Delete's confirm(), should the tap reach Delete
+            dialogs.append(dialog.message)
+            dialog.dismiss()
+
+        page.on("dialog", refuse)
+        page.mouse.click(340, 30)  # where Delete is, under the dimmed page: the tap only closes the list
+        expect(page.locator("#list")).to_be_hidden()
+        page.remove_listener("dialog", refuse)
+        assert not dialogs
+        expect(page.locator("#messages .message.user .body").first).to_have_text("Count with me: 1, 2, 3,")
     finally:
         page.set_viewport_size({"width": 1280, "height": 720})
+
+
+def test_edit_and_resend_the_last_message(page: Page, data: Path) -> None:
+    page.click("#new")
+    send(page, "The capital of France is", "3")
+    send(page, "The capital of Spain is", "3")
+    number = int(page.evaluate("location.hash.slice(1)"))
+    page.click("#edit")
+    expect(page.locator("#input")).to_have_value("The capital of Spain is")
+    expect(page.locator("#input")).to_be_focused()
+    expect(page.locator("#send")).to_have_text("Resend")
+    page.fill("#input", "The capital of Italy is")
+    page.click("#send")
+    finished(page)
+    expect(page.locator("#send")).to_have_text("Send")
+    expect(page.locator("#messages .message.user .body")).to_have_text(["The capital of France is",
+                                                                        "The capital of Italy is"])
+    expect(page.locator("#messages .message.assistant")).to_have_count(2)
+    rows = [(role, content) for n, role, content, _ in stored(data) if n == number]
+    assert [role for role, _ in rows] == ["user", "assistant", "user", "assistant"], rows
+    assert rows[2][1] == "The capital of Italy is" and rows[3][1] == last_reply(page).get_attribute("data-text")
+    # An edit left unsent stays with its conversation: a new one starts empty and appends.
+    page.click("#edit")
+    page.click("#new")
+    expect(page.locator("#send")).to_have_text("Send")
+    expect(page.locator("#input")).to_have_value("")
+    send(page, "A fresh start", "2")
+    expect(page.locator("#error")).to_be_hidden()
+    expect(page.locator("#messages .message.user .body")).to_have_text(["A fresh start"])
+
+
+def focus(page: Page) -> dict:
+    """The focused element: which it is, and whether it and its focus ring can be seen."""
+    return page.evaluate("""() => {
+        const element = document.activeElement, style = getComputedStyle(element);
+        return {id: element.id, classes: element.className, text: element.textContent.trim().slice(0, 30),
+                shown: element.getClientRects().length > 0 && style.visibility === 'visible',
+                ring: element.matches(':focus-visible') && style.outlineStyle !== 'none'
+                      && parseFloat(style.outlineWidth) >= 2};
+    }""")
+
+
+def tab_to(page: Page, selector: str, key: str = "Tab") -> list[dict]:
+    """Press Tab (or Shift+Tab) until `selector` has the focus; every element it stops at on the
+    way must be on screen and show that it has the focus. Returns the stops."""
+    stops = []
+    for _ in range(40):
+        page.keyboard.press(key)
+        stops.append(focus(page))
+        assert stops[-1]["shown"] and stops[-1]["ring"], stops
+        if page.evaluate("selector => document.activeElement.matches(selector)", selector):
+            return stops
+    raise AssertionError(f"{key} never reached {selector}: {stops}")
+
+
+def test_a_whole_turn_with_the_keyboard_only(page: Page) -> None:
+    page.keyboard.press("Alt+N")  # a new conversation, with the message box focused
+    expect(page.locator("#input")).to_be_focused()
+    expect(page.locator("#messages .message")).to_have_count(0)
+    tab_to(page, "#settings summary", "Shift+Tab")
+    if not page.evaluate("document.querySelector('#settings').open"):
+        page.keyboard.press("Enter")
+    for field, value in (("#temperature", "0"), ("#max-tokens", "250")):
+        tab_to(page, field)
+        page.keyboard.press("Control+A")
+        page.keyboard.type(value)
+    tab_to(page, "#input")
+    page.keyboard.type("Tell me a story")
+    page.keyboard.press("Shift+Enter")
+    page.keyboard.type("about a cat.")
+    expect(page.locator("#messages .message")).to_have_count(0)  # Shift+Enter sent nothing
+    page.keyboard.press("Enter")
+    expect(page.locator("#messages .message.user .body")).to_have_text(["Tell me a story\nabout a cat."])
+    expect(page.locator("#input")).to_have_value("")
+    expect(page.locator("#messages .message.assistant.streaming .body")).to_have_text(re.compile(r"\S"),
+                                                                                     timeout=60_000)
+    page.keyboard.press("Escape")
+    expect(last_reply(page).locator(".interrupted")).to_be_visible()
+    expect(page.locator("#input")).to_be_focused()  # typing goes on where it was
+    # The chosen keys switch conversations: Alt+Down the next (older) one in the list, Alt+Up back.
+    number = page.evaluate("location.hash")
+    listed = page.locator("#list .open")
+    expect(listed.first).to_have_attribute("aria-current", "true")
+    page.keyboard.press("Alt+ArrowDown")
+    expect(listed.nth(1)).to_have_attribute("aria-current", "true")
+    assert page.evaluate("location.hash") == f"#{listed.nth(1).get_attribute('data-id')}" != number
+    page.keyboard.press("Alt+ArrowUp")
+    expect(listed.first).to_have_attribute("aria-current", "true")
+    assert page.evaluate("location.hash") == number
+    # Tab reaches the controls and the list (backwards from the message box), Enter opens a conversation.
+    stops = tab_to(page, "#list li:last-child .open", "Shift+Tab")
+    reached = {stop["id"] for stop in stops}
+    assert {"delete", "export", "rename"} <= reached, stops
+    page.keyboard.press("Enter")
+    expect(listed.last).to_have_attribute("aria-current", "true")
+    expect(page.locator("#input")).to_be_focused()
+    # A button that hides or disables itself while a reply is written hands the focus on.
+    reached = {stop["id"] for stop in tab_to(page, "#regenerate")}
+    assert "send" in reached
+    page.keyboard.press("Enter")
+    expect(page.locator("#stop")).to_be_focused()
+    expect(page.locator("#messages .message.assistant.streaming .body")).to_have_text(re.compile(r"\S"),
+                                                                                     timeout=60_000)
+    page.keyboard.press("Enter")  # on Stop
+    expect(last_reply(page).locator(".interrupted")).to_be_visible()
+    expect(page.locator("#input")).to_be_focused()
+    tab_to(page, "#edit")
+    tab_to(page, "#import", "Shift+Tab")
+    tab_to(page, "#new", "Shift+Tab")
+    page.keyboard.press("Enter")
+    expect(page.locator("#list .open[aria-current]")).to_have_count(0)
+    expect(page.locator("#input")).to_be_focused()
 
 
 HOSTILE = [
@@ -221,11 +374,7 @@ HOSTILE = [
 
 def test_hostile_replies_run_nothing_and_load_nothing(page: Page, data: Path, requests: list[str],
                                                       server: ServerProcess) -> None:
-    store = Store.open(data, pytest.fail)
-    number = store.create("", "model.gguf", None, {})
-    messages = [message for text in HOSTILE for message in (Message("user", "show me"), Message("assistant", text))]
-    store.write(number, 0, messages, None, "hostile replies")
-    store.close()
+    number = store_conversation(data, HOSTILE, "hostile replies")
     page.goto(f"{server.url}/#{number}")
     expect(page.locator("#messages .message.assistant")).to_have_count(len(HOSTILE))
     replies = page.locator("#messages .message.assistant .body")
@@ -244,6 +393,64 @@ def test_hostile_replies_run_nothing_and_load_nothing(page: Page, data: Path, re
     outside = [url for url in requests if not url.startswith(server.url + "/")]
     assert not outside, outside
     assert any("/conversations" in url for url in requests)
+
+
+COPIED = "Two blocks:\n\n```sh\necho one\n```\n\nand\n\n```python\nprint('two')\n```\n"
+
+
+def test_copy_buttons_copy_the_exact_text(page: Page, data: Path, server: ServerProcess) -> None:
+    page.context.grant_permissions(["clipboard-read", "clipboard-write"], origin=server.url)
+    number = store_conversation(data, [COPIED], "copy me")
+    page.goto(f"{server.url}/#{number}")
+    reply = last_reply(page)
+    copies = reply.locator("pre .copy-code")
+    expect(copies).to_have_count(2)
+    # Each block its own code, without the newline marked ends it with: pasted into a terminal,
+    # that newline would run the command at once.
+    for index, code in enumerate(["echo one", "print('two')"]):
+        copies.nth(index).click()
+        expect(copies.nth(index)).to_have_text("Copied")
+        assert page.evaluate("navigator.clipboard.readText()") == code
+    for index in range(2):  # the button sits beside the code, not over it
+        button, code = copies.nth(index).bounding_box(), reply.locator("pre code").nth(index).bounding_box()
+        assert button and code and button["y"] + button["height"] <= code["y"], (button, code)
+    reply.locator(".copy-reply").click()
+    expect(reply.locator(".copy-reply")).to_have_text("Copied")
+    assert page.evaluate("navigator.clipboard.readText()") == COPIED  # the reply as written, Markdown and all
+
+
+def test_cancelled_rename_and_delete_change_nothing(page: Page, data: Path, server: ServerProcess) -> None:
+    number = store_conversation(data, ["Kept as it was."], "keep me")
+    page.goto(f"{server.url}/#{number}")
+    expect(page.locator("#title")).to_have_text("keep me")
+    dialogs: list[tuple[str, str, str]] = []
+    changes: list[str] = []
+
+    def cancel(dialog: Dialog) -> None:
+        dialogs.append((dialog.type, dialog.message, dialog.default_value))
+        dialog.dismiss()
+
+    def record(request: Request) -> None:
+        if request.method not in ("GET", "POST"):
+            changes.append(f"{request.method} {request.url}")
+
+    page.on("request", record)
+    try:
+        page.on("dialog", cancel)
+        page.click("#rename")
+        page.click("#delete")
+        page.remove_listener("dialog", cancel)
+        assert dialogs == [("prompt", "Title", "keep me"), ("confirm", 'Delete "keep me"?', "")]
+        # A rename accepted after them: what a cancel sent would have gone before it.
+        page.once("dialog", lambda dialog: dialog.accept("still here"))
+        page.click("#rename")
+        expect(page.locator("#list .open[aria-current]")).to_have_text("still here")
+    finally:
+        page.remove_listener("request", record)
+    assert changes == [f"PATCH {server.url}/conversations/{number}"]
+    status, kept = server.request("GET", f"/conversations/{number}")
+    assert status == 200 and kept["title"] == "still here"
+    assert [m["content"] for m in kept["messages"]] == ["show me", "Kept as it was."]
 
 
 @pytest.mark.parametrize("flags, opened", [((), True), (("--nobrowser",), False)])
@@ -300,3 +507,24 @@ def test_with_an_api_key_the_page_asks_once_and_keeps_it(browser: Browser, serve
     finally:
         context.close()
         running.stop()
+
+
+def test_the_page_works_with_the_network_cut_off(server_env: dict[str, str], tmp_path: Path,
+                                                 model_path: Path) -> None:
+    """The issue's last "done when": in a network namespace with only loopback, a server and a
+    browser of their own (tests/web_offline.py): the page loads, and a reply streams."""
+    namespace = ["unshare", "--net"] if os.geteuid() == 0 else ["unshare", "--user", "--map-root-user", "--net"]
+    trial = subprocess.run([*namespace, "true"], capture_output=True, text=True)
+    if trial.returncode != 0:
+        pytest.skip(f"{' '.join(namespace)} was refused here, so the network cannot be cut off for this test: "
+                    f"{trial.stderr.strip()}")
+    inside = subprocess.run([*namespace, sys.executable, str(Path(__file__).parent / "web_offline.py")],
+                            env={**server_env, "GEMMA_CHAT_DATA_DIR": str(tmp_path)}, capture_output=True,
+                            text=True, timeout=240)
+    assert inside.returncode == 0, inside.stderr[-4000:]
+    seen = json.loads(inside.stdout.splitlines()[-1])
+    assert seen["interfaces"] == ["lo"] and seen["outside"] == "ENETUNREACH", seen
+    assert seen["requests"] and all(url.startswith(seen["url"] + "/") for url in seen["requests"]), seen
+    assert seen["failed"] == [] and seen["styled"] == "6px", seen  # every file loaded, the style too
+    assert seen["error"] == "", seen
+    assert len(set(seen["lengths"])) >= 2 and seen["reply"], seen  # the reply grew before it ended

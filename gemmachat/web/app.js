@@ -81,7 +81,9 @@ function renderMarkdown(element, text) {
   element.innerHTML = DOMPurify.sanitize(marked.parse(text, { gfm: true, breaks: true }), PURIFY);
   for (const code of element.querySelectorAll("pre code")) {
     hljs.highlightElement(code);
-    const copy = button("Copy", "copy-code", () => copyText(code.textContent, copy));
+    // Without the newline that ends every block: a command pasted into a terminal with it would
+    // run before its reader could look at it.
+    const copy = button("Copy", "copy-code", () => copyText(code.textContent.replace(/\n$/, ""), copy));
     code.parentElement.prepend(copy);
   }
 }
@@ -162,10 +164,14 @@ function renderList() {
 
 function updateButtons() {
   const messages = state.current ? state.current.messages : [];
+  const focused = document.activeElement;  // before the browser moves it off a disabled button
   $("send").hidden = state.busy;
   $("stop").hidden = !state.busy;
   $("regenerate").disabled = state.busy || !messages.some((m) => m.role === "user");
   $("edit").disabled = state.busy || !messages.some((m) => m.role === "user");
+  // A focused button that hides or disables itself drops the keyboard's focus to the top of the
+  // page: it goes on to Stop while a reply is written, then back to the message box.
+  if (focused && (focused.hidden || focused.disabled)) (state.busy ? $("stop") : $("input")).focus();
 }
 
 // -- conversations ----------------------------------------------------------------------------
@@ -182,6 +188,7 @@ async function openConversation(id) {
   showError(null);
   try {
     state.current = await json(`/conversations/${id}`);
+    cancelEdit();
     state.id = id;
     location.hash = `#${id}`;
     renderConversation();
@@ -195,6 +202,7 @@ async function openConversation(id) {
 
 function newConversation() {
   if (state.busy) return;
+  cancelEdit();
   state.current = null;
   state.id = null;
   history.replaceState(null, "", location.pathname);
@@ -248,6 +256,14 @@ async function regenerate() {
   } catch (error) {
     showError(error);
   }
+}
+
+function cancelEdit() {
+  // An edit belongs to its conversation: the index it would resend at means nothing in another,
+  // and the old message it put in the box is not something the user typed there.
+  if (state.editing !== undefined) $("input").value = "";
+  state.editing = undefined;
+  $("send").textContent = "Send";
 }
 
 function editLast() {
@@ -335,6 +351,20 @@ function closeSidebarOnPhone() {
 $("toggle-side").addEventListener("click", () => {
   const open = document.body.classList.toggle("side-open");
   $("toggle-side").setAttribute("aria-expanded", String(open));
+  // The list covers the button that opened it: the keyboard goes into the list, to the open conversation.
+  if (open) (document.querySelector("#list .open[aria-current]") || $("new")).focus();
+});
+
+// Over the page on a phone, the list must let go without a choice made in it: Escape, or a tap
+// on the dimmed page beside it.
+function leaveSidebar() {
+  if (!document.body.classList.contains("side-open")) return;
+  closeSidebarOnPhone();
+  $("toggle-side").focus();
+}
+
+document.addEventListener("click", (event) => {
+  if (!$("sidebar").contains(event.target) && !$("toggle-side").contains(event.target)) leaveSidebar();
 });
 
 // -- wiring -----------------------------------------------------------------------------------
@@ -342,9 +372,9 @@ $("toggle-side").addEventListener("click", () => {
 $("composer").addEventListener("submit", (event) => {
   event.preventDefault();
   const at = state.editing;
-  state.editing = undefined;
-  $("send").textContent = "Send";
-  send($("input").value, at);
+  const text = $("input").value;
+  cancelEdit();
+  send(text, at);
 });
 
 $("input").addEventListener("keydown", (event) => {
@@ -354,9 +384,24 @@ $("input").addEventListener("keydown", (event) => {
   }
 });
 
+function openNeighbour(step) {
+  // The list is newest first; a new, unsaved conversation stands before its first entry.
+  const at = state.list.findIndex((summary) => summary.id === state.id);
+  const next = state.list[at + step];
+  if (next) openConversation(next.id);
+  else if (at + step === -1) newConversation();
+}
+
+// Alt+ these keys, anywhere on the page (index.html names them in the sidebar).
+const ALT_KEYS = { n: newConversation, arrowup: () => openNeighbour(-1), arrowdown: () => openNeighbour(1) };
+
 document.addEventListener("keydown", (event) => {
-  if (event.key === "Escape" && state.busy) stop();
-  if (event.altKey && event.key.toLowerCase() === "n") { event.preventDefault(); newConversation(); }
+  if (event.key === "Escape") {
+    if (state.busy) stop();
+    else leaveSidebar();
+  }
+  const action = event.altKey && !event.ctrlKey && !event.metaKey && ALT_KEYS[event.key.toLowerCase()];
+  if (action) { event.preventDefault(); action(); }
 });
 
 $("stop").addEventListener("click", stop);
