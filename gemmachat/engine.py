@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterator
 
-from gemmachat import _logprobs, backends, llama_log
+from gemmachat import _logits, backends, llama_log
 from gemmachat.bindings import llama_cpp as llama
 from gemmachat.cpu import decide_repack
 from gemmachat.errors import PromptTooLong, UserError, warn
@@ -166,6 +166,7 @@ class _Job:
 
     sequence: Sequence
     sampler: llama.llama_sampler_p
+    grammar: llama.llama_sampler_p | None  # kept out of the chain: see Engine._sample_with_grammar
     max_tokens: int
     ignore_eos: bool
     cancelled: Callable[[], bool] | None
@@ -310,6 +311,7 @@ class Engine:
         self._model = self._load_model(path, info.start, options, self.repack.use_extra_buffers)
         self._vocab = llama.llama_model_get_vocab(self._model)
         self._n_vocab = int(llama.llama_vocab_n_tokens(self._vocab))
+        self._candidate_data: ctypes.Array | None = None  # for grammar sampling, made on first use
         self.n_ctx_train = int(llama.llama_model_n_ctx_train(self._model))
         self.n_layer = int(llama.llama_model_n_layer(self._model))
         self.n_swa = int(llama.llama_model_n_swa(self._model))
@@ -431,7 +433,7 @@ class Engine:
             self._failure = self._failure or EngineClosed("the model was closed")
             for job in self._jobs + self._arrivals:
                 job.error, job.finish = self._failure, "error"
-                llama.llama_sampler_free(job.sampler)
+                _free_samplers(job)
             self._jobs.clear()
             self._arrivals.clear()
             self._cond.notify_all()
@@ -673,7 +675,8 @@ class Engine:
             )
         history = prompt[-sampling.repeat_last_n:] if sampling.repeat_last_n > 0 else []
         with self._call():
-            job = _Job(sequence, self._sampler_chain(sampling, ignore_eos, history), max_tokens, ignore_eos,
+            grammar = self._grammar(sampling.grammar) if sampling.grammar else None
+            job = _Job(sequence, self._sampler_chain(sampling, ignore_eos, history), grammar, max_tokens, ignore_eos,
                        cancelled, pending=list(prompt), top_logprobs=top_logprobs)
         stats = Stats(prompt_tokens=len(prompt))
         tokens: list[int] = []
@@ -758,7 +761,7 @@ class Engine:
             self._arrivals.remove(job)
         else:
             return  # already dropped, or the engine is closed
-        llama.llama_sampler_free(job.sampler)
+        _free_samplers(job)
 
     def _check_scheduler(self) -> None:
         if self._failure is not None:
@@ -935,10 +938,13 @@ class Engine:
         for job, tokens in parts:
             index += len(tokens)
             if self._wants_logits(job, tokens):
-                sampled[job] = llama.llama_sampler_sample(job.sampler, self._ctx, index - 1)
+                if job.grammar is None:
+                    sampled[job] = llama.llama_sampler_sample(job.sampler, self._ctx, index - 1)
+                else:
+                    sampled[job] = self._sample_with_grammar(job, index - 1)
                 if job.top_logprobs is not None:
                     logits = ctypes.cast(llama.llama_get_logits_ith(self._ctx, index - 1), ctypes.c_void_p).value
-                    logprob, top = _logprobs.top(logits or 0, self._n_vocab, sampled[job], job.top_logprobs)
+                    logprob, top = _logits.top(logits or 0, self._n_vocab, sampled[job], job.top_logprobs)
                     job.sampled_logprob = TokenLogprob(sampled[job], logprob, tuple(top))
         return sampled
 
@@ -990,14 +996,6 @@ class Engine:
                 chain, llama.llama_sampler_init_logit_bias(llama.llama_vocab_n_tokens(self._vocab), len(biases), array)
             )
         add = lambda sampler: llama.llama_sampler_chain_add(chain, sampler)  # noqa: E731
-        if sampling.grammar:
-            # Before the truncating samplers: they then choose among the tokens the grammar allows,
-            # and the output stays inside its language whatever the temperature.
-            grammar = llama.llama_sampler_init_grammar(self._vocab, sampling.grammar.encode("utf-8"), b"root")
-            if not grammar:
-                llama.llama_sampler_free(chain)
-                raise UserError(f"llama.cpp refused the grammar: {llama_log.last_error() or 'it does not parse'}")
-            add(grammar)
         penalties = llama.llama_sampler_init_penalties(
             llama.llama_vocab_n_tokens(self._vocab), sampling.repeat_last_n, sampling.repeat_penalty,
             sampling.frequency_penalty, sampling.presence_penalty,
@@ -1014,6 +1012,42 @@ class Engine:
         add(llama.llama_sampler_init_dist(sampling.seed))
         return chain
 
+    def _grammar(self, grammar: str) -> llama.llama_sampler_p:
+        sampler = llama.llama_sampler_init_grammar(self._vocab, grammar.encode("utf-8"), b"root")
+        if not sampler:
+            raise UserError(f"llama.cpp refused the grammar: {llama_log.last_error() or 'it does not parse'}")
+        return sampler
+
+    def _sample_with_grammar(self, job: _Job, index: int) -> int:
+        """A token the grammar allows, chosen as llama.cpp's common_sampler chooses it: the chain
+        samples from all the logits, and only if the grammar refuses that one token is it applied
+        to every candidate before the chain samples again. Checking the whole vocabulary against
+        the grammar at every step (262,144 tokens for Gemma) made structured output 10-30 times
+        slower than plain generation."""
+        candidates = self._candidates(index)
+        llama.llama_sampler_apply(job.sampler, ctypes.byref(candidates))
+        token = candidates.data[candidates.selected].id
+        single = llama.llama_token_data(token, 1.0, 0.0)
+        check = llama.llama_token_data_array(ctypes.pointer(single), 1, -1, False)
+        llama.llama_sampler_apply(job.grammar, ctypes.byref(check))
+        if single.logit == float("-inf"):
+            candidates = self._candidates(index)
+            llama.llama_sampler_apply(job.grammar, ctypes.byref(candidates))
+            llama.llama_sampler_apply(job.sampler, ctypes.byref(candidates))
+            token = candidates.data[candidates.selected].id
+        # llama_sampler_sample accepts the token into the chain itself; here it is done by hand.
+        llama.llama_sampler_accept(job.grammar, token)
+        llama.llama_sampler_accept(job.sampler, token)
+        return token
+
+    def _candidates(self, index: int) -> llama.llama_token_data_array:
+        """Every token with its logit at batch position `index` (common_sampler's set_logits)."""
+        if self._candidate_data is None:
+            self._candidate_data = (llama.llama_token_data * self._n_vocab)()
+        logits = ctypes.cast(llama.llama_get_logits_ith(self._ctx, index), ctypes.c_void_p).value
+        _logits.candidates(logits or 0, self._n_vocab, ctypes.addressof(self._candidate_data))
+        return llama.llama_token_data_array(self._candidate_data, self._n_vocab, -1, False)
+
     def _suppressed_tokens(self) -> list[int]:
         count = ctypes.c_int32(0)
         pointer = llama.llama_vocab_get_suppress_tokens(self._vocab, ctypes.byref(count))
@@ -1026,6 +1060,12 @@ class Engine:
                 if llama.llama_vocab_is_eog(self._vocab, token)
             ]
         return self._eog_tokens
+
+
+def _free_samplers(job: _Job) -> None:
+    llama.llama_sampler_free(job.sampler)
+    if job.grammar is not None:
+        llama.llama_sampler_free(job.grammar)
 
 
 def _piece_end(text: str, start: int) -> int:

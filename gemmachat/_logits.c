@@ -1,8 +1,10 @@
-/* Log-probabilities of a sampled token and the most likely others, from llama.cpp's logits.
+/* Work over the whole vocabulary's logits, which Python cannot afford per token: Gemma has
+ * 262,144 of them, and a Python loop over them costs about 40 ms, more than the decode of a small
+ * model. Both functions run without the GIL, beside the decode.
  *
- * The server's `logprobs` need a log-softmax over the whole vocabulary for every token it
- * generates: Gemma's 262,144 logits. In Python that is about 40 ms a token, more than the decode
- * of a small model; here it is well under one, and it runs without the GIL, beside the decode.
+ * top(): log-probabilities of a sampled token and the most likely others (the server's logprobs).
+ * candidates(): llama.cpp's candidate array filled from the logits, as common_sampler's
+ * set_logits does, so that a grammar can be checked on the sampled token alone (engine.py).
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -67,11 +69,42 @@ static PyObject *top(PyObject *self, PyObject *args) {
     return Py_BuildValue("(dN)", logits[token] - log_sum, list);
 }
 
+/* llama.h's llama_token_data. */
+typedef struct {
+    int32_t id;
+    float logit;
+    float p;
+} token_data;
+
+/* candidates(logits_address, n_vocab, data_address): data[i] = {i, logits[i], 0} for every token. */
+static PyObject *candidates(PyObject *self, PyObject *args) {
+    unsigned long long logits_address, data_address;
+    int n_vocab;
+    if (!PyArg_ParseTuple(args, "KiK", &logits_address, &n_vocab, &data_address)) {
+        return NULL;
+    }
+    if (logits_address == 0 || data_address == 0 || n_vocab <= 0) {
+        PyErr_SetString(PyExc_ValueError, "no logits or no array");
+        return NULL;
+    }
+    const float *logits = (const float *)(uintptr_t)logits_address;
+    token_data *data = (token_data *)(uintptr_t)data_address;
+    Py_BEGIN_ALLOW_THREADS
+    for (int i = 0; i < n_vocab; i++) {
+        data[i].id = i;
+        data[i].logit = logits[i];
+        data[i].p = 0.0f;
+    }
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef methods[] = {
     {"top", top, METH_VARARGS, "top(address, n_vocab, token, k) -> (logprob, [(id, logprob), ...])"},
+    {"candidates", candidates, METH_VARARGS, "candidates(logits_address, n_vocab, data_address)"},
     {NULL, NULL, 0, NULL},
 };
 
-static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_logprobs", NULL, -1, methods};
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_logits", NULL, -1, methods};
 
-PyMODINIT_FUNC PyInit__logprobs(void) { return PyModule_Create(&module); }
+PyMODINIT_FUNC PyInit__logits(void) { return PyModule_Create(&module); }
