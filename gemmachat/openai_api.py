@@ -2,7 +2,7 @@
 
 The request models are strict (a string where a number belongs is an error, not a coercion) and
 ignore fields they do not know, as OpenAI's own API does for harmless additions. Parameters we
-cannot honour (n > 1, tools) are errors that say so rather than being silently dropped.
+cannot honour (n > 1, non-text content) are errors that say so rather than being silently dropped.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 import time
 import uuid
+from functools import cached_property
 from typing import TYPE_CHECKING, Any, Callable, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -17,6 +18,7 @@ from pydantic_core import ErrorDetails
 
 from gemmachat.errors import one_line
 from gemmachat.structured import JSON_OBJECT_SCHEMA, SchemaRefused, check_grammar, grammar_for_schema
+from gemmachat.tools import ToolPlan, ToolsRefused, plan_for
 
 if TYPE_CHECKING:
     from gemmachat.engine import TokenLogprob
@@ -119,9 +121,11 @@ class ContentPart(_Strict):
 
 
 class ChatMessage(_Strict):
-    role: str = Field(description="system, developer, user or assistant")
+    role: str = Field(description="system, developer, user, assistant or tool")
     content: str | list[ContentPart] | None = None
     name: str | None = None
+    tool_calls: list[Any] | None = Field(None, description="an assistant's calls, as a reply gave them")
+    tool_call_id: str | None = Field(None, description="a tool message: the call it answers")
 
     def text(self) -> str:
         if self.content is None:
@@ -200,18 +204,29 @@ class ChatCompletionRequest(_Generation):
     logprobs: bool | None = Field(None, description="each generated token's log-probability")
     top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS,
                                      description="with logprobs: the most likely tokens at each position, and theirs")
-    tools: list[Any] | None = None
-    tool_choice: Any = None
+    tools: list[Any] | None = Field(None, description="functions the model may call (gemmachat/tools.py: the format)")
+    tool_choice: Any = Field(None, description="none, auto, required, or {\"type\": \"function\", ...}")
+    parallel_tool_calls: bool | None = None
     response_format: dict[str, Any] | None = None
 
     def check(self) -> None:
         self.check_common()
         if self.top_logprobs is not None and not self.logprobs:
             raise ApiError(400, "top_logprobs needs logprobs: true", code="invalid_value", param="top_logprobs")
-        if self.tools:
-            raise ApiError(400, "tools are not supported", code="unsupported_value", param="tools")
+        if self.tool_plan is not None and (self.response_format or self.grammar or self.json_schema):
+            raise ApiError(400, "tools and response_format (or grammar, json_schema) cannot be used together",
+                           code="unsupported_value", param="tools")
+
+    @cached_property
+    def tool_plan(self) -> ToolPlan | None:
+        try:
+            return plan_for(self.tools or [], self.tool_choice, self.parallel_tool_calls)
+        except (ToolsRefused, SchemaRefused) as refused:
+            raise ApiError(400, str(refused), code="invalid_value", param="tools") from None
 
     def output_grammar(self) -> str | None:
+        if self.tool_plan is not None:
+            return self.tool_plan.grammar
         kind = (self.response_format or {}).get("type", "text")
         if kind == "text":
             return super().output_grammar()
@@ -307,9 +322,21 @@ class Usage(BaseModel):
     total_tokens: int
 
 
+class FunctionCall(BaseModel):
+    name: str
+    arguments: str  # JSON, as OpenAI sends it
+
+
+class ToolCall(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None  # None when the reply is tool calls
+    tool_calls: list[ToolCall] | None = None
 
 
 class ChatChoice(BaseModel):

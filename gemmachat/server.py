@@ -32,7 +32,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message as AsgiMessage, Receive, Scope, Send
 
-from gemmachat import __version__, conversations_api, fatal, ollama_api, openai_api as api, web
+from gemmachat import __version__, conversations_api, fatal, ollama_api, openai_api as api, tools, web
 from gemmachat.engine import (Engine, EngineClosed, TokenLogprob, common_prefix, default_reply_limit, Sequence, Stats,
                               load_engine, renderer_for)
 from gemmachat.errors import PromptTooLong, UserError, escaped, one_line, report
@@ -195,14 +195,24 @@ class ServerCore:
 
     def chat_prompt(self, body: api.ChatCompletionRequest) -> list[int]:
         messages: list[tuple[str, str]] = []
+        called: dict[str, str] = {}  # tool call id -> function name, for the tool messages answering them
         for index, message in enumerate(body.messages):
-            if message.role not in ("system", "developer", "user", "assistant"):
+            if message.role not in ("system", "developer", "user", "assistant", "tool"):
                 raise api.ApiError(400, f"unknown role {message.role!r} in messages[{index}] "
-                                   "(use system, user or assistant)", code="invalid_value", param="messages")
-            if message.content is None and message.role != "assistant":
+                                   "(use system, user, assistant or tool)", code="invalid_value", param="messages")
+            if message.content is None and not (message.role == "assistant"):
                 raise api.ApiError(400, f"messages[{index}] has no content", code="missing_required_parameter",
                                    param="messages")
-            messages.append(("system" if message.role == "developer" else message.role, message.text()))
+            for call in message.tool_calls or []:
+                if isinstance(call, dict) and isinstance(call.get("function"), dict):
+                    called[str(call.get("id"))] = str(call["function"].get("name", ""))
+            try:
+                role, text = tools.as_text(message.role, message.text(), message.tool_calls,
+                                           message.name or called.get(str(message.tool_call_id)))
+            except tools.ToolsRefused as refused:
+                raise api.ApiError(400, f"messages[{index}]: {refused}", code="invalid_value",
+                                   param="messages") from None
+            messages.append(("system" if role == "developer" else role, text))
         # Leading system messages are the system prompt (the template decides where it goes).
         system_parts = []
         while messages and messages[0][0] == "system":
@@ -210,6 +220,8 @@ class ServerCore:
         if not messages:
             raise api.ApiError(400, "messages need at least one user or assistant message",
                                code="invalid_value", param="messages")
+        if body.tool_plan is not None:
+            system_parts.append(body.tool_plan.system)
         system = "\n\n".join(system_parts) if system_parts else None
         try:
             segments = self.render(system, [Message(role, text) for role, text in messages], True)
@@ -791,6 +803,8 @@ def create_app(core: ServerCore) -> FastAPI:
               summary="Chat completion (streamed as server-sent events with stream: true)")
     async def chat_completions(body: api.ChatCompletionRequest, request: Request) -> Any:
         job = await core.chat_job(body)
+        if body.tool_plan is not None:
+            return await tool_answer(request, body, body.tool_plan, job)
         said_role = False
 
         def delta(text: str | None, finish: str | None) -> dict[str, Any]:
@@ -832,6 +846,38 @@ def create_app(core: ServerCore) -> FastAPI:
 
         return await answer(request, body, job, "cmpl", ("text_completion", "text_completion"), delta,
                             lambda text: {"text": echo + text}, logprobs)
+
+    async def tool_answer(request: Request, body: api.ChatCompletionRequest, plan: tools.ToolPlan, job: Job) -> Any:
+        """A reply that may be tool calls: known only once its JSON is whole, so streamed (if asked)
+        as OpenAI streams calls, in one chunk after the generation."""
+        job.stream = False
+        first = await core.begin(request, job)
+        text, stats = await core.collect(job, first)
+        core.note(request, job, stats)
+        content, calls = plan.parse(text)
+        finish = "tool_calls" if calls else finish_reason(stats)
+        head = {"id": api.new_id("chatcmpl"), "created": api.now(), "model": core.model_id,
+                "system_fingerprint": f"gemma-chat-{__version__}"}
+        usage = api.usage(stats.prompt_tokens, stats.generated_tokens)
+        message: dict[str, Any] = {"role": "assistant", "content": content}
+        if calls:
+            message["tool_calls"] = calls
+        if not body.stream:
+            return {**head, "object": "chat.completion", "usage": usage,
+                    "choices": [{"index": 0, "message": message, "finish_reason": finish, "logprobs": None}]}
+        if calls:
+            message["tool_calls"] = [{"index": index, **call} for index, call in enumerate(calls)]
+        chunks = [{"index": 0, "delta": message, "logprobs": None, "finish_reason": None},
+                  {"index": 0, "delta": {}, "logprobs": None, "finish_reason": finish}]
+        lines = [_json({**head, "object": "chat.completion.chunk", "choices": [chunk]}) for chunk in chunks]
+        if body.stream_options and body.stream_options.include_usage:
+            lines.append(_json({**head, "object": "chat.completion.chunk", "choices": [], "usage": usage}))
+
+        async def events() -> AsyncIterator[str]:
+            for line in [*lines, "[DONE]"]:
+                yield line
+
+        return EventSourceResponse(events(), sep="\n")
 
     async def answer(request: Request, body: api.CompletionRequest | api.ChatCompletionRequest, job: Job,
                      id_prefix: str, kinds: tuple[str, str], delta: Callable[[str | None, str | None], dict[str, Any]],
