@@ -18,13 +18,11 @@ from __future__ import annotations
 
 import ctypes
 import ipaddress
-import os
-import re
 import signal
 import socket
 import sys
 
-from gemmachat import backends
+from gemmachat import backends, llama_log
 from gemmachat.errors import UserError, warn
 
 CONNECT_SECONDS = 5.0
@@ -45,8 +43,6 @@ _lib.ggml_backend_dev_by_type.restype = ctypes.c_void_p
 _ADD_SERVER = ctypes.CFUNCTYPE(ctypes.c_void_p, ctypes.c_char_p)
 _START_SERVER = ctypes.CFUNCTYPE(None, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_size_t, ctypes.c_size_t,
                                  ctypes.POINTER(ctypes.c_void_p))
-_ABORT_CALLBACK = ctypes.CFUNCTYPE(None, ctypes.c_char_p)
-_state: dict[str, object] = {}
 
 
 def is_loopback(host: str) -> bool:
@@ -110,45 +106,32 @@ def connect(endpoints: tuple[str, ...]) -> None:
             reason = error.strerror or str(error) or type(error).__name__
             raise UserError(f"cannot reach the RPC worker at {endpoint} ({reason}): is `gemma-chat "
                             f"--rpc-worker --host {host} --port {port}` running there?") from None
-    _stop_on_abort(endpoints)
+    _explain_lost_worker(endpoints)
     reg = _registry()
     add_server = _ADD_SERVER(_proc(reg, "ggml_backend_rpc_add_server"))
     for endpoint in endpoints:
         _lib.ggml_backend_register(add_server(endpoint.encode()))
 
 
-def _stop_on_abort(endpoints: tuple[str, ...]) -> None:
-    """A lost worker makes llama.cpp abort (a core dump, and a backtrace through gdb where one is
-    installed): say what happened in one line and exit 1 instead. The callback may run on
-    llama.cpp's own network thread; the process cannot go back to Python's normal flow from
-    there, so it leaves with os._exit."""
+def _explain_lost_worker(endpoints: tuple[str, ...]) -> None:
+    """A lost worker makes llama.cpp abort (gemmachat/llama_log.py turns aborts into one line):
+    name the workers and what to check, rather than an internal check that failed."""
     workers = ",".join(endpoints)
 
-    def on_abort(message: bytes | None) -> None:
-        text = re.sub(r"^.*?:\d+: ", "", (message or b"").decode(errors="replace")).strip()
-        if "crashed or returned malformed response" in text:
-            line = (f"an RPC worker (--rpc {workers}) stopped answering: it was stopped or crashed, or the "
+    def explain(message: str) -> str | None:
+        if "crashed or returned malformed response" in message:
+            return (f"an RPC worker (--rpc {workers}) stopped answering: it was stopped or crashed, or the "
                     "network to it failed")
-        elif text.startswith(("Failed to connect", "RPC handshake failed")):
-            line = f"lost the RPC worker: {text} (is it a gemma-chat --rpc-worker of this version?)"
-        else:
-            line = f"llama.cpp stopped: {text}"
-        try:
-            sys.stdout.flush()  # the part of a reply already generated
-        except Exception:  # noqa: BLE001  nothing more can be done for it in a dying process
-            pass
-        os.write(2, f"\ngemma-chat: {line}\n".encode(errors="replace"))
-        os._exit(1)
+        if message.startswith(("Failed to connect", "RPC handshake failed")):
+            return f"lost the RPC worker: {message} (is it a gemma-chat --rpc-worker of this version?)"
+        return None
 
-    callback = _ABORT_CALLBACK(on_abort)
-    _state["abort_callback"] = callback  # a ctypes callback must outlive every call into it
-    _lib.ggml_set_abort_callback.argtypes = [_ABORT_CALLBACK]
-    _lib.ggml_set_abort_callback.restype = ctypes.c_void_p
-    _lib.ggml_set_abort_callback(callback)
+    llama_log.explain_aborts(explain)
 
 
-def serve(host: str, port: int, threads: int) -> int:
+def serve(host: str, port: int, threads: int, verbose: bool) -> int:
     """`--rpc-worker`: llama.cpp's RPC server on this CPU until the process is stopped."""
+    llama_log.install(verbose)
     if not is_loopback(host):
         warn(f"WARNING: the RPC worker listens on {host}:{port} with NO AUTHENTICATION: whoever reaches "
              "that port can use this machine's memory and CPU, and the protocol is not hardened against "
