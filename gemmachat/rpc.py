@@ -21,6 +21,7 @@ import ipaddress
 import signal
 import socket
 import sys
+from pathlib import Path
 
 from gemmachat import backends, llama_log
 from gemmachat.errors import UserError, warn
@@ -66,12 +67,12 @@ def _registry() -> int:
     path = _module()
     reg = _lib.ggml_backend_load(str(path).encode())
     if not reg:
-        raise UserError(f"llama.cpp could not load its RPC backend from {path}; delete that folder's build "
-                        "and run again to rebuild it (run with --verbose for llama.cpp's reason)")
+        raise UserError(f"llama.cpp could not load its RPC backend from {path}: delete {path.parent.parent} "
+                        "and run again to rebuild it (--verbose shows llama.cpp's reason)")
     return reg
 
 
-def _module():
+def _module() -> Path:
     from gemmachat import llama_source
 
     if getattr(sys, "frozen", False):
