@@ -3,6 +3,7 @@ layers on them, and the text a local run prints."""
 
 from __future__ import annotations
 
+import signal
 import socket
 import subprocess
 import sys
@@ -132,10 +133,15 @@ def test_a_worker_on_another_address_warns_loudly(env: dict[str, str], tmp_path:
     assert "NO AUTHENTICATION" in warning[0] and "0.0.0.0" in warning[0]
 
 
-def test_a_worker_on_localhost_does_not_warn(env: dict[str, str], tmp_path: Path) -> None:
+def test_a_worker_on_localhost_does_not_warn_and_ctrl_c_stops_it(env: dict[str, str], tmp_path: Path) -> None:
     log = tmp_path / "local.log"
     worker, port = start_worker(env, log)
-    stop(worker)
+    # The server runs inside one C call that never returns to Python: ctrl-c must still end it.
+    worker.send_signal(signal.SIGINT)
+    try:
+        assert worker.wait(timeout=10) == 130
+    finally:
+        stop(worker)
     assert "WARNING" not in log.read_text()
     assert f"RPC worker on 127.0.0.1:{port}" in log.read_text()
 
