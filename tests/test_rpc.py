@@ -152,8 +152,12 @@ def test_malformed_rpc_is_refused_in_words(value: str) -> None:
         parse_settings(["--rpc", value, "--cli"], environ={})
 
 
-def test_rpc_from_the_environment_and_the_worker_port() -> None:
-    assert parse_settings(["--cli"], environ={"GEMMA_CHAT_RPC": "a:1, b:2"}).rpc == ("a:1", "b:2")
+def test_rpc_from_config_environment_and_flag_and_the_worker_port(tmp_path: Path) -> None:
+    config = tmp_path / "config.toml"
+    config.write_text('rpc = "c:3"\n')
+    assert parse_settings(["--cli"], environ={"GEMMA_CHAT_CONFIG": str(config)}).rpc == ("c:3",)
+    assert parse_settings(["--cli"], environ={"GEMMA_CHAT_CONFIG": str(config), "GEMMA_CHAT_RPC": "a:1, b:2"}).rpc == ("a:1", "b:2")
+    assert parse_settings(["--cli", "--rpc", "d:4"], environ={"GEMMA_CHAT_RPC": "a:1"}).rpc == ("d:4",)
     assert parse_settings(["--rpc-worker"], environ={}).port == 50052
     assert parse_settings(["--server"], environ={}).port == 8080
     with pytest.raises(UserError, match="--remote loads none here"):
