@@ -18,7 +18,6 @@ Environment:
 
 from __future__ import annotations
 
-import fcntl
 import functools
 import hashlib
 import json
@@ -28,14 +27,18 @@ import re
 import shutil
 import subprocess
 import sys
-import tarfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO_ROOT))
+
+# The source, its download and the build steps are shared with the RPC backend's build.
+from gemmachat.llama_source import BuildError as NativeBuildError  # noqa: E402
+from gemmachat.llama_source import jobs as _jobs, locked as _locked, run as _run, vendored_source  # noqa: E402
+from gemmachat.llama_source import cache_dir as _source_cache_dir  # noqa: E402
 
 DEFAULT_VERSION = "0.3.36"
 TOOLS = ("llama-completion", "llama-bench", "llama-server")
-REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 # Only options that differ from llama.cpp's standalone defaults or that keep
 # the build offline. GGML_* are deliberately absent: pip builds
@@ -56,10 +59,6 @@ CMAKE_OPTIONS = (
     "-DLLAMA_USE_PREBUILT_UI=OFF",
     "-DLLAMA_BUILD_UI=OFF",
 )
-
-
-class NativeBuildError(RuntimeError):
-    """Raised when the native tools cannot be obtained; the message says why."""
 
 
 def log(msg: str) -> None:
@@ -91,114 +90,12 @@ def pinned_version() -> str:
 
 
 def cache_dir(version: str | None = None) -> pathlib.Path:
-    root = os.environ.get("GEMMA_CHAT_BENCH_CACHE")
-    base = pathlib.Path(root).expanduser() if root else pathlib.Path.home() / ".cache" / "gemma-chat-bench"
-    return base / f"llama.cpp-{version or pinned_version()}"
+    return _source_cache_dir(version or pinned_version())
 
 
 def _bin_dir(version: str) -> pathlib.Path:
     # llama.cpp sets CMAKE_RUNTIME_OUTPUT_DIRECTORY to <build>/bin.
     return cache_dir(version) / "build" / "bin"
-
-
-def _jobs() -> int:
-    env = os.environ.get("GEMMA_CHAT_BENCH_JOBS")
-    if env:
-        return max(1, int(env))
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:
-        return os.cpu_count() or 1
-
-
-@contextmanager
-def _locked(path: pathlib.Path) -> Iterator[None]:
-    # Several benches may call native_bin() at once; only one may build.
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
-
-
-def _run(cmd: list[str], logfile: pathlib.Path, what: str, cwd: pathlib.Path | None = None) -> None:
-    """Run cmd with output to logfile; on failure show its tail and raise.
-
-    Compiler output is thousands of lines, so only cmake's "Built target"
-    milestones are echoed as progress.
-    """
-    log(f"{what}: {' '.join(cmd)}")
-    with open(logfile, "a", encoding="utf-8", errors="replace") as out:
-        out.write(f"\n$ {' '.join(cmd)}\n")
-        out.flush()
-        try:
-            proc = subprocess.Popen(
-                cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                text=True, errors="replace",
-            )
-        except OSError as exc:
-            raise NativeBuildError(f"{what} failed to start: {exc}") from exc
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            out.write(line)
-            if "Built target" in line:
-                log(line.strip())
-        rc = proc.wait()
-    if rc != 0:
-        tail = logfile.read_text(encoding="utf-8", errors="replace").splitlines()[-40:]
-        raise NativeBuildError(
-            f"{what} failed with exit code {rc}. Last lines of {logfile}:\n" + "\n".join(tail)
-        )
-
-
-def _download_sdist(version: str, dl: pathlib.Path, logfile: pathlib.Path) -> pathlib.Path:
-    sdist = dl / f"llama_cpp_python-{version}.tar.gz"
-    if sdist.is_file():
-        return sdist
-    dl.mkdir(parents=True, exist_ok=True)
-    # --no-binary forces the sdist (the wheel has no sources); pip still builds
-    # metadata in an isolated env, which costs about a minute.
-    _run(
-        [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-         f"llama-cpp-python=={version}", "-d", str(dl)],
-        logfile, "pip download",
-    )
-    if not sdist.is_file():
-        found = sorted(p.name for p in dl.iterdir())
-        raise NativeBuildError(f"pip download did not produce {sdist.name} (found: {found})")
-    return sdist
-
-
-def _extract_vendor(sdist: pathlib.Path, dest: pathlib.Path) -> pathlib.Path:
-    """Extract only vendor/llama.cpp (plus its git metadata) from the sdist.
-
-    The sdist carries `.git/modules/vendor/llama.cpp`; keeping it lets
-    llama.cpp's build-info.cmake find the commit, so `--version` names it.
-    """
-    top = sdist.name.removesuffix(".tar.gz")
-    keep = (f"{top}/vendor/llama.cpp/", f"{top}/.git/modules/vendor/llama.cpp/")
-    src = dest / top / "vendor" / "llama.cpp"
-    if (src / "CMakeLists.txt").is_file():
-        return src
-    tmp = dest.with_name(dest.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    log(f"extracting vendor/llama.cpp from {sdist.name}")
-    with tarfile.open(sdist, "r:gz") as tar:
-        members = [m for m in tar.getmembers() if m.name.startswith(keep) or m.name == keep[0].rstrip("/")]
-        if not any(m.name.endswith("vendor/llama.cpp/CMakeLists.txt") for m in members):
-            raise NativeBuildError(f"{sdist} has no vendor/llama.cpp/CMakeLists.txt")
-        try:
-            # "data" refuses absolute paths and links leaving the tree.
-            tar.extractall(tmp, members=members, filter="data")
-        except TypeError:  # Python < 3.11.4 has no extraction filters
-            tar.extractall(tmp, members=members)
-    # Rename last so an interrupted extraction is never mistaken for a good one.
-    shutil.rmtree(dest, ignore_errors=True)
-    tmp.rename(dest)
-    return src
 
 
 def llama_cpp_commit(version: str | None = None) -> str | None:
@@ -243,8 +140,7 @@ def ensure_built(version: str | None = None) -> pathlib.Path:
         logfile = root / "build.log"
         log(f"building llama.cpp tools for llama-cpp-python {version} in {root} (log: {logfile})")
         t0 = time.monotonic()
-        sdist = _download_sdist(version, root / "dl", logfile)
-        src = _extract_vendor(sdist, root / "src")
+        src = vendored_source(version, logfile)
         build = root / "build"
         _run(["cmake", "-S", str(src), "-B", str(build), *CMAKE_OPTIONS], logfile, "cmake configure")
         t1 = time.monotonic()
@@ -316,7 +212,6 @@ def repack_args(tool: str) -> list[str]:
 
 @functools.lru_cache(maxsize=None)
 def _gemma_chat_repacks() -> bool:
-    sys.path.insert(0, str(REPO_ROOT))
     from gemmachat.cpu import decide_repack
     from gemmachat.engine import init_backends
 

@@ -28,6 +28,11 @@ def run(settings: Settings) -> int:
         from gemmachat import server
 
         return server.serve(settings)
+    if settings.mode == "rpc-worker":
+        from gemmachat import rpc
+        from gemmachat.settings import default_threads
+
+        return rpc.serve(settings.host, settings.port, settings.threads or default_threads(), settings.verbose)
     from gemmachat import chat
 
     return chat.run_chat(settings)

@@ -1160,7 +1160,14 @@ def load_engine(settings: Settings, sequences: int = 1, shared_kv: bool = True, 
     llama_log.install(settings.verbose)
     path, info, name = model or resolve_model(settings.model, settings.environ, hf_repo=settings.hf_repo,
                                               hf_file=settings.hf_file)
-    if settings.n_gpu_layers > 0 and not gpu_offload_supported():
+    if settings.rpc:
+        from gemmachat import rpc
+
+        rpc.connect(settings.rpc)
+        if settings.n_gpu_layers == 0:
+            # As in llama.cpp: the workers hold only the layers that -ngl sends off the CPU.
+            warn("--rpc with -ngl 0 leaves every layer here: add -ngl 999 to put them on the workers")
+    elif settings.n_gpu_layers > 0 and not gpu_offload_supported():
         warn(no_gpu_message(settings.verbose))
     engine = Engine(path, info, EngineOptions.from_settings(settings, sequences, shared_kv, inline), name)
     if settings.verbose and not engine.repack.use_extra_buffers:

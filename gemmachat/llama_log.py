@@ -15,6 +15,7 @@ import collections
 import ctypes
 import os
 import sys
+from typing import Callable
 
 from gemmachat import backends
 from gemmachat.bindings import libggml, llama_cpp
@@ -25,6 +26,9 @@ GGML_LOG_LEVEL_CONT = 5
 
 _state = {"verbose": False, "last_level": 0}
 _recent_errors: collections.deque[str] = collections.deque(maxlen=8)
+# Aborts that are not internal checks but something the user can act on (a lost RPC worker,
+# gemmachat/rpc.py): each explainer turns llama.cpp's message into our line, or passes with None.
+_explainers: list[Callable[[str], str | None]] = []
 
 
 @llama_cpp.llama_log_callback
@@ -49,12 +53,23 @@ def _on_abort(message: bytes) -> None:
     # (they identify the check), the build folder goes.
     where, colon, what = text.partition(": ")
     text = " ".join((os.path.basename(where) + colon + what).split())
+    explained = next(filter(None, (explain(" ".join(what.split())) for explain in _explainers)), None)
     try:
         sys.stdout.flush()  # what was generated before stays
     except (OSError, ValueError):
         pass
+    if explained:
+        # On a line of its own: a worker is lost in the middle of a streamed reply.
+        os.write(2, f"\ngemma-chat: {explained}\n".encode(errors="replace"))
+        os._exit(1)
     os.write(2, f"gemma-chat: llama.cpp stopped on an internal check: {text}\n".encode())
     os._exit(2)
+
+
+def explain_aborts(explainer: Callable[[str], str | None]) -> None:
+    """From here on, an abort whose message `explainer` recognises ends the process with its line
+    and status 1 (a failure outside the program, not a broken check)."""
+    _explainers.append(explainer)
 
 
 libggml.ggml_set_abort_callback.argtypes = [type(_on_abort)]

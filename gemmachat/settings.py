@@ -32,6 +32,7 @@ DEFAULT_SYSTEM_PROMPT = (
 )
 # llama.cpp's own defaults (common/common.h), so that our sampling matches llama-completion's.
 LLAMA_DEFAULT_SEED = 0xFFFFFFFF
+RPC_WORKER_PORT = 50052  # llama.cpp's rpc-server's
 
 
 @dataclass(frozen=True)
@@ -51,7 +52,7 @@ class Sampling:
 
 @dataclass(frozen=True)
 class Settings:
-    mode: str  # "chat" (with background server), "chat-only", "cli", "server", "list-models" or "cache-info"
+    mode: str  # "chat" (with background server), "chat-only", "cli", "server", "rpc-worker", "list-models" or "cache-info"
     model: Path | None
     hf_repo: str | None
     hf_file: str | None
@@ -89,6 +90,7 @@ class Settings:
     temp_given: bool = False  # --temp on the command line, so no mode picks its own default
     remote: str | None = None  # --remote URL: an OpenAI-compatible server does the generating
     timeout: float = 600.0  # --remote: seconds to wait for the server's answer, or its next piece
+    rpc: tuple[str, ...] = ()  # --rpc HOST:PORT,...: workers that hold the offloaded layers (gemmachat/rpc.py)
     environ: Mapping[str, str] = field(repr=False, default_factory=dict)
 
 
@@ -188,6 +190,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="the interactive chat without the background server")
     modes.add_argument("--server", dest="mode", action="store_const", const="server",
                        help="only the OpenAI-compatible HTTP server")
+    modes.add_argument("--rpc-worker", dest="mode", action="store_const", const="rpc-worker",
+                       help="serve this machine's CPU to another gemma-chat's --rpc (llama.cpp's RPC "
+                            "server, on --host, default 127.0.0.1, and --port, default 50052). It has NO "
+                            "authentication: localhost or a private network only")
     modes.add_argument("--list-models", dest="mode", action="store_const", const="list-models",
                        help="list the Gemma short names for -hf and the models downloaded with -hf, then exit")
     modes.add_argument("--cache-info", dest="mode", action="store_const", const="cache-info",
@@ -230,6 +236,10 @@ def build_parser() -> argparse.ArgumentParser:
     engine.add_argument("-ngl", "--n-gpu-layers", "--gpu-layers", dest="n_gpu_layers",
                         type=_non_negative_int, default=0, metavar="N",
                         help="layers to offload to the GPU; 999 = all (default 0)")
+    engine.add_argument("--rpc", metavar="HOST:PORT[,...]",
+                        help="put the model's layers on these gemma-chat --rpc-worker machines "
+                             "(llama.cpp's RPC backend; -ngl says how many layers leave this one, 999 = "
+                             "all); also $GEMMA_CHAT_RPC, config key rpc = \"HOST:PORT\"")
     engine.add_argument("-t", "--threads", type=_positive_int, metavar="N",
                         help="CPU threads, fixed (default: the CPUs this process may use, fewer "
                              "while other processes keep some of them busy)")
@@ -307,7 +317,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     server = parser.add_argument_group("server")
     server.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    server.add_argument("--port", type=_port, default=8080, help="port (default 8080)")
+    server.add_argument("--port", type=_port, metavar="PORT",
+                        help="port (default 8080; 50052 for --rpc-worker)")
     server.add_argument("--api-key", metavar="KEY",
                         help="require 'Authorization: Bearer KEY' (also $GEMMA_CHAT_API_KEY); with "
                              "--remote, the key sent to the server")
@@ -363,6 +374,18 @@ def _remote_url(url: str | None) -> str | None:
     return url.strip().rstrip("/").removesuffix("/v1").rstrip("/")
 
 
+def _rpc_endpoints(text: str) -> tuple[str, ...]:
+    """`--rpc` as (HOST:PORT, ...); a malformed one is refused here, not by an abort in llama.cpp."""
+    endpoints = tuple(item.strip() for item in text.split(",") if item.strip())
+    if not endpoints:
+        raise UserError("--rpc expects HOST:PORT[,HOST:PORT...], for example 127.0.0.1:50052")
+    for endpoint in endpoints:
+        host, colon, port = endpoint.rpartition(":")
+        if not colon or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise UserError(f"--rpc expects HOST:PORT[,HOST:PORT...], not {endpoint!r}")
+    return endpoints
+
+
 def parse_settings(argv: Sequence[str], environ: Mapping[str, str] | None = None,
                    warn: Callable[[str], None] = warn) -> Settings:
     environ = dict(os.environ if environ is None else environ)
@@ -374,6 +397,8 @@ def parse_settings(argv: Sequence[str], environ: Mapping[str, str] | None = None
         parser.set_defaults(model=Path(environ["GEMMA_CHAT_MODEL"]))
     if environ.get("GEMMA_CHAT_REMOTE"):
         parser.set_defaults(remote=environ["GEMMA_CHAT_REMOTE"])
+    if environ.get("GEMMA_CHAT_RPC"):
+        parser.set_defaults(rpc=environ["GEMMA_CHAT_RPC"])
     if "GEMMA_CHAT_API_KEY" in environ:  # set but empty is refused below, not taken as "no key"
         parser.set_defaults(api_key=environ["GEMMA_CHAT_API_KEY"])
     args = parser.parse_args(list(argv))
@@ -397,6 +422,12 @@ def parse_settings(argv: Sequence[str], environ: Mapping[str, str] | None = None
         raise UserError("--remote uses a model of the server's: name it with -m NAME, not -hf")
     if remote is not None and mode == "server":
         raise UserError("--remote is for the chat and --cli; --server serves a model loaded here")
+    rpc = _rpc_endpoints(args.rpc) if args.rpc else ()
+    if rpc and remote is not None:
+        raise UserError("--rpc spreads a model loaded here over workers; --remote loads none here: give one")
+    if rpc and mode == "rpc-worker":
+        raise UserError("--rpc-worker serves this machine to a client's --rpc: give one of them")
+    port = args.port if args.port is not None else RPC_WORKER_PORT if mode == "rpc-worker" else 8080
     return Settings(
         mode=mode,
         model=model,
@@ -437,7 +468,7 @@ def parse_settings(argv: Sequence[str], environ: Mapping[str, str] | None = None
         nologo=args.nologo,
         plain=args.plain or bool(environ.get("NO_COLOR")),
         host=args.host,
-        port=args.port,
+        port=port,
         api_key=_api_key(args.api_key),
         parallel=args.parallel,
         keep_history=args.keep_history,
@@ -447,5 +478,6 @@ def parse_settings(argv: Sequence[str], environ: Mapping[str, str] | None = None
         temp_given=args.temp is not None,
         remote=remote,
         timeout=args.timeout,
+        rpc=rpc,
         environ=environ,
     )

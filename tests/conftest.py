@@ -68,6 +68,21 @@ def portable_llama(pytestconfig: pytest.Config) -> None:
                           "single-file tests (about 9 minutes, once; cached after)", REPO / "packaging" / "llama_build.py")
 
 
+@pytest.fixture(scope="session")
+def rpc_backend(pytestconfig: pytest.Config) -> Path:
+    """llama.cpp's RPC backend as a module (gemmachat/llama_source.py): about a minute the first
+    time, so built in the open rather than by the first --rpc inside a test's timeout. Returns the
+    cache it is in."""
+    from gemmachat import llama_source
+
+    version = llama_source.installed_version()
+    if not llama_source.rpc_module_built(version):
+        build_in_the_open(pytestconfig, "building llama.cpp's RPC backend for the --rpc tests (about a "
+                          "minute, once; cached after)", REPO / "gemmachat" / "llama_source.py")
+    # Tests run gemma-chat with HOME elsewhere: they pass this on as $GEMMA_CHAT_BENCH_CACHE.
+    return llama_source.cache_dir(version).parent
+
+
 def build_in_the_open(pytestconfig: pytest.Config, announcement: str, script: Path) -> None:
     reporter = pytestconfig.pluginmanager.getplugin("terminalreporter")
     capture = pytestconfig.pluginmanager.getplugin("capturemanager")
