@@ -16,6 +16,7 @@ from typing import Iterator
 import pytest
 from playwright.sync_api import Browser, Dialog, Page, Request, expect, sync_playwright
 from test_conversations import stored
+from test_conversations_api import data, server  # noqa: F401  a --history server of the module's own
 from test_server import ServerProcess, free_port, raw_request
 
 from gemmachat.conversation import Conversation
@@ -30,18 +31,6 @@ SHORT = "6"
 
 if not CHROMIUM.exists():
     pytest.fail(f"{CHROMIUM} is missing: apt-get install chromium (.ci/run does)", pytrace=False)
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("data")
-
-
-@pytest.fixture(scope="module")
-def server(server_env: dict[str, str], data: Path, model_path: Path) -> Iterator[ServerProcess]:
-    running = ServerProcess({**server_env, "GEMMA_CHAT_DATA_DIR": str(data)}, "--history")
-    yield running
-    running.stop()
 
 
 @pytest.fixture(scope="module")
