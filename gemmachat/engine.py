@@ -336,6 +336,10 @@ class Engine:
         self._closed = False
         self._calls_in_progress = 0  # calls into llama.cpp on callers' threads (see _call)
         self._longest_token: int | None = None  # in bytes, found when first needed
+        # Counted for the server's /metrics (llama-server's n_decode_total and busy slots per
+        # decode); only the decoding thread writes them.
+        self.decodes = 0
+        self.decoded_sequences = 0
         self._scheduler: threading.Thread | None = None
         if options.inline:
             self._warm_up()
@@ -921,6 +925,8 @@ class Engine:
                 batch.logits[index - 1] = 1
         batch.n_tokens = index
         self._follow_load()
+        self.decodes += 1
+        self.decoded_sequences += len(parts)
         return llama.llama_decode(self._ctx, batch)
 
     def _follow_load(self) -> None:
