@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Callable, Iterator
 from gemmachat import _logprobs, backends, llama_log
 from gemmachat.bindings import llama_cpp as llama
 from gemmachat.cpu import decide_repack
+from gemmachat.embeddings import Embedder, pooling_for
 from gemmachat.errors import PromptTooLong, UserError, warn
 from gemmachat.gguf import GGUFInfo
 from gemmachat.settings import BASE_MODEL_REPLY_CAP, DEFAULT_CTX_CAP, Sampling, Settings, default_threads
@@ -340,6 +341,8 @@ class Engine:
         # decode); only the decoding thread writes them.
         self.decodes = 0
         self.decoded_sequences = 0
+        self.n_embd = int(llama.llama_model_n_embd_out(self._model))
+        self._embedder: Embedder | None = None  # made at the first embed()
         self._scheduler: threading.Thread | None = None
         if options.inline:
             self._warm_up()
@@ -446,6 +449,8 @@ class Engine:
             if not self._cond.wait_for(lambda: not self._calls_in_progress, CLOSE_WAIT_SECONDS):
                 return
         llama.llama_batch_free(self._batch)
+        if self._embedder is not None:
+            self._embedder.close()
         llama.llama_free(self._ctx)
         llama.llama_model_free(self._model)
 
@@ -621,6 +626,22 @@ class Engine:
             return True
 
         return bool(self._between_steps(load))
+
+    def embed(self, tokens: list[int], normalize: bool = True) -> list[float]:
+        """The model's embedding of `tokens` (1 to n_ctx_seq of them), pooled and, if `normalize`,
+        of unit length (gemmachat/embeddings.py). Each input is one call between two decode steps:
+        running generations pause for it as for a prompt chunk, and a batch of inputs lets them
+        go on between inputs."""
+        pooling = None if self._embedder is not None else self.meta(f"{self.info.architecture}.pooling_type")
+
+        def work() -> list[float]:
+            if self._embedder is None:
+                self._embedder = Embedder(self._model, self.n_ctx_seq, self.threads,
+                                          _FLASH_ATTN[self.options.flash_attn],
+                                          pooling_for(int(pooling) if pooling and pooling.isdigit() else None))
+            return self._embedder.embed(tokens, normalize)
+
+        return self._between_steps(work)  # type: ignore[return-value]
 
     def state_fingerprint(self) -> str:
         """What a saved KV cache depends on: the model file, llama.cpp's version and the settings

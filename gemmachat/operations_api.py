@@ -9,12 +9,12 @@ no file path). Like every other endpoint but /health, they need the API key when
 
 from __future__ import annotations
 
+import importlib.metadata
 import threading
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-import llama_cpp
 from fastapi import FastAPI
 from fastapi.responses import PlainTextResponse
 
@@ -106,6 +106,15 @@ def _number(value: float) -> str:
     return str(value) if isinstance(value, int) else repr(float(value))
 
 
+def _llama_cpp_version() -> str:
+    # gemmachat/bindings.py loads llama_cpp without its __init__ (so without __version__), and the
+    # frozen single-file program has no package metadata: then the version is unknown.
+    try:
+        return importlib.metadata.version("llama-cpp-python")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
 def props(core: ServerCore) -> dict[str, Any]:
     """llama-server's /props, with what gemma-chat has of it."""
     engine, sampling = core.engine, core.settings.sampling
@@ -131,7 +140,7 @@ def props(core: ServerCore) -> dict[str, Any]:
         "chat_template": engine.info.chat_template or "",
         "bos_token": engine.token_text(engine.bos),
         "eos_token": engine.token_text(engine.eos),
-        "build_info": f"gemma-chat {__version__}, llama-cpp-python {llama_cpp.__version__}",
+        "build_info": f"gemma-chat {__version__}, llama-cpp-python {_llama_cpp_version()}",
         "is_sleeping": False,
     }
 

@@ -32,7 +32,8 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message as AsgiMessage, Receive, Scope, Send
 
-from gemmachat import __version__, conversations_api, fatal, ollama_api, openai_api as api, operations_api, web
+from gemmachat import (__version__, conversations_api, embeddings_api, fatal, ollama_api, openai_api as api,
+                       operations_api, web)
 from gemmachat.engine import (Engine, EngineClosed, TokenLogprob, common_prefix, default_reply_limit, Sequence, Stats,
                               load_engine, renderer_for)
 from gemmachat.errors import PromptTooLong, UserError, escaped, one_line, report
@@ -915,6 +916,7 @@ def create_app(core: ServerCore) -> FastAPI:
     # llama.cpp also answers without the /v1 prefix; so do we (kept out of the schema).
     ollama_api.add_routes(app, core)
     operations_api.add_routes(app, core)
+    embeddings_api.add_routes(app, core)
     conversations_api.add_routes(app, core)
     web.add_routes(app, core)
     app.add_api_route("/chat/completions", chat_completions, methods=["POST"], include_in_schema=False)

@@ -3,12 +3,16 @@ usage) and embeddings, against one real server process with an API key."""
 
 from __future__ import annotations
 
+import json
+import math
+import urllib.request
 from pathlib import Path
 
+import ollama
 import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from test_remote import KEY, server  # noqa: F401  one server per module, with an API key, as there
+from test_remote import KEY, native_server, server  # noqa: F401  one server per module, with an API key, as there
 from test_server import ServerProcess
 
 from gemmachat.engine import Engine
@@ -91,3 +95,71 @@ def test_props_and_slots_in_llama_servers_shape(server: ServerProcess, client: o
     latest = [slot for slot in slots if slot.get("n_prompt_tokens") == reply.usage.prompt_tokens
               and slot["next_token"][0]["n_decoded"] == 3]
     assert latest and latest[0]["n_tokens_cached"] == reply.usage.prompt_tokens + 3 - 1
+
+
+# -- embeddings ------------------------------------------------------------------------------------
+
+TEXTS = ["The cat sat on the mat.", "Stock markets fell sharply today.", "The cat sat on the mat."]
+
+
+def unit(vector: list[float]) -> bool:
+    return math.isclose(math.fsum(value * value for value in vector), 1.0, abs_tol=1e-5)
+
+
+def test_openai_embeddings_are_the_models_unit_vectors_and_equal_native_llama_servers(
+        client: openai.OpenAI, engine: Engine, native_tools: Path, model_path: Path) -> None:
+    # The SDK asks for base64 unless told otherwise; float is asked for explicitly.
+    packed = client.embeddings.create(model="gemma", input=TEXTS)
+    plain = client.embeddings.create(model="gemma", input=TEXTS, encoding_format="float")
+    vectors = [item.embedding for item in plain.data]
+    assert [item.index for item in plain.data] == [0, 1, 2]
+    assert all(len(vector) == engine.n_embd == 640 and unit(vector) for vector in vectors)
+    assert vectors[0] == vectors[2]  # the same text, the same vector
+    assert math.fsum(a * b for a, b in zip(vectors[0], vectors[1])) < 0.99  # different texts differ
+    for floats, item in zip(vectors, packed.data):  # base64 carries float32
+        assert max(abs(a - b) for a, b in zip(floats, item.embedding)) < 1e-6
+    assert plain.usage.prompt_tokens == sum(len(engine.tokenize(text, add_bos=True)) for text in TEXTS)
+    tokens = engine.tokenize(TEXTS[0], add_bos=True)
+    by_tokens = client.embeddings.create(model="gemma", input=tokens, encoding_format="float")
+    assert by_tokens.data[0].embedding == vectors[0]
+    assert by_tokens.usage.prompt_tokens == len(tokens)
+    # llama-server pools nothing for a GGUF that names no pooling: mean is what we use for it.
+    with native_server(native_tools, model_path, "--embeddings", "--pooling", "mean") as url:
+        request = urllib.request.Request(url + "/v1/embeddings", data=json.dumps({"input": TEXTS[:2]}).encode(),
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=60) as response:
+            native = [item["embedding"] for item in json.load(response)["data"]]
+    for ours, theirs in zip(vectors, native):
+        assert max(abs(a - b) for a, b in zip(ours, theirs)) < 1e-4
+
+
+def test_ollama_embed_and_the_older_embeddings_call(server: ServerProcess, client: openai.OpenAI) -> None:
+    talk = ollama.Client(host=server.url, headers={"Authorization": f"Bearer {KEY}"}, timeout=60)
+    embedded = talk.embed(model="gemma", input=TEXTS[:2])
+    openai_style = client.embeddings.create(model="gemma", input=TEXTS[:2], encoding_format="float")
+    assert embedded.embeddings == [item.embedding for item in openai_style.data]
+    assert embedded.prompt_eval_count == openai_style.usage.prompt_tokens
+    # The older call answers as Ollama's does: the pooled vector, not normalised.
+    raw = talk.embeddings(model="gemma", prompt=TEXTS[0]).embedding
+    norm = math.sqrt(math.fsum(value * value for value in raw))
+    assert not math.isclose(norm, 1.0, abs_tol=1e-3)
+    assert max(abs(value / norm - expected) for value, expected in zip(raw, embedded.embeddings[0])) < 1e-6
+    with pytest.raises(ollama.ResponseError) as error:
+        talk.embed(model="gemma", input="word " * 5000, truncate=False)
+    assert error.value.status_code == 400 and "2048 tokens" in str(error.value)
+
+
+@pytest.mark.parametrize("body, message", [
+    ({"input": "word " * 5000}, "input is more than the 2048 tokens an embedding can take"),
+    ({"input": ["fine", "word " * 5000]}, "input[1] is more than the 2048 tokens"),
+    ({"input": []}, "input is empty"),
+    ({"input": [[]]}, "input is empty"),
+    ({"input": [1, 2, 10**9]}, "token 1000000000 is not in the vocabulary"),
+    ({"input": "hi", "encoding_format": "hex"}, "invalid value for 'encoding_format'"),
+    ({"input": "hi", "dimensions": 64}, "dimensions 64 is not supported"),
+    ({"input": ["x"] * 2049}, "2049 inputs are more than the 2048"),
+])
+def test_bad_embedding_requests_are_one_line_400s(server: ServerProcess, body: dict, message: str) -> None:
+    status, answer = server.request("POST", "/v1/embeddings", body, headers=AUTH)
+    assert status == 400 and message in answer["error"]["message"], answer
+    assert "\n" not in answer["error"]["message"]
