@@ -3,8 +3,8 @@ POST /api/embeddings, all computed by Engine.embed (gemmachat/embeddings.py).
 
 Inputs are bounded: at most MAX_INPUTS of them (OpenAI's own limit), each at most the context of a
 slot in tokens (Ollama's `truncate`, on by default as in Ollama, cuts a longer one to fit instead);
-the request body limit bounds the rest. One input at a time runs between two decode steps, so
-generations in flight go on between inputs, and a client that hangs up stops the rest.
+the request body limit bounds the rest. Inputs run one at a time, in chunks between two decode
+steps, so generations in flight go on meanwhile, and a client that hangs up stops the rest.
 """
 
 from __future__ import annotations

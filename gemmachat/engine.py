@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Callable, Iterator
 from gemmachat import _logprobs, backends, llama_log
 from gemmachat.bindings import llama_cpp as llama
 from gemmachat.cpu import decide_repack
-from gemmachat.embeddings import Embedder, pooling_for
+from gemmachat.embeddings import Embedder
 from gemmachat.errors import PromptTooLong, UserError, warn
 from gemmachat.gguf import GGUFInfo
 from gemmachat.settings import BASE_MODEL_REPLY_CAP, DEFAULT_CTX_CAP, Sampling, Settings, default_threads
@@ -343,6 +343,7 @@ class Engine:
         self.decoded_sequences = 0
         self.n_embd = int(llama.llama_model_n_embd_out(self._model))
         self._embedder: Embedder | None = None  # made at the first embed()
+        self._embedding = threading.Lock()
         self._scheduler: threading.Thread | None = None
         if options.inline:
             self._warm_up()
@@ -629,19 +630,21 @@ class Engine:
 
     def embed(self, tokens: list[int], normalize: bool = True) -> list[float]:
         """The model's embedding of `tokens` (1 to n_ctx_seq of them), pooled and, if `normalize`,
-        of unit length (gemmachat/embeddings.py). Each input is one call between two decode steps:
-        running generations pause for it as for a prompt chunk, and a batch of inputs lets them
-        go on between inputs."""
-        pooling = None if self._embedder is not None else self.meta(f"{self.info.architecture}.pooling_type")
-
-        def work() -> list[float]:
+        of unit length (gemmachat/embeddings.py). Each chunk of the input is one call between two
+        decode steps, so running generations go on between chunks."""
+        if not 0 < len(tokens) <= self.n_ctx_seq:
+            raise ValueError(f"{len(tokens)} tokens to embed, in a context of {self.n_ctx_seq}")
+        with self._embedding:  # the embeddings context holds one input at a time
             if self._embedder is None:
-                self._embedder = Embedder(self._model, self.n_ctx_seq, self.threads,
-                                          _FLASH_ATTN[self.options.flash_attn],
-                                          pooling_for(int(pooling) if pooling and pooling.isdigit() else None))
-            return self._embedder.embed(tokens, normalize)
-
-        return self._between_steps(work)  # type: ignore[return-value]
+                named = self.meta(f"{self.info.architecture}.pooling_type")
+                pooling = int(named) if named and named.isdigit() else None
+                self._embedder = self._between_steps(lambda: Embedder(
+                    self._model, self.n_ctx_seq, self.threads, _FLASH_ATTN[self.options.flash_attn], pooling))
+            embedder: Embedder = self._embedder  # type: ignore[assignment]
+            self._between_steps(embedder.start)
+            for start in range(0, len(tokens), embedder.chunk):
+                self._between_steps(lambda start=start: embedder.feed(tokens[start:start + embedder.chunk]))
+            return embedder.result(normalize)
 
     def state_fingerprint(self) -> str:
         """What a saved KV cache depends on: the model file, llama.cpp's version and the settings
