@@ -164,8 +164,8 @@ def test_ollama_embed_and_the_older_embeddings_call(server: ServerProcess, clien
 
 
 def test_truncate_cuts_an_input_to_the_context(engine: Engine) -> None:
-    # Without the embedding itself: one of a whole context takes 20 s on 2 busy cores (native
-    # llama-server's too), too long for this suite; the server answered it by hand.
+    # Without the embedding itself: one of a whole context takes most of a minute on 2 busy cores,
+    # too long for this suite; the server answered it by hand.
     core = SimpleNamespace(engine=engine, settings=SimpleNamespace(special=False))
     text = "word " * 5000
     whole = engine.tokenize(text, add_bos=True, limit=10_000)
