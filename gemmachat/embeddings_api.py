@@ -4,13 +4,16 @@ POST /api/embeddings, all computed by Engine.embed (gemmachat/embeddings.py).
 Inputs are bounded: at most MAX_INPUTS of them (OpenAI's own limit), each at most the context of a
 slot in tokens (Ollama's `truncate`, on by default as in Ollama, cuts a longer one to fit instead);
 the request body limit bounds the rest. Inputs run one at a time, in chunks between two decode
-steps, so generations in flight go on meanwhile, and a client that hangs up stops the rest.
+steps, so generations in flight go on meanwhile; a client that hangs up, or the server stopping,
+ends the work at the next chunk.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import struct
+import threading
 from typing import TYPE_CHECKING, Any, Literal
 
 from fastapi import FastAPI, Request
@@ -129,14 +132,27 @@ async def embed(core: ServerCore, request: Request, inputs: list[str] | list[lis
         return lists
 
     token_lists = await run_in_threadpool(tokenized)
+    gone = threading.Event()
+
+    async def watch() -> None:
+        while not await request.is_disconnected():
+            await asyncio.sleep(0.2)
+        gone.set()
+
+    def stop() -> bool:  # checked between chunks, on the decoding thread's side
+        return gone.is_set() or core.closing
+
+    watcher = asyncio.create_task(watch())
     embedded = Embedded()
-    for tokens in token_lists:
-        if core.closing:
-            raise _shutting_down()
-        if await request.is_disconnected():
-            raise ClientGone()
-        embedded.vectors.append(await run_in_threadpool(core.engine.embed, tokens, normalize))
-        embedded.tokens += len(tokens)
+    try:
+        for tokens in token_lists:
+            vector = None if stop() else await run_in_threadpool(core.engine.embed, tokens, normalize, stop)
+            if vector is None:
+                raise ClientGone() if gone.is_set() else _shutting_down()
+            embedded.vectors.append(vector)
+            embedded.tokens += len(tokens)
+    finally:
+        watcher.cancel()
     request.scope["gemma.log"] = f"embedded {len(token_lists)} inputs, {embedded.tokens} tokens"
     return embedded
 

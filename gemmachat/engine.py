@@ -633,10 +633,12 @@ class Engine:
 
         return bool(self._between_steps(load))
 
-    def embed(self, tokens: list[int], normalize: bool = True) -> list[float]:
+    def embed(self, tokens: list[int], normalize: bool = True,
+              cancelled: Callable[[], bool] | None = None) -> list[float] | None:
         """The model's embedding of `tokens` (1 to n_ctx_seq of them), pooled and, if `normalize`,
-        of unit length (gemmachat/embeddings.py). Each chunk of the input is one call between two
-        decode steps, so running generations go on between chunks."""
+        of unit length (gemmachat/embeddings.py); None once `cancelled()` says so, checked between
+        chunks. Each chunk of the input is one call between two decode steps, so running
+        generations go on between chunks."""
         if not 0 < len(tokens) <= self.n_ctx_seq:
             raise ValueError(f"{len(tokens)} tokens to embed, in a context of {self.n_ctx_seq}")
         with self._embedding:  # the embeddings context holds one input at a time
@@ -650,6 +652,8 @@ class Engine:
             for start in range(0, len(tokens), embedder.chunk):
                 if self._closed:  # stopping: the server answers 503, not a failed decoding thread
                     raise EngineClosed("the model is being unloaded")
+                if cancelled is not None and cancelled():
+                    return None
                 self._between_steps(lambda start=start: embedder.feed(tokens[start:start + embedder.chunk]))
                 self._let_generations_run(EMBEDDING_YIELD_STEPS)
             return embedder.result(normalize)

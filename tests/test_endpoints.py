@@ -3,8 +3,10 @@ usage) and embeddings, against one real server process with an API key."""
 
 from __future__ import annotations
 
+import http.client
 import json
 import math
+import time
 import urllib.request
 from pathlib import Path
 from types import SimpleNamespace
@@ -173,6 +175,20 @@ def test_truncate_cuts_an_input_to_the_context(engine: Engine) -> None:
     assert _text_tokens(core, text, "input", truncate=True) == whole[:engine.n_ctx_seq]
     with pytest.raises(ApiError, match="more than the 2048 tokens"):
         _text_tokens(core, text, "input", truncate=False)
+
+
+def test_a_client_that_hangs_up_stops_its_embedding(server: ServerProcess) -> None:
+    # 1,500 tokens take tens of seconds; the work stops at the next chunk of 128 instead.
+    connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
+    connection.request("POST", "/v1/embeddings", body=json.dumps({"input": "word " * 1500}),
+                       headers={"Content-Type": "application/json", **AUTH})
+    time.sleep(1)
+    connection.close()
+    deadline = time.monotonic() + 15
+    while not server.log_lines('"POST /v1/embeddings" 499'):
+        assert time.monotonic() < deadline, server.lines[-5:]
+        time.sleep(0.2)
+    assert server.request("GET", "/health")[1]["slots_idle"] == 2
 
 
 @pytest.mark.parametrize("body, message", [
