@@ -21,7 +21,7 @@ from gemmachat.structured import JSON_OBJECT_SCHEMA, SchemaRefused, check_gramma
 from gemmachat.tools import ToolPlan, ToolsRefused, plan_for
 
 if TYPE_CHECKING:
-    from gemmachat.engine import TokenLogprob
+    from gemmachat.engine import Stats, TokenLogprob
 
 MAX_STOPS = 16
 MAX_TOP_LOGPROBS = 20  # OpenAI's limit for top_logprobs
@@ -316,10 +316,15 @@ class DetokenizeRequest(_Strict):
 # -- responses -------------------------------------------------------------------------------------
 
 
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int = Field(description="prompt tokens reused from the slot's KV cache, not evaluated again")
+
+
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_details: PromptTokensDetails | None = None
 
 
 class FunctionCall(BaseModel):
@@ -403,9 +408,12 @@ class Health(BaseModel):
     requests_waiting: int
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+def usage(stats: Stats) -> dict[str, Any]:
+    # cached_tokens as OpenAI reports its prompt caching (and llama-server its KV cache reuse), so
+    # that a client can tell how much of its prompt the server did not evaluate again.
+    return {"prompt_tokens": stats.prompt_tokens, "completion_tokens": stats.generated_tokens,
+            "total_tokens": stats.prompt_tokens + stats.generated_tokens,
+            "prompt_tokens_details": {"cached_tokens": stats.reused_tokens}}
 
 
 def new_id(prefix: str) -> str:

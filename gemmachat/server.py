@@ -32,7 +32,8 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message as AsgiMessage, Receive, Scope, Send
 
-from gemmachat import __version__, conversations_api, fatal, ollama_api, openai_api as api, tools, web
+from gemmachat import (__version__, conversations_api, embeddings_api, fatal, ollama_api, openai_api as api,
+                       operations_api, tools, web)
 from gemmachat.engine import (Engine, EngineClosed, TokenLogprob, common_prefix, default_reply_limit, Sequence, Stats,
                               load_engine, renderer_for)
 from gemmachat.errors import PromptTooLong, UserError, escaped, one_line, report
@@ -185,6 +186,8 @@ class ServerCore:
         self._lock = threading.Lock()  # guards _busy and _jobs, which worker threads touch
         self._busy: set[int] = set()
         self._jobs: set[Job] = set()
+        self.metrics = operations_api.Metrics()
+        self.last_jobs: dict[int, Job] = {}  # each slot's latest job, for /slots
 
     def log(self, line: str) -> None:
         """Every line the server logs goes out here, escaped: what a client sent (a URL path with
@@ -335,6 +338,7 @@ class ServerCore:
         with self._lock:
             self._jobs.add(job)
             self._busy.add(sequence.seq_id)
+            self.last_jobs[sequence.seq_id] = job
         if self.closing:
             job.cancel.set()
         loop = asyncio.get_running_loop()
@@ -373,6 +377,8 @@ class ServerCore:
             final = ("error", api.ApiError(500, f"generation failed: {error}"))
         # The slot is free before the client hears the end, so that /health and the next request
         # already see it free.
+        if final[0] == "done":
+            self.metrics.record(final[1])
         with self._lock:
             self._busy.discard(sequence.seq_id)
             self._jobs.discard(job)
@@ -511,7 +517,7 @@ class ServerCore:
                 if include_usage:
                     last = chunk(None, None, [])
                     last["choices"] = []
-                    last["usage"] = api.usage(value.prompt_tokens, value.generated_tokens)
+                    last["usage"] = api.usage(value)
                     yield _json(last)
                 yield "[DONE]"
             else:
@@ -584,9 +590,12 @@ class ServerCore:
             for thread in threads:
                 thread.join(max(0.0, deadline - time.monotonic()))
 
-    def health(self) -> dict[str, Any]:
+    def busy_slots(self) -> set[int]:
         with self._lock:
-            busy = len(self._busy)
+            return set(self._busy)
+
+    def health(self) -> dict[str, Any]:
+        busy = len(self.busy_slots())
         return {"status": "shutting down" if self.closing else "ok", "slots_idle": self.slots.total - busy,
                 "slots_processing": busy, "requests_waiting": self.slots.waiting}
 
@@ -858,7 +867,7 @@ def create_app(core: ServerCore) -> FastAPI:
         finish = "tool_calls" if calls else finish_reason(stats)
         head = {"id": api.new_id("chatcmpl"), "created": api.now(), "model": core.model_id,
                 "system_fingerprint": f"gemma-chat-{__version__}"}
-        usage = api.usage(stats.prompt_tokens, stats.generated_tokens)
+        usage = api.usage(stats)
         message: dict[str, Any] = {"role": "assistant", "content": content}
         if calls:
             message["tool_calls"] = calls
@@ -911,7 +920,7 @@ def create_app(core: ServerCore) -> FastAPI:
         return {**head, "object": kinds[0],
                 "choices": [{"index": 0, **whole(text), "finish_reason": finish_reason(stats),
                              "logprobs": logprobs(job.logprobs)}],
-                "usage": api.usage(stats.prompt_tokens, stats.generated_tokens)}
+                "usage": api.usage(stats)}
 
     def model_card() -> dict[str, Any]:
         return {"id": core.model_id, "object": "model", "created": core.created, "owned_by": "gemma-chat"}
@@ -952,6 +961,8 @@ def create_app(core: ServerCore) -> FastAPI:
 
     # llama.cpp also answers without the /v1 prefix; so do we (kept out of the schema).
     ollama_api.add_routes(app, core)
+    operations_api.add_routes(app, core)
+    embeddings_api.add_routes(app, core)
     conversations_api.add_routes(app, core)
     web.add_routes(app, core)
     app.add_api_route("/chat/completions", chat_completions, methods=["POST"], include_in_schema=False)

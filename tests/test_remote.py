@@ -4,6 +4,7 @@ the default model's GGUF; no model is loaded on the chat's side."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import socket
@@ -31,12 +32,12 @@ def server(server_env: dict[str, str], model_path: Path) -> Iterator[ServerProce
     running.stop()
 
 
-@pytest.fixture(scope="module")
-def llama_server(native_tools: Path, model_path: Path) -> Iterator[str]:
-    """llama.cpp's own server on the same GGUF, ready once its /health answers 200."""
+@contextlib.contextmanager
+def native_server(native_tools: Path, model_path: Path, *args: str) -> Iterator[str]:
+    """llama.cpp's own server on the same GGUF (with `args`), ready once its /health answers 200."""
     port = free_port()
     process = subprocess.Popen([str(native_tools / "llama-server"), "-m", str(model_path), "--host", "127.0.0.1",
-                                "--port", str(port), "-c", "2048", "-t", "2", "-np", "1"],
+                                "--port", str(port), "-c", "2048", "-t", "2", "-np", "1", *args],
                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 60
@@ -51,9 +52,17 @@ def llama_server(native_tools: Path, model_path: Path) -> Iterator[str]:
             process.kill()
             pytest.fail(f"llama-server did not start: {process.communicate()[1].decode()[-2000:]}")
         time.sleep(0.2)
-    yield url
-    process.kill()
-    process.wait(10)
+    try:
+        yield url
+    finally:
+        process.kill()
+        process.wait(10)
+
+
+@pytest.fixture(scope="module")
+def llama_server(native_tools: Path, model_path: Path) -> Iterator[str]:
+    with native_server(native_tools, model_path) as url:
+        yield url
 
 
 def one_line_error(result: subprocess.CompletedProcess) -> str:
@@ -114,11 +123,12 @@ def test_chat_commands_over_remote_in_a_real_terminal(cli_env: dict[str, str], s
     child.send_line("And then?")
     child.expect(">>>", timeout=30)
     child.send_line("/stats")
-    child.expect(r"last reply: prompt \d+ tokens evaluated \(cache reuse unknown\)")
+    # gemma-chat's server reports its cache reuse (usage's cached_tokens) and its context (/props).
+    child.expect(r"last reply: prompt \d+ tokens evaluated \(\d+ reused from the cache\)")
     child.expect(r"(\d+) tokens generated")
     assert 1 <= int(child.match.group(1)) <= 6
     child.send_line("/context")
-    child.expect(r"context: (\d+) tokens used, unknown total")
+    child.expect(r"context: (\d+) tokens used, \d+ free, 2048 total")
     assert int(child.match.group(1)) > 10
     child.send_line("/dump")
     child.expect("the server applies its own chat template")

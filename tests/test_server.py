@@ -265,7 +265,8 @@ def test_tokenize_and_detokenize_round_trip(server: ServerProcess, engine: Engin
 def test_openapi_schema_is_published(server: ServerProcess) -> None:
     status, schema = server.request("GET", "/openapi.json")
     assert status == 200
-    for path in ("/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/tokenize", "/detokenize"):
+    for path in ("/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/tokenize", "/detokenize",
+                 "/v1/embeddings", "/metrics", "/props", "/slots", "/api/embed"):
         assert path in schema["paths"]
 
 
