@@ -222,7 +222,11 @@ def test_closing_waits_for_calls_on_other_threads_and_refuses_new_ones(engine: E
     # The server's SIGTERM: freeing the model while requests were still tokenizing on their own
     # threads crashed it (a segfault in libllama.so, or SIGABRT).
     closing = Engine(engine.path, engine.info, engine.options)
-    text = "s\n\n" * 1300  # close to the 2048-token context: one of the slowest texts that fits
+    # 2,000 tokens, close to the 2048-token context: one of the slowest texts that fits. (1,300
+    # repeats were 2,600 tokens: a call that ended before close() raised PromptTooLong, and the
+    # test passed only when close() came first.)
+    text = "s\n\n" * 1000
+    assert len(engine.tokenize(text)) <= engine.n_ctx
     ended: list[str] = []
 
     def keep_calling() -> None:
