@@ -3,16 +3,15 @@ CPU backends for every x86-64 CPU, and the CUDA backend, which has no NVIDIA dri
 
 A build takes 15 (CPU) to 50 (CUDA) minutes on 2 cores, so these tests use one only when it is
 in the build cache (a developer or the release workflow made it); otherwise they are skipped,
-saying how to make it. The GPU side itself is measured on a GPU machine by bench/gpu.py.
+saying how to make it. The GPU side itself is measured on a GPU machine by bench/gpu.py. The
+portable CPU build on a CPU without AVX is tested where users run it, inside the single file
+(tests/test_packaging.py, under qemu's Nehalem).
 """
 
 from __future__ import annotations
 
 import importlib.util
 import re
-import shutil
-import subprocess
-import sys
 import zipfile
 from pathlib import Path
 
@@ -46,13 +45,6 @@ def cuda_build(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return unpacked(cached_wheel(cuda=True), tmp_path_factory.mktemp("cuda-build"))
 
 
-@pytest.fixture(scope="module")
-def portable_build(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    # Either build carries the CPU backends for every x86-64 CPU.
-    wheel = cached_wheel(cuda=False) or cached_wheel(cuda=True)
-    return unpacked(wheel, tmp_path_factory.mktemp("portable-build"))
-
-
 def test_the_cuda_build_without_a_driver_runs_on_the_cpu(cuda_build: Path, run_cli) -> None:
     cpu = run_cli(*PROMPT, "-n", "24")
     cuda = run_cli(*PROMPT, "-n", "24", "-ngl", "999", env={"PYTHONPATH": f"{cuda_build}:{REPO}"})
@@ -69,18 +61,3 @@ def test_the_cuda_build_without_a_driver_runs_on_the_cpu(cuda_build: Path, run_c
     variant = re.search(r"libggml-cpu-(\w+)\.so", verbose.stderr)[1]
     shown = run_cli("--chat", "-n", "2", input="/show model\n", env={"PYTHONPATH": f"{cuda_build}:{REPO}"})
     assert re.search(rf"CPU kernels\s+{variant}\n", shown.stdout), shown.stdout
-
-
-@pytest.mark.skipif(shutil.which("qemu-x86_64") is None, reason="needs qemu-user (apt-get install qemu-user)")
-def test_the_portable_build_runs_on_a_cpu_without_avx(portable_build: Path, run_cli, cli_env: dict[str, str],
-                                                      model_path: Path) -> None:
-    # qemu traps AVX and later instructions as a 2008 Nehalem would (SIGILL): llama.cpp must pick
-    # the sse42 kernels, and they must answer as this machine's own build does.
-    args = (*PROMPT, "-n", "8", "-c", "512", "-m", str(model_path))
-    here = run_cli(*args)
-    emulated = subprocess.run(["qemu-x86_64", "-cpu", "Nehalem", sys.executable, "-m", "gemmachat", *args, "--verbose"],
-                              capture_output=True, text=True, timeout=600, cwd=REPO,
-                              env={**cli_env, "PYTHONPATH": f"{portable_build}:{REPO}"})
-    assert emulated.returncode == 0, emulated.stderr[-1000:]
-    assert "libggml-cpu-sse42.so" in emulated.stderr
-    assert emulated.stdout == here.stdout and len(here.stdout) > 10
