@@ -112,7 +112,7 @@ class Recorder:
         if self._offset and self.store.version(old) is not None:
             earlier = self.store.load(old)[1].messages[:self._offset]
         system = self.session.conversation.system
-        self.conversation_id = self.store.create(title, self.session.engine.name, system, self.settings)
+        self.conversation_id = self.store.create(title, self.session.model_name, system, self.settings)
         self.store.write(self.conversation_id, 0, earlier, system, title)
         self._written, self._offset = [_key(m) for m in earlier], len(earlier)
         self.notify(f"conversation {old} was changed elsewhere (the chat page or another chat); this chat goes "
