@@ -16,6 +16,7 @@ sees two transactions interleaved, and each call is one short write.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Annotated, Any, AsyncIterator, Iterator
@@ -86,7 +87,7 @@ def open_store(core: ServerCore) -> tuple[Store, str]:
 
 
 def add_routes(app: FastAPI, core: ServerCore) -> None:
-    from gemmachat.server import finish_reason
+    from gemmachat.server import _json, finish_reason
 
     store, where = open_store(core)
     app.state.conversation_store = store
@@ -102,10 +103,6 @@ def add_routes(app: FastAPI, core: ServerCore) -> None:
         except UserError as error:
             raise api.ApiError(404, str(error), code="not_found") from None
 
-    def summary_json(summary: Summary) -> dict[str, Any]:
-        return {"id": summary.id, "title": summary.title, "created": summary.created, "updated": summary.updated,
-                "model": summary.model, "turns": summary.turns}
-
     def load(conversation_id: int) -> tuple[Summary, Conversation]:
         with stored():
             return store.load(conversation_id)
@@ -120,7 +117,7 @@ def add_routes(app: FastAPI, core: ServerCore) -> None:
 
     async def document(conversation_id: int) -> dict[str, Any]:
         summary, conversation = load(conversation_id)
-        return {**summary_json(summary), "system": conversation.system, "writing": conversation_id in writing,
+        return {**dataclasses.asdict(summary), "system": conversation.system, "writing": conversation_id in writing,
                 "messages": [{"role": m.role, "content": m.content, "interrupted": m.interrupted}
                              for m in conversation.messages],
                 "context": {"used": await context_used(conversation), "size": core.engine.n_ctx_seq}}
@@ -139,7 +136,7 @@ def add_routes(app: FastAPI, core: ServerCore) -> None:
     async def list_conversations(limit: int = 100) -> Any:
         with stored():
             recent = store.recent(max(1, min(limit, 1000)))
-        return {"object": "list", "kept": store.kept, "where": where, "data": [summary_json(s) for s in recent]}
+        return {"object": "list", "kept": store.kept, "where": where, "data": [dataclasses.asdict(s) for s in recent]}
 
     @app.post("/conversations", status_code=201, summary="A new, empty conversation")
     async def new_conversation(body: NewConversation) -> Any:
@@ -284,8 +281,4 @@ def add_routes(app: FastAPI, core: ServerCore) -> None:
                 if not too_long or later_user is None:
                     raise
                 dropped = later_user
-
-
-def _json(value: Any) -> str:
-    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
 

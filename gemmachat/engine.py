@@ -315,7 +315,7 @@ class Engine:
         self.repack = decide_repack(no_repack=not options.repack)
         self._model = self._load_model(path, info.start, options, self.repack.use_extra_buffers)
         self._vocab = llama.llama_model_get_vocab(self._model)
-        self._n_vocab = int(llama.llama_vocab_n_tokens(self._vocab))
+        self.n_vocab = int(llama.llama_vocab_n_tokens(self._vocab))
         self._candidate_data: ctypes.Array | None = None  # for grammar sampling, made on first use
         self.n_ctx_train = int(llama.llama_model_n_ctx_train(self._model))
         self.n_layer = int(llama.llama_model_n_layer(self._model))
@@ -538,7 +538,7 @@ class Engine:
             with self._call():
                 self._longest_token = max(
                     len(llama.llama_vocab_get_text(self._vocab, token))
-                    for token in range(llama.llama_vocab_n_tokens(self._vocab)))
+                    for token in range(self.n_vocab))
         return self._longest_token
 
     def piece(self, token: int) -> bytes:
@@ -995,8 +995,8 @@ class Engine:
                 else:
                     sampled[job] = self._sample_with_grammar(job, index - 1)
                 if job.top_logprobs is not None:
-                    logits = ctypes.cast(llama.llama_get_logits_ith(self._ctx, index - 1), ctypes.c_void_p).value
-                    logprob, top = _logits.top(logits or 0, self._n_vocab, sampled[job], job.top_logprobs)
+                    logprob, top = _logits.top(self._logits_at(index - 1), self.n_vocab, sampled[job],
+                                               job.top_logprobs)
                     job.sampled_logprob = TokenLogprob(sampled[job], logprob, tuple(top))
         return sampled
 
@@ -1045,11 +1045,11 @@ class Engine:
                 *[llama.llama_logit_bias(token, bias) for token, bias in biases]
             )
             llama.llama_sampler_chain_add(
-                chain, llama.llama_sampler_init_logit_bias(llama.llama_vocab_n_tokens(self._vocab), len(biases), array)
+                chain, llama.llama_sampler_init_logit_bias(self.n_vocab, len(biases), array)
             )
         add = lambda sampler: llama.llama_sampler_chain_add(chain, sampler)  # noqa: E731
         penalties = llama.llama_sampler_init_penalties(
-            llama.llama_vocab_n_tokens(self._vocab), sampling.repeat_last_n, sampling.repeat_penalty,
+            self.n_vocab, sampling.repeat_last_n, sampling.repeat_penalty,
             sampling.frequency_penalty, sampling.presence_penalty,
         )
         # The prompt's last tokens count for the penalties (as llama.cpp's common_sampler); only
@@ -1095,10 +1095,13 @@ class Engine:
     def _candidates(self, index: int) -> llama.llama_token_data_array:
         """Every token with its logit at batch position `index` (common_sampler's set_logits)."""
         if self._candidate_data is None:
-            self._candidate_data = (llama.llama_token_data * self._n_vocab)()
-        logits = ctypes.cast(llama.llama_get_logits_ith(self._ctx, index), ctypes.c_void_p).value
-        _logits.candidates(logits or 0, self._n_vocab, ctypes.addressof(self._candidate_data))
-        return llama.llama_token_data_array(self._candidate_data, self._n_vocab, -1, False)
+            self._candidate_data = (llama.llama_token_data * self.n_vocab)()
+        _logits.candidates(self._logits_at(index), self.n_vocab, ctypes.addressof(self._candidate_data))
+        return llama.llama_token_data_array(self._candidate_data, self.n_vocab, -1, False)
+
+    def _logits_at(self, index: int) -> int:
+        """The address of the logits at batch position `index` (0 if llama.cpp has none there)."""
+        return ctypes.cast(llama.llama_get_logits_ith(self._ctx, index), ctypes.c_void_p).value or 0
 
     def _suppressed_tokens(self) -> list[int]:
         count = ctypes.c_int32(0)
@@ -1108,7 +1111,7 @@ class Engine:
     def _eog(self) -> list[int]:
         if self._eog_tokens is None:
             self._eog_tokens = [
-                token for token in range(llama.llama_vocab_n_tokens(self._vocab))
+                token for token in range(self.n_vocab)
                 if llama.llama_vocab_is_eog(self._vocab, token)
             ]
         return self._eog_tokens

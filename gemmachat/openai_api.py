@@ -242,7 +242,8 @@ class ChatCompletionRequest(_Generation):
                        code="invalid_value", param="response_format")
 
     def logprobs_wanted(self) -> int | None:
-        return (self.top_logprobs or 0) if self.logprobs else None
+        # A reply with tools is answered without logprobs (server.py, tool_answer): none are computed.
+        return (self.top_logprobs or 0) if self.logprobs and self.tool_plan is None else None
 
     def token_limit(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens

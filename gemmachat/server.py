@@ -178,7 +178,7 @@ class ServerCore:
             self.created = int(engine.path.stat().st_mtime)
         except OSError:
             self.created = int(time.time())
-        self.n_vocab = _vocab_size(engine)
+        self.n_vocab = engine.n_vocab
         # For a request without max_tokens: -n, else the chat's cap for a base model.
         self.default_max_tokens = default_reply_limit(engine, settings.n_predict)
         self.closing = False
@@ -608,16 +608,6 @@ def finish_reason(stats: Stats) -> str:
     return "length" if stats.finish_reason == "length" else "stop"
 
 
-def _vocab_size(engine: Engine) -> int:
-    tokens = engine.info.metadata.get("tokenizer.ggml.tokens")
-    count = getattr(tokens, "count", None)
-    if isinstance(count, int) and count > 0:
-        return count
-    import llama_cpp
-
-    return int(llama_cpp.llama_vocab_n_tokens(engine._vocab))  # noqa: SLF001
-
-
 # -- the ASGI layers -------------------------------------------------------------------------------
 
 
@@ -856,6 +846,10 @@ def create_app(core: ServerCore) -> FastAPI:
         return await answer(request, body, job, "cmpl", ("text_completion", "text_completion"), delta,
                             lambda text: {"text": echo + text}, logprobs)
 
+    def answer_head(id_prefix: str) -> dict[str, Any]:
+        return {"id": api.new_id(id_prefix), "created": api.now(), "model": core.model_id,
+                "system_fingerprint": f"gemma-chat-{__version__}"}
+
     async def tool_answer(request: Request, body: api.ChatCompletionRequest, plan: tools.ToolPlan, job: Job) -> Any:
         """A reply that may be tool calls: known only once its JSON is whole, so streamed (if asked)
         as OpenAI streams calls, in one chunk after the generation."""
@@ -865,8 +859,7 @@ def create_app(core: ServerCore) -> FastAPI:
         core.note(request, job, stats)
         content, calls = plan.parse(text)
         finish = "tool_calls" if calls else finish_reason(stats)
-        head = {"id": api.new_id("chatcmpl"), "created": api.now(), "model": core.model_id,
-                "system_fingerprint": f"gemma-chat-{__version__}"}
+        head = answer_head("chatcmpl")
         usage = api.usage(stats)
         message: dict[str, Any] = {"role": "assistant", "content": content}
         if calls:
@@ -901,8 +894,7 @@ def create_app(core: ServerCore) -> FastAPI:
 
         job.stream = bool(body.stream)
         first = await core.begin(request, job)
-        head = {"id": api.new_id(id_prefix), "created": api.now(), "model": core.model_id,
-                "system_fingerprint": f"gemma-chat-{__version__}"}
+        head = answer_head(id_prefix)
         if body.stream:
             job.stop_watching()
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
