@@ -229,6 +229,43 @@ def test_a_killed_download_resumes_where_it_stopped(hub: Hub, tmp_path: Path, mo
     assert len(resumed.stdout) > 20
 
 
+def test_a_full_disk_keeps_the_partial_download_and_says_how_much_is_needed(
+        hub: Hub, tmp_path: Path, model_path: Path) -> None:
+    # The cache lies on a 64 MB tmpfs in a mount namespace of its own: the download fills it, then
+    # the same namespace grows it and the second start resumes from the kept part.
+    size = model_path.stat().st_size
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    gemma = " ".join([sys.executable, "-m", "gemmachat", "-hf", "test/gemma-3-270m", *(f"'{a}'" for a in PROMPT)])
+    script = f"""
+        mount -t tmpfs -o size=64m tmpfs {cache} || exit 99
+        {gemma} > {tmp_path}/full.out 2> {tmp_path}/full.err; echo $? > {tmp_path}/full.rc
+        find {cache} -name '*.partial' -printf '%s' > {tmp_path}/kept
+        mount -o remount,size=400m {cache}
+        {gemma} > {tmp_path}/resumed.out 2> {tmp_path}/resumed.err; echo $? > {tmp_path}/resumed.rc
+    """
+    namespace = ["unshare", "--mount"] if os.geteuid() == 0 else ["unshare", "--user", "--map-root-user", "--mount"]
+    before = hub.bytes_sent
+    result = subprocess.run([*namespace, "sh", "-c", script], env=hub_env(hub, tmp_path), cwd=REPO,
+                            capture_output=True, text=True, timeout=600)
+    if result.returncode == 99:
+        pytest.skip(f"cannot mount a tmpfs here: {result.stderr.strip()}")
+    assert result.returncode == 0, result.stderr
+    full = subprocess.CompletedProcess([], int((tmp_path / "full.rc").read_text()), "",
+                                       (tmp_path / "full.err").read_text())
+    assert_one_line(full, "the disk is full", "MB more", "resumes")
+    kept = int((tmp_path / "kept").read_text())
+    assert 32 << 20 < kept <= 64 << 20
+    needed = re.search(r"needs (\d+) MB more", full.stderr)
+    assert needed and abs(int(needed[1]) - (size - kept) / 1e6) <= 1, full.stderr
+    assert (tmp_path / "resumed.rc").read_text().strip() == "0", (tmp_path / "resumed.err").read_text()
+    expected = run(hub, tmp_path, *PROMPT, "-m", str(model_path))
+    assert (tmp_path / "resumed.out").read_text() == expected.stdout and expected.stdout.strip()
+    # Both starts together sent the file once, plus what was in flight when the disk filled: a
+    # second start from zero would have sent the kept part (over 32 MB) again.
+    assert hub.bytes_sent - before <= size + (16 << 20)
+
+
 def test_a_wrong_checksum_is_refused_and_removed(hub: Hub, tmp_path: Path) -> None:
     result = run(hub, tmp_path, "-hf", "test/bad-sum", *PROMPT)
     assert_one_line(result, "SHA-256", "removed")
