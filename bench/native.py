@@ -38,7 +38,7 @@ from gemmachat.llama_source import jobs as _jobs, locked as _locked, run as _run
 from gemmachat.llama_source import cache_dir as _source_cache_dir  # noqa: E402
 
 DEFAULT_VERSION = "0.3.36"
-TOOLS = ("llama-completion", "llama-bench", "llama-server")
+TOOLS = ("llama-completion", "llama-bench", "llama-server", "llama-embedding")
 
 # Only options that differ from llama.cpp's standalone defaults or that keep
 # the build offline. GGML_* are deliberately absent: pip builds
@@ -50,7 +50,8 @@ CMAKE_OPTIONS = (
     # older vendored tree does not try to find libcurl.
     "-DLLAMA_CURL=OFF",
     "-DLLAMA_BUILD_TESTS=OFF",
-    "-DLLAMA_BUILD_EXAMPLES=OFF",
+    # llama-embedding is an example; only the TOOLS targets are built, not every example.
+    "-DLLAMA_BUILD_EXAMPLES=ON",
     # Tools and server default ON only for a standalone build; be explicit.
     "-DLLAMA_BUILD_TOOLS=ON",
     "-DLLAMA_BUILD_SERVER=ON",
