@@ -20,7 +20,7 @@ from gemmachat.engine import common_prefix
 from gemmachat.errors import UserError
 from gemmachat.session import Session
 from gemmachat.settings import Settings
-from gemmachat.store import Store, StoreError, Summary, data_dir, title_from
+from gemmachat.store import ConversationChanged, Store, StoreError, Summary, Version, data_dir, title_from
 from gemmachat.templates import Message
 
 Key = tuple[str, str, bool]
@@ -43,7 +43,7 @@ class Recorder:
         self._written: list[Key] = []
         self._written_system: str | None = None
         self._offset = 0
-        self._version: tuple[float, int] | None = None  # the stored conversation's, after our last write
+        self._version: Version | None = None  # the stored conversation's, after our last write
         self._state_tokens: list[int] = []  # what the saved (or restored) cache holds
         self._state_problem_told = False
 
@@ -85,16 +85,20 @@ class Recorder:
             return
         title = title_from(conversation.messages)
         try:
-            if self.conversation_id is not None and self.store.version(self.conversation_id) != self._version:
-                same = self._fork(title)
             if self.conversation_id is None:
                 if not keys:
                     return  # nothing worth a conversation yet
                 self.conversation_id = self.store.create(title, self.session.model_name, conversation.system,
                                                          self.settings)
-            self.store.write(self.conversation_id, self._offset + same, conversation.messages[same:],
-                             conversation.system, title)
-            self._version = self.store.version(self.conversation_id)
+                self._version = self.store.version(self.conversation_id)
+            try:
+                self._version = self.store.write(self.conversation_id, self._offset + same,
+                                                 conversation.messages[same:], conversation.system, title,
+                                                 expected=self._version)
+            except ConversationChanged:
+                same = self._fork(title)
+                self._version = self.store.write(self.conversation_id, self._offset, conversation.messages,
+                                                 conversation.system, title)
         except StoreError as error:
             self._turn_off(error)
             return

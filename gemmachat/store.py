@@ -57,6 +57,14 @@ class StoreError(UserError):
     """The store cannot be used (a full disk, a read-only folder, a newer schema): one line."""
 
 
+class ConversationChanged(Exception):
+    """Another process changed or deleted the conversation since this writer last wrote it."""
+
+
+# When a conversation's messages last changed, and how many it has.
+Version = tuple[float, int]
+
+
 @dataclass(frozen=True)
 class Summary:
     id: int
@@ -149,11 +157,16 @@ class Store:
         return cursor.lastrowid
 
     def write(self, conversation_id: int, start: int, messages: Sequence[Message], system: str | None,
-              title: str) -> None:
+              title: str, expected: Version | None = None) -> Version:
         """Messages from position `start` on become `messages` (what was stored there before goes),
-        in one transaction; the title is set if the conversation has none yet."""
+        in one transaction; the title is set if the conversation has none yet. With `expected`, the
+        version this writer last saw: ConversationChanged, and nothing written, if another process
+        changed or deleted the conversation since (checked inside the transaction, so that no
+        write can slip in between). Returns the conversation's new version."""
         now = time.time()
         with self._transaction():
+            if expected is not None and self._version(conversation_id) != expected:
+                raise ConversationChanged(conversation_id)
             self._db.execute("DELETE FROM messages WHERE conversation = ? AND position >= ?",
                              (conversation_id, start))
             self._db.executemany(
@@ -165,6 +178,9 @@ class Store:
                 "UPDATE conversations SET updated = ?, system = ?, "
                 "title = CASE WHEN title = '' THEN ? ELSE title END WHERE id = ?",
                 (now, system, title, conversation_id))
+            version = self._version(conversation_id)
+        assert version is not None
+        return version
 
     def rename(self, conversation_id: int, title: str) -> None:
         with self._transaction():
@@ -201,12 +217,18 @@ class Store:
                            (title,))
         return rows[0][0] if rows else None
 
-    def version(self, conversation_id: int) -> tuple[float, int] | None:
+    def version(self, conversation_id: int) -> Version | None:
         """When the conversation's messages last changed, and how many there are (None once it is
         deleted): a writer that remembers it sees whether another process wrote in between."""
-        rows = self._query("SELECT updated, (SELECT count(*) FROM messages WHERE conversation = ?) "
-                           "FROM conversations WHERE id = ?", (conversation_id, conversation_id))
-        return (rows[0][0], rows[0][1]) if rows else None
+        try:
+            return self._version(conversation_id)
+        except sqlite3.Error as error:
+            raise StoreError(f"cannot read {self.path}: {_reason(error)}") from None
+
+    def _version(self, conversation_id: int) -> Version | None:
+        row = self._db.execute("SELECT updated, (SELECT count(*) FROM messages WHERE conversation = ?) "
+                               "FROM conversations WHERE id = ?", (conversation_id, conversation_id)).fetchone()
+        return (row[0], row[1]) if row else None
 
     def load(self, conversation_id: int) -> tuple[Summary, Conversation]:
         found = self._query(f"{_SUMMARY} WHERE c.id = ?", (conversation_id,))

@@ -21,7 +21,7 @@ from gemmachat.engine import Engine
 from gemmachat.recorder import Recorder
 from gemmachat.session import ChatSession
 from gemmachat.settings import Sampling, parse_settings
-from gemmachat.store import DATABASE_NAME, MIGRATIONS, Store, StoreError, title_from
+from gemmachat.store import DATABASE_NAME, MIGRATIONS, ConversationChanged, Store, StoreError, title_from
 from gemmachat.templates import Message, load_template, render
 
 from test_chat_terminal import Terminal
@@ -76,6 +76,24 @@ def test_two_processes_write_at_once(tmp_path: Path) -> None:
     contents = [content for _, _, content, _ in stored(tmp_path)]
     assert sorted(contents) == sorted([f"mine {i}" for i in range(300)] + [f"other {i}" for i in range(300)])
     assert {s.title: s.turns for s in store.recent()} == {"mine": 300, "other": 300}
+
+
+def test_a_write_from_a_stale_version_writes_nothing(tmp_path: Path) -> None:
+    # The version is checked inside the write's transaction: what another process wrote in
+    # between is never overwritten, whatever the timing.
+    chat, page = Store.open(tmp_path, pytest.fail), Store.open(tmp_path, pytest.fail)
+    number = chat.create("t", "m", None, {})
+    seen = chat.write(number, 0, [Message("user", "a")], None, "t", expected=chat.version(number))
+    assert seen == chat.version(number) == (seen[0], 1)
+    page.write(number, 1, [Message("assistant", "from the page")], None, "t")
+    with pytest.raises(ConversationChanged):
+        chat.write(number, 1, [Message("assistant", "from the chat")], None, "t", expected=seen)
+    assert [m.content for m in chat.load(number)[1].messages] == ["a", "from the page"]
+    page.delete(number)
+    with pytest.raises(ConversationChanged):
+        chat.write(number, 0, [Message("user", "b")], None, "t", expected=seen)
+    chat.close()
+    page.close()
 
 
 def test_a_damaged_database_is_set_aside_with_one_line(tmp_path: Path) -> None:

@@ -187,6 +187,37 @@ def test_a_server_killed_mid_reply_leaves_the_partial_reply_and_one_line(server_
     assert reply == [(printed, 1)]
 
 
+def test_a_remote_chat_forks_a_conversation_changed_elsewhere(server: ServerProcess, tmp_path: Path) -> None:
+    # A remote session has no engine here: the fork is stored under the session's model name
+    # (this path once read session.engine and ended the chat).
+    from gemmachat.recorder import Recorder
+    from gemmachat.remote import connect
+    from gemmachat.settings import parse_settings
+    from gemmachat.store import Store
+    from gemmachat.templates import Message, load_template
+
+    settings = parse_settings(["--remote", server.url, "--api-key", KEY, "-n", "8", "--temp", "0"],
+                              {"GEMMA_CHAT_DATA_DIR": str(tmp_path)})
+    told: list[str] = []
+    with connect(settings) as model:
+        session = model.chat_session(settings, load_template(settings.template), 8)
+        recorder = Recorder.open(session, settings, told.append)
+        session.say("Hello.")
+        "".join(session.respond())
+        recorder.sync()
+        first = recorder.conversation_id
+        page = Store.open(tmp_path, pytest.fail)
+        page.write(first, 2, [Message("user", "From the page.")], None, "Hello.")
+        session.say("From the terminal.")
+        recorder.sync()
+        page.close()
+        recorder.close()
+    assert len(told) == 1 and f"conversation {first} was changed elsewhere" in told[0], told
+    with sqlite3.connect(tmp_path / "conversations.db") as db:
+        models = dict(db.execute("SELECT id, model FROM conversations").fetchall())
+    assert recorder.conversation_id != first and models[recorder.conversation_id] == model.name == models[first]
+
+
 def test_help_names_remote() -> None:
     result = subprocess.run([sys.executable, "-m", "gemmachat", "--help"], capture_output=True, text=True, cwd=REPO)
     assert "--remote URL" in result.stdout and "GEMMA_CHAT_REMOTE" in result.stdout
