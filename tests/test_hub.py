@@ -179,19 +179,25 @@ def assert_one_line(result: subprocess.CompletedProcess, *words: str) -> None:
         assert word in lines[0], lines[0]
 
 
-def test_downloads_verifies_and_then_runs_offline(hub: Hub, tmp_path: Path, model_path: Path) -> None:
-    expected = run(hub, tmp_path, *PROMPT, "-m", str(model_path))
-    assert expected.returncode == 0 and expected.stdout.strip(), expected.stderr
+@pytest.fixture(scope="module")
+def expected(hub: Hub, tmp_path_factory: pytest.TempPathFactory, model_path: Path) -> str:
+    """What -m on the same file prints for PROMPT."""
+    result = run(hub, tmp_path_factory.mktemp("local"), *PROMPT, "-m", str(model_path))
+    assert result.returncode == 0 and result.stdout.strip(), result.stderr
+    return result.stdout
+
+
+def test_downloads_verifies_and_then_runs_offline(hub: Hub, tmp_path: Path, model_path: Path, expected: str) -> None:
     before = hub.bytes_sent
     first = run(hub, tmp_path, "-hf", "test/gemma-3-270m:Q4_K_M", *PROMPT)
     assert first.returncode == 0, first.stderr
-    assert first.stdout == expected.stdout
+    assert first.stdout == expected
     assert "downloading gemma-3-270m-Q4_K_M.gguf" in first.stderr
     assert hub.bytes_sent - before == model_path.stat().st_size
     # The second start finds the file through its record: not one request.
     requests = len(hub.requests)
     second = run(hub, tmp_path, "-hf", "test/gemma-3-270m:q4_k_m", *PROMPT)
-    assert second.returncode == 0 and second.stdout == expected.stdout, second.stderr
+    assert second.returncode == 0 and second.stdout == expected, second.stderr
     assert len(hub.requests) == requests
     listed = run(hub, tmp_path, "--list-models")
     assert listed.returncode == 0, listed.stderr
@@ -230,7 +236,7 @@ def test_a_killed_download_resumes_where_it_stopped(hub: Hub, tmp_path: Path, mo
 
 
 def test_a_full_disk_keeps_the_partial_download_and_says_how_much_is_needed(
-        hub: Hub, tmp_path: Path, model_path: Path) -> None:
+        hub: Hub, tmp_path: Path, model_path: Path, expected: str) -> None:
     # The cache lies on a 64 MB tmpfs in a mount namespace of its own: the download fills it, then
     # the same namespace grows it and the second start resumes from the kept part.
     size = model_path.stat().st_size
@@ -259,8 +265,7 @@ def test_a_full_disk_keeps_the_partial_download_and_says_how_much_is_needed(
     needed = re.search(r"needs (\d+) MB more", full.stderr)
     assert needed and abs(int(needed[1]) - (size - kept) / 1e6) <= 1, full.stderr
     assert (tmp_path / "resumed.rc").read_text().strip() == "0", (tmp_path / "resumed.err").read_text()
-    expected = run(hub, tmp_path, *PROMPT, "-m", str(model_path))
-    assert (tmp_path / "resumed.out").read_text() == expected.stdout and expected.stdout.strip()
+    assert (tmp_path / "resumed.out").read_text() == expected
     # Both starts together sent the file once, plus what was in flight when the disk filled: a
     # second start from zero would have sent the kept part (over 32 MB) again.
     assert hub.bytes_sent - before <= size + (16 << 20)
