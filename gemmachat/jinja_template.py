@@ -12,7 +12,7 @@ from typing import Sequence
 import jinja2
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from gemmachat.templates import Message, Segment
+from gemmachat.templates import Message, Segment, messages_of
 
 
 class TemplateRefused(Exception):
@@ -28,9 +28,7 @@ def render_jinja(source: str, system: str | None, messages: Sequence[Message], *
     environment = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
                                                 undefined=jinja2.StrictUndefined)
     environment.globals["raise_exception"] = _raise_exception
-    chat = ([{"role": "system", "content": system}] if system else []) + [
-        {"role": message.role, "content": message.content} for message in messages
-    ]
+    chat = messages_of(system, messages)
     try:
         text = environment.from_string(source).render(
             messages=chat, bos_token=bos_token, eos_token=eos_token,

@@ -26,7 +26,7 @@ from gemmachat.engine import Generation, Stats
 from gemmachat.errors import PromptTooLong, UserError, one_line
 from gemmachat.session import Totals, record_reply, say
 from gemmachat.settings import Sampling, Settings
-from gemmachat.templates import Message, Template
+from gemmachat.templates import Message, Template, messages_of
 
 # Seconds to wait for a TCP connection: a server that is there answers at once; the rest of
 # --timeout is for its answers, which wait on the model.
@@ -232,11 +232,6 @@ def _delta(choice: dict[str, Any]) -> str | None:
 
 def _text(choice: dict[str, Any]) -> str | None:
     return choice.get("text")
-
-
-def messages_of(system: str | None, messages: list[Message]) -> list[dict[str, str]]:
-    return ([{"role": "system", "content": system}] if system else []) + [
-        {"role": message.role, "content": message.content} for message in messages]
 
 
 @dataclass

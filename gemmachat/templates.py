@@ -35,6 +35,12 @@ class Message:
     interrupted: bool = False  # a reply cut short by the user
 
 
+def messages_of(system: str | None, messages: Sequence[Message]) -> list[dict[str, str]]:
+    """The conversation as OpenAI's (and Jinja chat templates') messages: the system prompt first."""
+    return ([{"role": "system", "content": system}] if system else []) + [
+        {"role": message.role, "content": message.content} for message in messages]
+
+
 @dataclass(frozen=True)
 class Segment:
     text: str
