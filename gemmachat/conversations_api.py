@@ -30,8 +30,9 @@ from starlette.concurrency import run_in_threadpool
 from gemmachat import kvstate, openai_api as api
 from gemmachat.conversation import Conversation
 from gemmachat.errors import PromptTooLong, UserError
+from gemmachat.recorder import recorded_settings
 from gemmachat.store import Store, StoreError, Summary, data_dir, title_from
-from gemmachat.templates import Message, to_tokens
+from gemmachat.templates import Message, messages_of, to_tokens
 
 if TYPE_CHECKING:
     from gemmachat.server import ServerCore
@@ -123,11 +124,9 @@ def add_routes(app: FastAPI, core: ServerCore) -> None:
                 "context": {"used": await context_used(conversation), "size": core.engine.n_ctx_seq}}
 
     def create(conversation: Conversation, title: str = "") -> int:
-        settings = core.settings
-        recorded = {"template": settings.template, "jinja": settings.jinja, "context": core.engine.n_ctx_seq,
-                    "temperature": settings.sampling.temperature}
         with stored():
-            number = store.create(title, core.model_id, conversation.system, recorded)
+            number = store.create(title, core.model_id, conversation.system,
+                                  recorded_settings(core.settings, core.engine.n_ctx_seq))
             if conversation.messages:
                 store.write(number, 0, conversation.messages, conversation.system, title_from(conversation.messages))
         return number
@@ -269,10 +268,8 @@ def add_routes(app: FastAPI, core: ServerCore) -> None:
         to leave out to fit the context (they stay stored), as the terminal chat does."""
         dropped = 0
         while True:
-            request = api.ChatCompletionRequest(
-                messages=([{"role": "system", "content": system}] if system else [])
-                + [{"role": m.role, "content": m.content} for m in messages[dropped:]],
-                temperature=body.temperature, max_tokens=body.max_tokens)
+            request = api.ChatCompletionRequest(messages=messages_of(system, messages[dropped:]),
+                                                temperature=body.temperature, max_tokens=body.max_tokens)
             try:
                 return await core.chat_job(request), dropped
             except (PromptTooLong, api.ApiError) as error:

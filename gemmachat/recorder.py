@@ -26,6 +26,12 @@ from gemmachat.templates import Message
 Key = tuple[str, str, bool]
 
 
+def recorded_settings(settings: Settings, context: int | None) -> dict[str, object]:
+    """What a stored conversation records of how it was made (the chat's and the page's alike)."""
+    return {"template": settings.template, "jinja": settings.jinja, "context": context,
+            "temperature": settings.sampling.temperature}
+
+
 def _key(message: Message) -> Key:
     return message.role, message.content, message.interrupted
 
@@ -53,8 +59,7 @@ class Recorder:
         """The recorder the settings ask for: off with --no-history (or history = false), and off
         with one line through `notify` when the store cannot be used (StoreError if `required`)."""
         folder = data_dir(settings.environ)
-        recorded = {"template": settings.template, "jinja": settings.jinja,
-                    "context": session.context_size, "temperature": settings.sampling.temperature}
+        recorded = recorded_settings(settings, session.context_size)
         if settings.keep_history is False:
             return cls(session, None, folder, notify, "conversations are not kept (--no-history)")
         try:
