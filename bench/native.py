@@ -27,18 +27,20 @@ import re
 import shutil
 import subprocess
 import sys
-import time
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
 # The source, its download and the build steps are shared with the RPC backend's build.
 from gemmachat.llama_source import BuildError as NativeBuildError  # noqa: E402
-from gemmachat.llama_source import jobs as _jobs, locked as _locked, run as _run, vendored_source  # noqa: E402
-from gemmachat.llama_source import cache_dir as _source_cache_dir  # noqa: E402
+from gemmachat.llama_source import build as _build, built as _source_built  # noqa: E402
+from gemmachat.llama_source import cache_dir as _source_cache_dir, llama_cpp_commit as _source_commit  # noqa: E402
 
 DEFAULT_VERSION = "0.3.36"
 TOOLS = ("llama-completion", "llama-bench", "llama-server", "llama-embedding")
+BUILD_DIR = "build"
+# llama.cpp sets CMAKE_RUNTIME_OUTPUT_DIRECTORY to <build>/bin.
+OUTPUTS = tuple(f"bin/{tool}" for tool in TOOLS)
 
 # Only options that differ from llama.cpp's standalone defaults or that keep
 # the build offline. GGML_* are deliberately absent: pip builds
@@ -95,24 +97,17 @@ def cache_dir(version: str | None = None) -> pathlib.Path:
 
 
 def _bin_dir(version: str) -> pathlib.Path:
-    # llama.cpp sets CMAKE_RUNTIME_OUTPUT_DIRECTORY to <build>/bin.
-    return cache_dir(version) / "build" / "bin"
+    return cache_dir(version) / BUILD_DIR / "bin"
 
 
 def llama_cpp_commit(version: str | None = None) -> str | None:
     """Full commit hash of the vendored llama.cpp, from the sdist's git metadata."""
-    version = version or pinned_version()
-    head = cache_dir(version) / "src" / f"llama_cpp_python-{version}" / ".git" / "modules" / "vendor" / "llama.cpp" / "HEAD"
-    try:
-        text = head.read_text().strip()
-    except OSError:
-        return None
-    return text if re.fullmatch(r"[0-9a-f]{40}", text) else None
+    return _source_commit(version or pinned_version())
 
 
 def build_info(version: str | None = None) -> dict:
     """What was built and how (written after a successful build)."""
-    path = cache_dir(version) / "build-info.json"
+    path = cache_dir(version) / BUILD_DIR / "build-info.json"
     try:
         return json.loads(path.read_text())
     except (OSError, ValueError):
@@ -120,50 +115,13 @@ def build_info(version: str | None = None) -> dict:
 
 
 def _built(version: str) -> bool:
-    return all(os.access(_bin_dir(version) / t, os.X_OK) for t in TOOLS) and (
-        cache_dir(version) / "build-info.json"
-    ).is_file()
+    return _source_built(version, BUILD_DIR, OUTPUTS)
 
 
 def ensure_built(version: str | None = None) -> pathlib.Path:
     """Build the tools if needed; return the bin directory."""
     version = version or pinned_version()
-    root = cache_dir(version)
-    if _built(version):  # fast path without the lock: the common case
-        return _bin_dir(version)
-    for tool in ("cmake", "c++"):
-        if shutil.which(tool) is None:
-            raise NativeBuildError(f"'{tool}' not found on PATH; it is needed to build llama.cpp")
-    with _locked(root.parent / f".llama.cpp-{version}.lock"):
-        if _built(version):  # someone else finished while we waited
-            return _bin_dir(version)
-        root.mkdir(parents=True, exist_ok=True)
-        logfile = root / "build.log"
-        log(f"building llama.cpp tools for llama-cpp-python {version} in {root} (log: {logfile})")
-        t0 = time.monotonic()
-        src = vendored_source(version, logfile)
-        build = root / "build"
-        _run(["cmake", "-S", str(src), "-B", str(build), *CMAKE_OPTIONS], logfile, "cmake configure")
-        t1 = time.monotonic()
-        _run(
-            ["cmake", "--build", str(build), "--config", "Release", "--target", *TOOLS, "-j", str(_jobs())],
-            logfile, "cmake build",
-        )
-        t2 = time.monotonic()
-        missing = [t for t in TOOLS if not os.access(_bin_dir(version) / t, os.X_OK)]
-        if missing:
-            raise NativeBuildError(f"build finished but {missing} are missing from {_bin_dir(version)}")
-        info = {
-            "llama_cpp_python_version": version,
-            "llama_cpp_commit": llama_cpp_commit(version),
-            "cmake_options": list(CMAKE_OPTIONS),
-            "jobs": _jobs(),
-            "compile_seconds": round(t2 - t1, 1),
-            "total_seconds": round(t2 - t0, 1),
-            "bin_dir": str(_bin_dir(version)),
-        }
-        (root / "build-info.json").write_text(json.dumps(info, indent=2) + "\n")
-        log(f"built in {t2 - t0:.0f} s (compile {t2 - t1:.0f} s)")
+    _build(version, BUILD_DIR, CMAKE_OPTIONS, TOOLS, OUTPUTS, "llama.cpp's tools")
     return _bin_dir(version)
 
 

@@ -24,6 +24,7 @@ import fcntl
 import json
 import os
 import pathlib
+import re
 import shutil
 import subprocess
 import sys
@@ -168,9 +169,63 @@ def extract_vendor(sdist: pathlib.Path, dest: pathlib.Path) -> pathlib.Path:
 
 
 def vendored_source(version: str, logfile: pathlib.Path) -> pathlib.Path:
-    """vendor/llama.cpp of llama-cpp-python `version`, downloaded and unpacked once."""
+    """vendor/llama.cpp of llama-cpp-python `version`, downloaded and unpacked once (under a lock
+    of its own: the native tools and the RPC module may be built at the same time)."""
     root = cache_dir(version)
-    return extract_vendor(download_sdist(version, root / "dl", logfile), root / "src")
+    with locked(root.parent / f".llama.cpp-{version}-source.lock"):
+        return extract_vendor(download_sdist(version, root / "dl", logfile), root / "src")
+
+
+def llama_cpp_commit(version: str) -> str | None:
+    """Full commit hash of the vendored llama.cpp, from the sdist's git metadata."""
+    head = cache_dir(version) / "src" / f"llama_cpp_python-{version}" / ".git" / "modules" / "vendor" / "llama.cpp" / "HEAD"
+    try:
+        text = head.read_text().strip()
+    except OSError:
+        return None
+    return text if re.fullmatch(r"[0-9a-f]{40}", text) else None
+
+
+def built(version: str, subdir: str, outputs: tuple[str, ...]) -> bool:
+    folder = cache_dir(version) / subdir
+    return all((folder / output).is_file() for output in outputs) and (folder / "build-info.json").is_file()
+
+
+def build(version: str, subdir: str, options: tuple[str, ...], targets: tuple[str, ...],
+          outputs: tuple[str, ...], what: str) -> pathlib.Path:
+    """Configure and build `targets` of the vendored llama.cpp in CACHE/llama.cpp-VERSION/SUBDIR,
+    once per version, under a lock (benches, tests and workers may ask at once); checks that
+    `outputs` (paths in that folder) exist and records how it was built in its build-info.json.
+    Returns the folder."""
+    folder = cache_dir(version) / subdir
+    if built(version, subdir, outputs):  # fast path without the lock: the common case
+        return folder
+    for tool in ("cmake", "c++"):
+        if shutil.which(tool) is None:
+            raise BuildError(f"'{tool}' not found on PATH; it is needed to build {what}")
+    root = cache_dir(version)
+    with locked(root.parent / f".llama.cpp-{version}-{subdir}.lock"):
+        if built(version, subdir, outputs):  # someone else finished while we waited
+            return folder
+        root.mkdir(parents=True, exist_ok=True)
+        logfile = root / f"{subdir}-build.log"
+        log(f"building {what} for llama-cpp-python {version} in {folder} (log: {logfile})")
+        started = time.monotonic()
+        src = vendored_source(version, logfile)
+        run(["cmake", "-S", str(src), "-B", str(folder), *options], logfile, "cmake configure")
+        compiling = time.monotonic()
+        run(["cmake", "--build", str(folder), "--config", "Release", "--target", *targets, "-j", str(jobs())],
+            logfile, "cmake build")
+        done = time.monotonic()
+        missing = [output for output in outputs if not (folder / output).is_file()]
+        if missing:
+            raise BuildError(f"the build finished but {missing} are missing from {folder}")
+        info = {"llama_cpp_python_version": version, "llama_cpp_commit": llama_cpp_commit(version),
+                "cmake_options": list(options), "jobs": jobs(), "compile_seconds": round(done - compiling, 1),
+                "total_seconds": round(done - started, 1)}
+        (folder / "build-info.json").write_text(json.dumps(info, indent=2) + "\n")
+        log(f"built in {done - started:.0f} s (compile {done - compiling:.0f} s)")
+    return folder
 
 
 def installed_version() -> str:
@@ -180,43 +235,20 @@ def installed_version() -> str:
     return version("llama-cpp-python")
 
 
+RPC_OUTPUT = f"bin/{RPC_MODULE}"
+
+
 def rpc_module_path(version: str) -> pathlib.Path:
-    return cache_dir(version) / "rpc" / "bin" / RPC_MODULE
+    return cache_dir(version) / "rpc" / RPC_OUTPUT
 
 
 def rpc_module_built(version: str) -> bool:
-    return rpc_module_path(version).is_file() and (cache_dir(version) / "rpc" / "build-info.json").is_file()
+    return built(version, "rpc", (RPC_OUTPUT,))
 
 
 def build_rpc_module(version: str) -> pathlib.Path:
     """Build llama.cpp's RPC backend as a loadable module, once per version; return its path."""
-    if rpc_module_built(version):
-        return rpc_module_path(version)
-    for tool in ("cmake", "c++"):
-        if shutil.which(tool) is None:
-            raise BuildError(f"'{tool}' not found on PATH; it is needed to build llama.cpp's RPC backend")
-    root = cache_dir(version)
-    with locked(root.parent / f".llama.cpp-{version}-rpc.lock"):
-        if rpc_module_built(version):  # someone else finished while we waited
-            return rpc_module_path(version)
-        root.mkdir(parents=True, exist_ok=True)
-        logfile = root / "rpc-build.log"
-        log(f"building llama.cpp's RPC backend for llama-cpp-python {version} (log: {logfile})")
-        started = time.monotonic()
-        src = vendored_source(version, logfile)
-        build = root / "rpc"
-        run(["cmake", "-S", str(src), "-B", str(build), *RPC_CMAKE_OPTIONS], logfile, "cmake configure")
-        compiling = time.monotonic()
-        run(["cmake", "--build", str(build), "--config", "Release", "--target", "ggml-rpc", "-j", str(jobs())],
-            logfile, "cmake build")
-        done = time.monotonic()
-        if not rpc_module_path(version).is_file():
-            raise BuildError(f"the build finished but {rpc_module_path(version)} is missing")
-        info = {"llama_cpp_python_version": version, "cmake_options": list(RPC_CMAKE_OPTIONS), "jobs": jobs(),
-                "compile_seconds": round(done - compiling, 1), "total_seconds": round(done - started, 1)}
-        (build / "build-info.json").write_text(json.dumps(info, indent=2) + "\n")
-        log(f"built in {done - started:.0f} s (compile {done - compiling:.0f} s): {rpc_module_path(version)}")
-    return rpc_module_path(version)
+    return build(version, "rpc", RPC_CMAKE_OPTIONS, ("ggml-rpc",), (RPC_OUTPUT,), "llama.cpp's RPC backend") / RPC_OUTPUT
 
 
 def main() -> int:

@@ -37,7 +37,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.native import _jobs as native_jobs, pinned_version  # noqa: E402  one place for each
+from bench.native import pinned_version  # noqa: E402  one place for each
+from gemmachat.llama_source import jobs as build_jobs  # noqa: E402
 
 # NVIDIA's toolkit as PyPI wheels, CUDA 13.0: what driver 580 (the first for CUDA 13) runs without
 # the forward-compatibility package. cuBLAS and the runtime are what the CUDA backend links.
@@ -154,7 +155,7 @@ def build(cuda: bool, cuda_archs: str, tools: bool) -> tuple[Path, Path]:
         wheel = Path(json.loads(done.read_text())["wheel"])
         if wheel.is_file() and (not tools or (folder / "build" / "bin" / "llama-completion").is_file()):
             return wheel, folder / "build"
-    env = dict(os.environ, CMAKE_ARGS=" ".join(args), CMAKE_BUILD_PARALLEL_LEVEL=str(native_jobs()))
+    env = dict(os.environ, CMAKE_ARGS=" ".join(args), CMAKE_BUILD_PARALLEL_LEVEL=str(build_jobs()))
     if cuda:
         toolkit = cuda_toolkit()
         env.update(CUDACXX=str(toolkit / "bin" / "nvcc"), CUDAToolkit_ROOT=str(toolkit),
