@@ -86,6 +86,13 @@ def portable_llama(work: Path) -> Path:
             if item.filename.startswith("llama_cpp/"):
                 archive.extract(item, folder)
                 (folder / item.filename).chmod(item.external_attr >> 16 or 0o644)
+    if sys.platform == "linux":
+        # --rpc and --rpc-worker: llama.cpp's RPC backend, a module built from the same source
+        # (gemmachat/llama_source.py), goes beside the CPU modules, where llama.cpp loads it with them.
+        from gemmachat import llama_source
+
+        shutil.copy2(llama_source.build_rpc_module(llama_build.pinned_version()),
+                     folder / "llama_cpp" / "lib" / llama_source.RPC_MODULE)
     return folder
 
 

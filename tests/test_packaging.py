@@ -204,6 +204,25 @@ def test_runs_on_a_cpu_without_avx(built: Built, home: Path, tmp_path: Path) -> 
     assert emulated.stdout == here.stdout
 
 
+def test_rpc_worker_and_client_from_the_file(built: Built, home: Path, tmp_path: Path) -> None:
+    # llama.cpp's RPC backend travels in the file: a worker and a client, both the single file, on
+    # 127.0.0.1. RPC keeps plain weight buffers, so the local run to match is --no-repack's.
+    from test_rpc import start_worker, stop
+
+    worker, port = start_worker({"PATH": "/usr/bin:/bin", "HOME": str(home)}, tmp_path / "worker.log",
+                                program=(str(built.file),))
+    try:
+        remote = run_bare(built.file, *PROMPT, "--rpc", f"127.0.0.1:{port}", "-ngl", "999", "--verbose",
+                          home=home, cwd=tmp_path)
+    finally:
+        stop(worker)
+    local = run_bare(built.file, *PROMPT, "--no-repack", home=home, cwd=tmp_path)
+    assert local.returncode == 0 and len(local.stdout.split()) > 5, local.stderr
+    assert remote.returncode == 0, remote.stderr[-2000:]
+    assert f"RPC0[127.0.0.1:{port}] model buffer size" in remote.stderr and "offloaded 19/19 layers" in remote.stderr
+    assert remote.stdout == local.stdout
+
+
 def test_help_from_an_empty_folder(built: Built, home: Path, tmp_path: Path) -> None:
     result = run_bare(built.file, "--help", home=home, cwd=tmp_path)
     assert result.returncode == 0, result.stderr

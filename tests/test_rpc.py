@@ -25,9 +25,10 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def start_worker(env: dict[str, str], log: Path, *args: str) -> tuple[subprocess.Popen, int]:
+def start_worker(env: dict[str, str], log: Path, *args: str,
+                 program: tuple[str, ...] = (sys.executable, "-m", "gemmachat")) -> tuple[subprocess.Popen, int]:
     port = free_port()
-    worker = subprocess.Popen([sys.executable, "-m", "gemmachat", "--rpc-worker", "--port", str(port), "-t", "1", *args],
+    worker = subprocess.Popen([*program, "--rpc-worker", "--port", str(port), "-t", "1", *args],
                               stdout=subprocess.DEVNULL, stderr=log.open("w"), env=env, cwd=REPO)
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
