@@ -35,7 +35,7 @@ from gemmachat.store import Store, StoreError, Summary, data_dir, title_from
 from gemmachat.templates import Message, messages_of, to_tokens
 
 if TYPE_CHECKING:
-    from gemmachat.server import ServerCore
+    from gemmachat.server.core import ServerCore
 
 
 # SQLite's integers are 64-bit: a larger id would be a crash in the driver, not a 404.
@@ -88,7 +88,7 @@ def open_store(core: ServerCore) -> tuple[Store, str]:
 
 
 def add_routes(app: FastAPI, core: ServerCore) -> None:
-    from gemmachat.server import _json, finish_reason
+    from gemmachat.server.core import _json, finish_reason
 
     store, where = open_store(core)
     app.state.conversation_store = store

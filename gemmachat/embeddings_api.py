@@ -24,7 +24,7 @@ from gemmachat import openai_api as api
 from gemmachat.errors import PromptTooLong
 
 if TYPE_CHECKING:
-    from gemmachat.server import ServerCore
+    from gemmachat.server.core import ServerCore
 
 MAX_INPUTS = 2048
 
@@ -108,7 +108,7 @@ async def embed(core: ServerCore, request: Request, inputs: list[str] | list[lis
                 normalize: bool = True, truncate: bool = False) -> Embedded:
     """The embeddings of `inputs` (texts, or token id lists), in order; a 400 for a bad one
     before any is computed."""
-    from gemmachat.server import ClientGone, _shutting_down
+    from gemmachat.server.core import ClientGone, _shutting_down
 
     if not inputs:
         raise api.ApiError(400, "input is empty: give a text or a list of texts", code="invalid_value",
@@ -163,7 +163,7 @@ def _base64(vector: list[float]) -> str:
 
 
 def add_routes(app: FastAPI, core: ServerCore) -> None:
-    from gemmachat.server import _ERRORS
+    from gemmachat.server.core import _ERRORS
 
     @app.post("/v1/embeddings", response_model=EmbeddingList, responses=_ERRORS,
               summary="Embeddings of texts or token ids (pooled and normalised, as llama-server's)")

@@ -22,7 +22,7 @@ from gemmachat import __version__, openai_api as api
 from gemmachat.structured import JSON_OBJECT_SCHEMA
 
 if TYPE_CHECKING:
-    from gemmachat.server import Job, ServerCore
+    from gemmachat.server.core import Job, ServerCore
 
 # Ollama's option names that mean what an OpenAI parameter means.
 OPTIONS = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "min_p": "min_p", "seed": "seed",
@@ -76,7 +76,7 @@ def _now() -> str:
 
 
 def add_routes(app: FastAPI, core: ServerCore) -> None:
-    from gemmachat.server import Job, finish_reason
+    from gemmachat.server.core import Job, finish_reason
 
     def details() -> dict[str, Any]:
         architecture = core.engine.info.architecture or "unknown"

@@ -22,7 +22,7 @@ from gemmachat import __version__
 
 if TYPE_CHECKING:
     from gemmachat.engine import Stats
-    from gemmachat.server import Job, ServerCore
+    from gemmachat.server.core import Job, ServerCore
 
 # Prometheus' text exposition format, as llama-server labels it.
 PROMETHEUS_TEXT = "text/plain; version=0.0.4; charset=utf-8"

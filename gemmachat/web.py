@@ -21,7 +21,7 @@ from fastapi.responses import HTMLResponse
 from starlette.staticfiles import StaticFiles
 
 if TYPE_CHECKING:
-    from gemmachat.server import ServerCore
+    from gemmachat.server.core import ServerCore
 
 FOLDER = Path(str(resources.files("gemmachat") / "web"))
 CONTENT_SECURITY_POLICY = (

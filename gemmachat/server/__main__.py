@@ -1,0 +1,3 @@
+from gemmachat.server import main
+
+raise SystemExit(main())
