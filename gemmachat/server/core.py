@@ -32,12 +32,13 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message as AsgiMessage, Receive, Scope, Send
 
-from gemmachat import (__version__, conversations_api, embeddings_api, fatal, ollama_api, openai_api as api,
-                       operations_api, tools, web)
+from gemmachat import __version__, fatal, openai_api as api, tools
 from gemmachat.engine import (Engine, EngineClosed, TokenLogprob, common_prefix, default_reply_limit, Sequence, Stats,
                               load_engine, renderer_for)
 from gemmachat.errors import PromptTooLong, UserError, escaped, one_line, report
 from gemmachat.listen import ServerUnavailable, bind_socket, page_url, url_of
+from gemmachat.server import (conversations_routes, embeddings_routes, ollama_routes, operations_routes,
+                              page_routes)
 from gemmachat.settings import LLAMA_DEFAULT_SEED, Sampling, Settings
 from gemmachat.templates import Message, Segment, load_template, to_tokens
 
@@ -186,7 +187,7 @@ class ServerCore:
         self._lock = threading.Lock()  # guards _busy and _jobs, which worker threads touch
         self._busy: set[int] = set()
         self._jobs: set[Job] = set()
-        self.metrics = operations_api.Metrics()
+        self.metrics = operations_routes.Metrics()
         self.last_jobs: dict[int, Job] = {}  # each slot's latest job, for /slots
 
     def log(self, line: str) -> None:
@@ -639,7 +640,7 @@ class Gatekeeper:
     async def _guarded(self, scope: Scope, receive: Receive, send: Send) -> None:
         core = self.core
         headers = {name.decode("latin-1").lower(): value.decode("latin-1") for name, value in scope["headers"]}
-        if core.api_key and scope["path"] != "/health" and not web.is_page(scope["path"]):
+        if core.api_key and scope["path"] != "/health" and not page_routes.is_page(scope["path"]):
             given = headers.get("authorization", "")
             scheme, _, token = given.partition(" ")
             if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), core.api_key.encode()):
@@ -952,11 +953,11 @@ def create_app(core: ServerCore) -> FastAPI:
         return {"content": await run_in_threadpool(core.detokenize, body.tokens)}
 
     # llama.cpp also answers without the /v1 prefix; so do we (kept out of the schema).
-    ollama_api.add_routes(app, core)
-    operations_api.add_routes(app, core)
-    embeddings_api.add_routes(app, core)
-    conversations_api.add_routes(app, core)
-    web.add_routes(app, core)
+    ollama_routes.add_routes(app, core)
+    operations_routes.add_routes(app, core)
+    embeddings_routes.add_routes(app, core)
+    conversations_routes.add_routes(app, core)
+    page_routes.add_routes(app, core)
     app.add_api_route("/chat/completions", chat_completions, methods=["POST"], include_in_schema=False)
     app.add_api_route("/completions", completions, methods=["POST"], include_in_schema=False)
     app.add_api_route("/models", models, methods=["GET"], include_in_schema=False)
@@ -1095,7 +1096,7 @@ def serve(settings: Settings, log: LogFn | None = None) -> int:
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     _stderr(f"gemma-chat: serving {url_of(sock, settings.host)} (model {engine.name}, "
             f"{settings.parallel} slot{'s' if settings.parallel != 1 else ''})")
-    web.open_browser(page_url(sock, settings.host), settings.nobrowser, settings.environ)
+    page_routes.open_browser(page_url(sock, settings.host), settings.nobrowser, settings.environ)
     try:
         asyncio.run(_serve(core, server, sock))
     finally:

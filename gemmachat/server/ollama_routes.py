@@ -1,5 +1,5 @@
 """Ollama's API on the same port: /api/chat, /api/generate, /api/tags, /api/show, /api/ps, /api/version
-(and /api/embed, /api/embeddings: gemmachat/embeddings_api.py).
+(and /api/embed, /api/embeddings: gemmachat/server/embeddings_routes.py).
 
 So that the `ollama` client libraries and Ollama-speaking apps work unchanged. Each request is
 translated into the OpenAI request models (gemmachat/openai_api.py): the same validation,
