@@ -524,7 +524,7 @@ def test_the_slot_queue_is_first_come_first_served() -> None:
     import asyncio
 
     from gemmachat.engine import Sequence
-    from gemmachat.server.core import ServerClosing, SlotQueue
+    from gemmachat.server.slots import ServerClosing, SlotQueue
 
     async def scenario() -> list[str]:
         queue = SlotQueue([Sequence(1)])

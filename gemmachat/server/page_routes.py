@@ -14,14 +14,13 @@ import sys
 import webbrowser
 from importlib import resources
 from pathlib import Path
-from typing import TYPE_CHECKING, Mapping
+from typing import Mapping
 
 from fastapi import FastAPI
 from fastapi.responses import HTMLResponse
 from starlette.staticfiles import StaticFiles
 
-if TYPE_CHECKING:
-    from gemmachat.server.core import ServerCore
+from gemmachat.server.core import ServerCore
 
 FOLDER = Path(str(resources.files("gemmachat") / "web"))
 CONTENT_SECURITY_POLICY = (
