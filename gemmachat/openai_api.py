@@ -242,7 +242,8 @@ class ChatCompletionRequest(_Generation):
                        code="invalid_value", param="response_format")
 
     def logprobs_wanted(self) -> int | None:
-        # A reply with tools is answered without logprobs (server.py, tool_answer): none are computed.
+        # A reply with tools is answered without logprobs (server/openai_routes.py, tool_answer): none
+        # are computed.
         return (self.top_logprobs or 0) if self.logprobs and self.tool_plan is None else None
 
     def token_limit(self) -> int | None:

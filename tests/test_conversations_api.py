@@ -1,5 +1,6 @@
-"""The server's conversation API (gemmachat/conversations_api.py), over plain HTTP against a real
-server on the real model, sharing its store with the terminal chat's `--cli --save-to/--resume`."""
+"""The server's conversation API (gemmachat/server/conversations_routes.py), over plain HTTP
+against a real server on the real model, sharing its store with the terminal chat's `--cli
+--save-to/--resume`."""
 
 from __future__ import annotations
 

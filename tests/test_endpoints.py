@@ -18,9 +18,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from test_remote import KEY, server  # noqa: F401  one server per module, with an API key, as there
 from test_server import ServerProcess
 
-from gemmachat.embeddings_api import _text_tokens
 from gemmachat.engine import Engine
 from gemmachat.openai_api import ApiError
+from gemmachat.server.embeddings_routes import _text_tokens
 
 AUTH = {"Authorization": f"Bearer {KEY}"}
 MESSAGES = [{"role": "user", "content": "Name three rivers."}]

@@ -21,7 +21,8 @@ import pytest
 from gemmachat import llama_log
 from gemmachat.engine import Engine, EngineOptions
 from gemmachat.gguf import read_gguf
-from gemmachat.server import ServerUnavailable, bind_socket, start_background
+from gemmachat.listen import ServerUnavailable, bind_socket
+from gemmachat.server import start_background
 from gemmachat.settings import BASE_MODEL_REPLY_CAP, Sampling, parse_settings
 from gemmachat.templates import Message, Segment, load_template, render, to_tokens
 
@@ -523,7 +524,7 @@ def test_the_slot_queue_is_first_come_first_served() -> None:
     import asyncio
 
     from gemmachat.engine import Sequence
-    from gemmachat.server import ServerClosing, SlotQueue
+    from gemmachat.server.slots import ServerClosing, SlotQueue
 
     async def scenario() -> list[str]:
         queue = SlotQueue([Sequence(1)])

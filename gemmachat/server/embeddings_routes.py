@@ -14,7 +14,7 @@ import asyncio
 import base64
 import struct
 import threading
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 from fastapi import FastAPI, Request
 from pydantic import BaseModel, ConfigDict, Field
@@ -22,9 +22,9 @@ from starlette.concurrency import run_in_threadpool
 
 from gemmachat import openai_api as api
 from gemmachat.errors import PromptTooLong
-
-if TYPE_CHECKING:
-    from gemmachat.server import ServerCore
+from gemmachat.server.core import ServerCore
+from gemmachat.server.responses import _ERRORS, _shutting_down
+from gemmachat.server.slots import ClientGone
 
 MAX_INPUTS = 2048
 
@@ -108,8 +108,6 @@ async def embed(core: ServerCore, request: Request, inputs: list[str] | list[lis
                 normalize: bool = True, truncate: bool = False) -> Embedded:
     """The embeddings of `inputs` (texts, or token id lists), in order; a 400 for a bad one
     before any is computed."""
-    from gemmachat.server import ClientGone, _shutting_down
-
     if not inputs:
         raise api.ApiError(400, "input is empty: give a text or a list of texts", code="invalid_value",
                            param="input")
@@ -163,8 +161,6 @@ def _base64(vector: list[float]) -> str:
 
 
 def add_routes(app: FastAPI, core: ServerCore) -> None:
-    from gemmachat.server import _ERRORS
-
     @app.post("/v1/embeddings", response_model=EmbeddingList, responses=_ERRORS,
               summary="Embeddings of texts or token ids (pooled and normalised, as llama-server's)")
     async def embeddings(body: EmbeddingRequest, request: Request) -> Any:

@@ -2,9 +2,9 @@
 
 The page is plain JavaScript and CSS with no build step; Markdown, sanitising and code
 highlighting are vendored, built files of npm packages (gemmachat/web/vendor/README.md). It talks
-to the conversation API (gemmachat/conversations_api.py) on the same origin. Model output is
-untrusted: the page sanitises every reply, and the Content-Security-Policy below lets nothing
-run or load that the server did not serve itself, should sanitising ever miss.
+to the conversation API (gemmachat/server/conversations_routes.py) on the same origin. Model
+output is untrusted: the page sanitises every reply, and the Content-Security-Policy below lets
+nothing run or load that the server did not serve itself, should sanitising ever miss.
 """
 
 from __future__ import annotations
@@ -14,14 +14,13 @@ import sys
 import webbrowser
 from importlib import resources
 from pathlib import Path
-from typing import TYPE_CHECKING, Mapping
+from typing import Mapping
 
 from fastapi import FastAPI
 from fastapi.responses import HTMLResponse
 from starlette.staticfiles import StaticFiles
 
-if TYPE_CHECKING:
-    from gemmachat.server import ServerCore
+from gemmachat.server.core import ServerCore
 
 FOLDER = Path(str(resources.files("gemmachat") / "web"))
 CONTENT_SECURITY_POLICY = (

@@ -22,7 +22,8 @@ from gemmachat import __version__
 
 if TYPE_CHECKING:
     from gemmachat.engine import Stats
-    from gemmachat.server import Job, ServerCore
+    # Only for annotations: core.py imports this module, for Metrics.
+    from gemmachat.server.core import ServerCore
 
 # Prometheus' text exposition format, as llama-server labels it.
 PROMETHEUS_TEXT = "text/plain; version=0.0.4; charset=utf-8"

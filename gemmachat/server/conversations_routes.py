@@ -19,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Annotated, Any, AsyncIterator, Iterator
+from typing import Annotated, Any, AsyncIterator, Iterator
 
 from fastapi import FastAPI, Path, Request
 from fastapi.responses import Response
@@ -31,11 +31,10 @@ from gemmachat import kvstate, openai_api as api
 from gemmachat.conversation import Conversation
 from gemmachat.errors import PromptTooLong, UserError
 from gemmachat.recorder import recorded_settings
+from gemmachat.server.core import ServerCore
+from gemmachat.server.responses import _json, finish_reason
 from gemmachat.store import Store, StoreError, Summary, data_dir, title_from
 from gemmachat.templates import Message, messages_of, to_tokens
-
-if TYPE_CHECKING:
-    from gemmachat.server import ServerCore
 
 
 # SQLite's integers are 64-bit: a larger id would be a crash in the driver, not a 404.
@@ -88,8 +87,6 @@ def open_store(core: ServerCore) -> tuple[Store, str]:
 
 
 def add_routes(app: FastAPI, core: ServerCore) -> None:
-    from gemmachat.server import _json, finish_reason
-
     store, where = open_store(core)
     app.state.conversation_store = store
     writing: set[int] = set()  # conversations with a reply being written

@@ -1,5 +1,5 @@
 """Ollama's API on the same port: /api/chat, /api/generate, /api/tags, /api/show, /api/ps, /api/version
-(and /api/embed, /api/embeddings: gemmachat/embeddings_api.py).
+(and /api/embed, /api/embeddings: gemmachat/server/embeddings_routes.py).
 
 So that the `ollama` client libraries and Ollama-speaking apps work unchanged. Each request is
 translated into the OpenAI request models (gemmachat/openai_api.py): the same validation,
@@ -12,17 +12,17 @@ from __future__ import annotations
 
 import datetime
 import json
-from typing import TYPE_CHECKING, Any, AsyncIterator, Literal
+from typing import Any, AsyncIterator, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from gemmachat import __version__, openai_api as api
+from gemmachat.server.core import ServerCore
+from gemmachat.server.responses import finish_reason
+from gemmachat.server.slots import Job
 from gemmachat.structured import JSON_OBJECT_SCHEMA
-
-if TYPE_CHECKING:
-    from gemmachat.server import Job, ServerCore
 
 # Ollama's option names that mean what an OpenAI parameter means.
 OPTIONS = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "min_p": "min_p", "seed": "seed",
@@ -76,8 +76,6 @@ def _now() -> str:
 
 
 def add_routes(app: FastAPI, core: ServerCore) -> None:
-    from gemmachat.server import Job, finish_reason
-
     def details() -> dict[str, Any]:
         architecture = core.engine.info.architecture or "unknown"
         return {"format": "gguf", "family": architecture, "families": [architecture], "parameter_size": "",
