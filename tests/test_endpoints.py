@@ -73,6 +73,14 @@ def test_metrics_move_by_exactly_what_the_usage_says(server: ServerProcess, clie
         again.usage.prompt_tokens - 1)
     # The throughput gauges cover the time since the previous scrape: nothing ran since.
     assert scrape(server)["llamacpp:predicted_tokens_seconds"] == 0
+    # Embeddings count apart: llama-server's counters are the generations'.
+    embedded = client.embeddings.create(model="gemma", input=TEXTS[:2], encoding_format="float")
+    final = scrape(server)
+    assert final["gemmachat:embedding_requests_total"] - last["gemmachat:embedding_requests_total"] == 1
+    assert final["gemmachat:embedding_tokens_total"] - last["gemmachat:embedding_tokens_total"] == (
+        embedded.usage.prompt_tokens)
+    assert final["gemmachat:embedding_seconds_total"] > last["gemmachat:embedding_seconds_total"]
+    assert final["llamacpp:prompt_tokens_total"] == last["llamacpp:prompt_tokens_total"]
 
 
 def test_operations_need_the_key_but_health_does_not(server: ServerProcess) -> None:

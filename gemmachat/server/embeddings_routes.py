@@ -14,6 +14,7 @@ import asyncio
 import base64
 import struct
 import threading
+import time
 from typing import Any, Literal
 
 from fastapi import FastAPI, Request
@@ -142,6 +143,7 @@ async def embed(core: ServerCore, request: Request, inputs: list[str] | list[lis
 
     watcher = asyncio.create_task(watch())
     embedded = Embedded()
+    started = time.perf_counter()
     try:
         for tokens in token_lists:
             vector = None if stop() else await run_in_threadpool(core.engine.embed, tokens, normalize, stop)
@@ -151,6 +153,7 @@ async def embed(core: ServerCore, request: Request, inputs: list[str] | list[lis
             embedded.tokens += len(tokens)
     finally:
         watcher.cancel()
+    core.metrics.record_embedding(embedded.tokens, time.perf_counter() - started)
     request.scope["gemma.log"] = f"embedded {len(token_lists)} inputs, {embedded.tokens} tokens"
     return embedded
 

@@ -55,6 +55,8 @@ class Metrics:
         self.prompt_cached = 0
         self.predicted = _Rate()
         self.tokens_max = 0
+        self.embedding_requests = 0
+        self.embedded = _Rate()
         self._prompt_bucket = _Rate()
         self._predicted_bucket = _Rate()
 
@@ -68,6 +70,12 @@ class Metrics:
                 rate.add(stats.generated_tokens, stats.generation_seconds)
             self.prompt_cached += stats.reused_tokens
             self.tokens_max = max(self.tokens_max, stats.prompt_tokens + stats.generated_tokens)
+
+    def record_embedding(self, tokens: int, seconds: float) -> None:
+        """An embeddings request that ran to its end (llama-server counts these nowhere)."""
+        with self._lock:
+            self.embedding_requests += 1
+            self.embedded.add(tokens, seconds)
 
     def render(self, core: ServerCore) -> str:
         """The Prometheus text, and a new window for the throughput gauges."""
@@ -86,6 +94,9 @@ class Metrics:
                 ("llamacpp:n_tokens_max", "Largest observed sequence length (prompt + generation)", self.tokens_max),
                 ("gemmachat:requests_total", "Number of generation requests run (llama-server has no such counter)",
                  self.requests),
+                ("gemmachat:embedding_requests_total", "Number of embedding requests run", self.embedding_requests),
+                ("gemmachat:embedding_tokens_total", "Number of tokens embedded", self.embedded.tokens),
+                ("gemmachat:embedding_seconds_total", "Total time spent computing embeddings", self.embedded.seconds),
             ]
         processing = core.health()["slots_processing"]
         gauges = [
