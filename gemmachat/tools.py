@@ -35,18 +35,24 @@ class ToolPlan:
     system: str  # joins the request's system prompt
     grammar: str
 
-    def parse(self, text: str) -> tuple[str | None, list[dict[str, Any]]]:
-        """The reply's content and tool calls (OpenAI's shape), from the JSON the grammar allowed.
-        A reply cut short by max_tokens is not JSON yet: it is returned as content, as it came."""
+    def calls(self, text: str) -> tuple[str | None, list[dict[str, Any]]]:
+        """The reply's content and its calls as the model wrote them ({"name", "arguments"}: Ollama's
+        shape), from the JSON the grammar allowed. A reply cut short by max_tokens is not JSON yet:
+        it is returned as content, as it came."""
         try:
             reply = json.loads(text)
         except ValueError:
             return text, []
         if "tool_calls" in reply:
-            return None, [{"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
-                           "function": {"name": call["name"], "arguments": json.dumps(call["arguments"])}}
-                          for call in reply["tool_calls"]]
+            return None, reply["tool_calls"]
         return reply["response"], []
+
+    def parse(self, text: str) -> tuple[str | None, list[dict[str, Any]]]:
+        """The reply's content and tool calls in OpenAI's shape (arguments as a JSON string)."""
+        content, calls = self.calls(text)
+        return content, [{"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
+                          "function": {"name": call["name"], "arguments": json.dumps(call["arguments"])}}
+                         for call in calls]
 
 
 def plan_for(tools: list[Any], tool_choice: Any, parallel: bool | None) -> ToolPlan | None:

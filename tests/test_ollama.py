@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+
+import jsonschema
 import ollama
 import pytest
 from test_server import ServerProcess, server  # noqa: F401  one server per module, as there
@@ -72,6 +74,43 @@ def test_list_show_ps_and_version(client: ollama.Client, engine: Engine, server:
     assert running.model == engine.name and running.context_length == 2048
     status, version = server.request("GET", "/api/version")
     assert status == 200 and version["version"]
+
+
+def test_tools_round_trip_in_ollamas_shapes(client: ollama.Client, server: ServerProcess) -> None:
+    # Ollama has no tool_choice: the model may answer or call (the grammar holds it to one of the
+    # two, gemmachat/tools.py), so a few seeds are tried until one calls.
+    from test_structured import TOOLS
+
+    schemas = {tool["function"]["name"]: tool["function"]["parameters"] for tool in TOOLS}
+    messages: list = [{"role": "user", "content": "What is the weather in Paris?"}]
+    called = None
+    for seed in range(8):
+        options = {"temperature": 1, "seed": seed, "num_predict": 60}
+        reply = client.chat(model="gemma", messages=messages, tools=TOOLS, options=options)
+        parts = list(client.chat(model="gemma", messages=messages, tools=TOOLS, options=options, stream=True))
+        assert parts[-1].done and not parts[0].done
+        for call in (call for part in parts for call in part.message.tool_calls or []):
+            jsonschema.validate(dict(call.function.arguments), schemas[call.function.name])
+        if not reply.message.tool_calls:
+            assert isinstance(reply.message.content, str)
+            continue
+        for call in reply.message.tool_calls:
+            jsonschema.validate(dict(call.function.arguments), schemas[call.function.name])
+        called = reply.message
+        break
+    assert called is not None, "no seed of 8 called a tool"
+    (call, *_) = called.tool_calls
+    # The program runs the tool and hands its result back, as Ollama's own clients do.
+    messages += [called, {"role": "tool", "content": '{"temperature": 21}', "tool_name": call.function.name}]
+    second = client.chat(model="gemma", messages=messages, options={"temperature": 0, "num_predict": 8})
+    assert second.message.content and not second.message.tool_calls
+    alone = client.chat(model="gemma", messages=messages[:1], options={"num_predict": 1}).prompt_eval_count
+    turns = [json.dumps({"tool_calls": [{"name": c.function.name, "arguments": dict(c.function.arguments)}
+                                        for c in called.tool_calls]}),
+             json.dumps({"tool_response": {"tool": call.function.name, "content": '{"temperature": 21}'}})]
+    least = sum(len(server.request("POST", "/tokenize", {"content": turn})[1]["tokens"]) for turn in turns)
+    assert least <= second.prompt_eval_count - alone < least + 24, (second.prompt_eval_count, alone, least)
+    assert "tools" in client.show("gemma").capabilities
 
 
 def test_bad_requests_are_4xx_with_ollamas_error_shape(client: ollama.Client) -> None:

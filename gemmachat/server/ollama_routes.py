@@ -18,12 +18,15 @@ from fastapi import FastAPI, Request
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from gemmachat import __version__, openai_api as api
+from gemmachat import __version__, openai_api as api, tools
 from gemmachat.server.core import ServerCore
 from gemmachat.server.responses import finish_reason
 from gemmachat.server.slots import Job
 from gemmachat.structured import JSON_OBJECT_SCHEMA
 
+# What /api/show says the model can do here: tools and embeddings are served for any model
+# (gemmachat/tools.py, gemmachat/embeddings.py), Ollama's names for them.
+CAPABILITIES = ["completion", "tools", "embedding"]
 # Ollama's option names that mean what an OpenAI parameter means.
 OPTIONS = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "min_p": "min_p", "seed": "seed",
            "repeat_penalty": "repeat_penalty", "presence_penalty": "presence_penalty",
@@ -50,14 +53,34 @@ class _Ollama(BaseModel):
         return fields
 
 
+class OllamaToolCall(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    function: dict[str, Any] = Field(description='{"name": ..., "arguments": {...}}')
+
+
 class OllamaMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
-    role: Literal["system", "user", "assistant"]
+    role: Literal["system", "user", "assistant", "tool"]
     content: str = ""
+    tool_calls: list[OllamaToolCall] | None = Field(None, description="an assistant's calls, as a reply gave them")
+    tool_name: str | None = Field(None, description="a tool message: the tool whose result it holds")
+
+    def openai(self) -> dict[str, Any]:
+        """As an OpenAI message: Ollama's calls carry their arguments as an object, OpenAI's as JSON text."""
+        message: dict[str, Any] = {"role": self.role, "content": self.content}
+        if self.tool_calls:
+            message["tool_calls"] = [
+                {"type": "function", "function": {"name": str(call.function.get("name", "")),
+                                                  "arguments": json.dumps(call.function.get("arguments", {}))}}
+                for call in self.tool_calls]
+        if self.tool_name:
+            message["name"] = self.tool_name
+        return message
 
 
 class OllamaChatRequest(_Ollama):
     messages: list[OllamaMessage] = Field(min_length=1)
+    tools: list[dict[str, Any]] | None = Field(None, description="functions the model may call, as OpenAI's")
 
 
 class OllamaGenerateRequest(_Ollama):
@@ -117,11 +140,32 @@ def add_routes(app: FastAPI, core: ServerCore) -> None:
 
         return StreamingResponse(lines(), media_type="application/x-ndjson")
 
+    async def tool_answer(request: Request, job: Job, plan: tools.ToolPlan, stream: bool) -> Any:
+        """A reply that may be tool calls, known once its JSON is whole: one object or, streaming,
+        the message in one line and then the closing line, as Ollama streams calls."""
+        job.stream = False
+        first = await core.begin(request, job)
+        text, stats = await core.collect(job, first)
+        core.note(request, job, stats)
+        content, calls = plan.calls(text)
+        message: dict[str, Any] = {"role": "assistant", "content": content or ""}
+        if calls:
+            message["tool_calls"] = [{"function": call} for call in calls]
+        head = {"model": core.model_id, "created_at": _now()}
+        if not stream:
+            return {**head, "message": message, "done": True, **timings(stats)}
+        lines = [{**head, "message": message, "done": False},
+                 {**head, "message": {"role": "assistant", "content": ""}, "done": True, **timings(stats)}]
+        return StreamingResponse((json.dumps(line, ensure_ascii=False) + "\n" for line in lines),
+                                 media_type="application/x-ndjson")
+
     @app.post("/api/chat", summary="Ollama's chat (NDJSON unless stream: false)")
     async def ollama_chat(body: OllamaChatRequest, request: Request) -> Any:
-        chat = api.ChatCompletionRequest(messages=[{"role": m.role, "content": m.content} for m in body.messages],
+        chat = api.ChatCompletionRequest(messages=[m.openai() for m in body.messages], tools=body.tools,
                                          **body.openai_fields())
         job = await core.chat_job(chat)
+        if chat.tool_plan is not None:
+            return await tool_answer(request, job, chat.tool_plan, body.stream)
         return await answer(request, job, body.stream,
                             lambda text: {"message": {"role": "assistant", "content": text}})
 
@@ -152,7 +196,7 @@ def add_routes(app: FastAPI, core: ServerCore) -> None:
         return {"modelfile": "", "parameters": "", "template": info.chat_template or "", "details": details(),
                 "model_info": {"general.architecture": architecture, "general.name": info.name,
                                f"{architecture}.context_length": core.engine.n_ctx_train},
-                "capabilities": ["completion"], "modified_at": card()["modified_at"]}
+                "capabilities": CAPABILITIES, "modified_at": card()["modified_at"]}
 
     @app.get("/api/version", summary="Ollama's version call: gemma-chat's version")
     async def ollama_version() -> Any:
