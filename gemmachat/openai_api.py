@@ -290,9 +290,11 @@ def chat_logprobs(entries: list[TokenLogprob], piece: Callable[[int], bytes]) ->
             "refusal": None}
 
 
-def completion_logprobs(entries: list[TokenLogprob], piece: Callable[[int], bytes], offset: int) -> dict[str, Any]:
-    """A completion's `logprobs`, in OpenAI's older shape: lists side by side; `offset` is where
-    the first token's text starts in the choice's text (after an echoed prompt)."""
+def completion_logprobs(entries: list[TokenLogprob], piece: Callable[[int], bytes],
+                        offset: int) -> tuple[dict[str, Any], int]:
+    """A completion's `logprobs`, in OpenAI's older shape (lists side by side), and where the text
+    after these tokens starts; `offset` is where the first token's text starts in the choice's text
+    (after an echoed prompt, or the tokens of earlier chunks)."""
     texts = [piece(entry.token).decode("utf-8", errors="replace") for entry in entries]
     offsets = []
     for text in texts:
@@ -301,7 +303,7 @@ def completion_logprobs(entries: list[TokenLogprob], piece: Callable[[int], byte
     return {"tokens": texts, "token_logprobs": [entry.logprob for entry in entries],
             "top_logprobs": [{piece(token).decode("utf-8", errors="replace"): logprob for token, logprob in entry.top}
                              for entry in entries],
-            "text_offset": offsets}
+            "text_offset": offsets}, offset
 
 
 class TokenizeRequest(_Strict):

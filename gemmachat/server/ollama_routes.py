@@ -23,6 +23,7 @@ from gemmachat.server.core import ServerCore
 from gemmachat.server.responses import finish_reason
 from gemmachat.server.slots import Job
 from gemmachat.structured import JSON_OBJECT_SCHEMA
+from gemmachat.templates import Message, messages_of
 
 # What /api/show says the model can do here: tools and embeddings are served for any model
 # (gemmachat/tools.py, gemmachat/embeddings.py), Ollama's names for them.
@@ -175,8 +176,7 @@ def add_routes(app: FastAPI, core: ServerCore) -> None:
             completion = api.CompletionRequest(prompt=body.prompt, **{"max_tokens": None, **body.openai_fields()})
             job, _ = await core.completion_job(completion)
         else:
-            messages = ([{"role": "system", "content": body.system}] if body.system else [])
-            messages.append({"role": "user", "content": body.prompt})
+            messages = messages_of(body.system, [Message("user", body.prompt)])
             job = await core.chat_job(api.ChatCompletionRequest(messages=messages, **body.openai_fields()))
         return await answer(request, job, body.stream, lambda text: {"response": text})
 

@@ -58,8 +58,7 @@ def add_routes(app: FastAPI, core: ServerCore) -> None:
 
         def logprobs(entries: list[TokenLogprob]) -> dict[str, Any]:
             nonlocal offset
-            shaped = api.completion_logprobs(entries, core.engine.piece, offset)
-            offset += sum(len(token) for token in shaped["tokens"])
+            shaped, offset = api.completion_logprobs(entries, core.engine.piece, offset)
             return shaped
 
         return await answer(request, body, job, "cmpl", ("text_completion", "text_completion"), delta,
