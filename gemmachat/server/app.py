@@ -18,7 +18,7 @@ from gemmachat.errors import PromptTooLong, one_line
 from gemmachat.server import (conversations_routes, embeddings_routes, ollama_routes, openai_routes,
                               operations_routes, page_routes)
 from gemmachat.server.core import ServerCore
-from gemmachat.server.responses import _shutting_down
+from gemmachat.server.responses import shutting_down
 from gemmachat.server.slots import ClientGone
 
 # The longest URL path (with its query) an access log line shows.
@@ -195,7 +195,7 @@ def create_app(core: ServerCore) -> FastAPI:
 
     @app.exception_handler(EngineClosed)
     async def on_closed(request: Request, error: EngineClosed) -> JSONResponse:
-        return error_response(request, _shutting_down())
+        return error_response(request, shutting_down())
 
     @app.exception_handler(ClientGone)
     async def on_client_gone(request: Request, error: ClientGone) -> Response:

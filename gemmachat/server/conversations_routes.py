@@ -32,7 +32,7 @@ from gemmachat.conversation import Conversation
 from gemmachat.errors import PromptTooLong, UserError
 from gemmachat.recorder import recorded_settings
 from gemmachat.server.core import ServerCore
-from gemmachat.server.responses import _json, finish_reason
+from gemmachat.server.responses import finish_reason, json_line
 from gemmachat.store import Store, StoreError, Summary, data_dir, title_from
 from gemmachat.templates import Message, messages_of, to_tokens
 
@@ -230,15 +230,15 @@ def add_routes(app: FastAPI, core: ServerCore) -> None:
             parts: list[str] = []
             done = None
             try:
-                yield _json({"type": "start", "position": position, "dropped": dropped})
+                yield json_line({"type": "start", "position": position, "dropped": dropped})
                 async for kind, value in core.events(request, job, first):
                     if kind == "text":
                         parts.append(value)
-                        yield _json({"type": "text", "text": value})
+                        yield json_line({"type": "text", "text": value})
                     elif kind == "done":
                         done = value
                     else:
-                        yield _json({"type": "error", "error": value.body()["error"]})
+                        yield json_line({"type": "error", "error": value.body()["error"]})
             finally:
                 # Also when the client stopped it (this generator is then closed mid-way): what was
                 # written stays, marked interrupted, as the terminal keeps a reply cut by ctrl-c.
@@ -252,7 +252,7 @@ def add_routes(app: FastAPI, core: ServerCore) -> None:
                     except StoreError as error:
                         core.log(f"gemma-chat: a reply of conversation {conversation_id} was not kept: {error}")
             if done is not None:
-                yield _json({"type": "done", "finish_reason": "cancelled" if cut else finish_reason(done),
+                yield json_line({"type": "done", "finish_reason": "cancelled" if cut else finish_reason(done),
                              "prompt_tokens": done.prompt_tokens, "generated_tokens": done.generated_tokens,
                              "tokens_per_second": round(done.generation_tokens_per_second, 2),
                              "context": {"used": done.prompt_tokens + done.generated_tokens,

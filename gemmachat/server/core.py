@@ -18,7 +18,7 @@ from gemmachat import openai_api as api, tools
 from gemmachat.engine import Engine, EngineClosed, Sequence, Stats, TokenLogprob, default_reply_limit, renderer_for
 from gemmachat.errors import PromptTooLong, UserError, escaped
 from gemmachat.server import operations_routes
-from gemmachat.server.responses import _json, _shutting_down, finish_reason
+from gemmachat.server.responses import finish_reason, json_line, shutting_down
 from gemmachat.server.slots import ClientGone, Job, ServerClosing, SlotQueue
 from gemmachat.settings import LLAMA_DEFAULT_SEED, Sampling, Settings
 from gemmachat.templates import Message, Segment, load_template, to_tokens
@@ -27,7 +27,7 @@ DEFAULT_MAX_BODY = 10 * 1024 * 1024
 LogFn = Callable[[str], None]
 
 
-def _stderr(line: str) -> None:
+def to_stderr(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
 
 
@@ -40,7 +40,7 @@ class ServerCore:
             raise ValueError("the server needs at least one sequence")
         self.engine = engine
         self.settings = settings
-        self._sink: LogFn = log or _stderr
+        self._sink: LogFn = log or to_stderr
         self.verbose = settings.verbose
         self.api_key = settings.api_key
         self.max_body = max_body if max_body is not None else getattr(settings, "max_body_size", DEFAULT_MAX_BODY)
@@ -187,7 +187,7 @@ class ServerCore:
         Raises ClientGone if the client leaves while waiting.
         """
         if self.closing:
-            raise _shutting_down()
+            raise shutting_down()
         job.watcher = asyncio.create_task(self._watch(request, job))
         acquire = asyncio.create_task(self.slots.acquire(job.prompt))
         queued = time.perf_counter()
@@ -206,7 +206,7 @@ class ServerCore:
             sequence = acquire.result()
         except ServerClosing:
             job.stop_watching()
-            raise _shutting_down() from None
+            raise shutting_down() from None
         job.waited = time.perf_counter() - queued
         job.seq_id = sequence.seq_id
         with self._lock:
@@ -243,7 +243,7 @@ class ServerCore:
         except PromptTooLong as error:
             final = ("error", api.ApiError(400, str(error), code="context_length_exceeded"))
         except EngineClosed:
-            final = ("error", _shutting_down())
+            final = ("error", shutting_down())
         except UserError as error:
             final = ("error", api.ApiError(400, str(error)))
         except BaseException as error:  # noqa: BLE001 - reported to the client, and logged
@@ -384,18 +384,18 @@ class ServerCore:
             if kind == "logprobs":
                 logprobs += value
             elif kind == "text":
-                yield _json(chunk(value, None, logprobs))
+                yield json_line(chunk(value, None, logprobs))
                 logprobs = []
             elif kind == "done":
-                yield _json(chunk(None, finish_reason(value), logprobs))
+                yield json_line(chunk(None, finish_reason(value), logprobs))
                 if include_usage:
                     last = chunk(None, None, [])
                     last["choices"] = []
                     last["usage"] = api.usage(value)
-                    yield _json(last)
+                    yield json_line(last)
                 yield "[DONE]"
             else:
-                yield _json(value.body())
+                yield json_line(value.body())
 
     async def events(self, request: Request, job: Job, first: tuple[str, Any]) -> AsyncIterator[tuple[str, Any]]:
         """A streamed job's events for a response to format: ("text", piece)..., each after the

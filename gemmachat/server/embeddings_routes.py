@@ -24,7 +24,7 @@ from starlette.concurrency import run_in_threadpool
 from gemmachat import openai_api as api
 from gemmachat.errors import PromptTooLong
 from gemmachat.server.core import ServerCore
-from gemmachat.server.responses import _ERRORS, _shutting_down
+from gemmachat.server.responses import ERROR_RESPONSES, shutting_down
 from gemmachat.server.slots import ClientGone
 
 MAX_INPUTS = 2048
@@ -148,7 +148,7 @@ async def embed(core: ServerCore, request: Request, inputs: list[str] | list[lis
         for tokens in token_lists:
             vector = None if stop() else await run_in_threadpool(core.engine.embed, tokens, normalize, stop)
             if vector is None:
-                raise ClientGone() if gone.is_set() else _shutting_down()
+                raise ClientGone() if gone.is_set() else shutting_down()
             embedded.vectors.append(vector)
             embedded.tokens += len(tokens)
     finally:
@@ -164,7 +164,7 @@ def _base64(vector: list[float]) -> str:
 
 
 def add_routes(app: FastAPI, core: ServerCore) -> None:
-    @app.post("/v1/embeddings", response_model=EmbeddingList, responses=_ERRORS,
+    @app.post("/v1/embeddings", response_model=EmbeddingList, responses=ERROR_RESPONSES,
               summary="Embeddings of texts or token ids (pooled and normalised, as llama-server's)")
     async def embeddings(body: EmbeddingRequest, request: Request) -> Any:
         _check_dimensions(core, body.dimensions)

@@ -12,12 +12,12 @@ from starlette.concurrency import run_in_threadpool
 from gemmachat import __version__, openai_api as api, tools
 from gemmachat.engine import TokenLogprob
 from gemmachat.server.core import ServerCore
-from gemmachat.server.responses import _ERRORS, _json, finish_reason
+from gemmachat.server.responses import ERROR_RESPONSES, finish_reason, json_line
 from gemmachat.server.slots import Job
 
 
 def add_routes(app: FastAPI, core: ServerCore) -> None:
-    @app.post("/v1/chat/completions", response_model=api.ChatCompletion, responses=_ERRORS,
+    @app.post("/v1/chat/completions", response_model=api.ChatCompletion, responses=ERROR_RESPONSES,
               summary="Chat completion (streamed as server-sent events with stream: true)")
     async def chat_completions(body: api.ChatCompletionRequest, request: Request) -> Any:
         job = await core.chat_job(body)
@@ -41,7 +41,7 @@ def add_routes(app: FastAPI, core: ServerCore) -> None:
                             lambda text: {"message": {"role": "assistant", "content": text}},
                             lambda entries: api.chat_logprobs(entries, core.engine.piece))
 
-    @app.post("/v1/completions", response_model=api.Completion, responses=_ERRORS,
+    @app.post("/v1/completions", response_model=api.Completion, responses=ERROR_RESPONSES,
               summary="Text completion of a prompt (streamed with stream: true)")
     async def completions(body: api.CompletionRequest, request: Request) -> Any:
         job, echoed = await core.completion_job(body)
@@ -89,9 +89,9 @@ def add_routes(app: FastAPI, core: ServerCore) -> None:
             message["tool_calls"] = [{"index": index, **call} for index, call in enumerate(calls)]
         chunks = [{"index": 0, "delta": message, "logprobs": None, "finish_reason": None},
                   {"index": 0, "delta": {}, "logprobs": None, "finish_reason": finish}]
-        lines = [_json({**head, "object": "chat.completion.chunk", "choices": [chunk]}) for chunk in chunks]
+        lines = [json_line({**head, "object": "chat.completion.chunk", "choices": [chunk]}) for chunk in chunks]
         if body.stream_options and body.stream_options.include_usage:
-            lines.append(_json({**head, "object": "chat.completion.chunk", "choices": [], "usage": usage}))
+            lines.append(json_line({**head, "object": "chat.completion.chunk", "choices": [], "usage": usage}))
 
         async def events() -> AsyncIterator[str]:
             for line in [*lines, "[DONE]"]:
@@ -135,11 +135,11 @@ def add_routes(app: FastAPI, core: ServerCore) -> None:
     def model_card() -> dict[str, Any]:
         return {"id": core.model_id, "object": "model", "created": core.created, "owned_by": "gemma-chat"}
 
-    @app.get("/v1/models", response_model=api.ModelList, responses=_ERRORS, summary="The loaded model")
+    @app.get("/v1/models", response_model=api.ModelList, responses=ERROR_RESPONSES, summary="The loaded model")
     async def models() -> Any:
         return {"object": "list", "data": [model_card()]}
 
-    @app.get("/v1/models/{model_id:path}", response_model=api.ModelCard, responses=_ERRORS,
+    @app.get("/v1/models/{model_id:path}", response_model=api.ModelCard, responses=ERROR_RESPONSES,
              summary="The loaded model, by id")
     async def model(model_id: str) -> Any:
         if model_id != core.model_id:
@@ -151,7 +151,7 @@ def add_routes(app: FastAPI, core: ServerCore) -> None:
     async def health() -> Any:
         return core.health()
 
-    @app.post("/tokenize", response_model=api.TokenizeResponse, responses=_ERRORS,
+    @app.post("/tokenize", response_model=api.TokenizeResponse, responses=ERROR_RESPONSES,
               summary="Text to tokens (llama.cpp's shape)")
     async def tokenize(body: api.TokenizeRequest) -> Any:
         def work() -> dict[str, Any]:
@@ -163,7 +163,7 @@ def add_routes(app: FastAPI, core: ServerCore) -> None:
 
         return await run_in_threadpool(work)
 
-    @app.post("/detokenize", response_model=api.DetokenizeResponse, responses=_ERRORS,
+    @app.post("/detokenize", response_model=api.DetokenizeResponse, responses=ERROR_RESPONSES,
               summary="Tokens to text (llama.cpp's shape)")
     async def detokenize(body: api.DetokenizeRequest) -> Any:
         core.check_tokens(body.tokens, "tokens")

@@ -9,18 +9,18 @@ from typing import Any
 from gemmachat import openai_api as api
 from gemmachat.engine import Stats
 
-_ERRORS: dict[int | str, dict[str, Any]] = {
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     status: {"model": api.ErrorResponse, "description": text}
     for status, text in ((400, "Invalid request"), (401, "Missing or wrong API key"),
                          (413, "Request body too large"), (503, "Busy or shutting down"))
 }
 
 
-def _shutting_down() -> api.ApiError:
+def shutting_down() -> api.ApiError:
     return api.ApiError(503, "the server is shutting down", code="shutting_down")
 
 
-def _json(value: Any) -> str:
+def json_line(value: Any) -> str:
     return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
 
 

@@ -19,7 +19,7 @@ from gemmachat.errors import UserError, report
 from gemmachat.listen import ServerUnavailable, bind_socket, page_url, url_of
 from gemmachat.server import page_routes
 from gemmachat.server.app import create_app
-from gemmachat.server.core import LogFn, ServerCore, _stderr
+from gemmachat.server.core import LogFn, ServerCore, to_stderr
 from gemmachat.settings import Settings
 
 SHUTDOWN_SECONDS = 3.0  # how long in-flight work gets to wind down once cancelled
@@ -153,7 +153,7 @@ def serve(settings: Settings, log: LogFn | None = None) -> int:
 
     fatal.interrupts_to_python()  # and at once replaced by the server's graceful shutdown
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
-    _stderr(f"gemma-chat: serving {url_of(sock, settings.host)} (model {engine.name}, "
+    to_stderr(f"gemma-chat: serving {url_of(sock, settings.host)} (model {engine.name}, "
             f"{settings.parallel} slot{'s' if settings.parallel != 1 else ''})")
     page_routes.open_browser(page_url(sock, settings.host), settings.nobrowser, settings.environ)
     try:
