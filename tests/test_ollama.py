@@ -121,3 +121,9 @@ def test_bad_requests_are_4xx_with_ollamas_error_shape(client: ollama.Client) ->
     with pytest.raises(ollama.ResponseError) as error:
         client.chat(model="gemma", messages=[{"role": "user", "content": "x"}], format={"type": "integer", "minimum": 1})
     assert error.value.status_code == 400 and "minimum" in str(error.value)
+    # Ollama's options are free-form in its schema: a bad value is a 400 that names the option.
+    for call in (lambda options: client.chat(model="gemma", messages=[{"role": "user", "content": "x"}], options=options),
+                 lambda options: client.generate(model="gemma", prompt="x", raw=True, options=options)):
+        with pytest.raises(ollama.ResponseError) as error:
+            call({"repeat_penalty": [], "num_predict": 2})
+        assert error.value.status_code == 400 and "options.repeat_penalty" in str(error.value), error.value

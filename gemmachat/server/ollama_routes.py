@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import datetime
 import json
-from typing import Any, AsyncIterator, Literal
+from typing import Any, AsyncIterator, Literal, TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.responses import StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from gemmachat import __version__, openai_api as api, tools
 from gemmachat.server.core import ServerCore
@@ -32,6 +32,8 @@ CAPABILITIES = ["completion", "tools", "embedding"]
 OPTIONS = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "min_p": "min_p", "seed": "seed",
            "repeat_penalty": "repeat_penalty", "presence_penalty": "presence_penalty",
            "frequency_penalty": "frequency_penalty", "num_predict": "max_tokens", "stop": "stop"}
+OPTION_NAMES = {openai: ollama for ollama, openai in OPTIONS.items()}
+Request_ = TypeVar("Request_", api.ChatCompletionRequest, api.CompletionRequest)
 
 
 class _Ollama(BaseModel):
@@ -52,6 +54,21 @@ class _Ollama(BaseModel):
         if self.format is not None:
             fields["json_schema"] = JSON_OBJECT_SCHEMA if self.format == "json" else self.format
         return fields
+
+
+def as_openai(request: type[Request_], **fields: Any) -> Request_:
+    """The OpenAI request an Ollama one stands for. Ollama's `options` are only checked here (their
+    values are free-form in Ollama's schema): a bad one is a 400 naming it, never a 500."""
+    try:
+        return request(**fields)
+    except ValidationError as error:
+        errors = []
+        for item in error.errors():
+            where = tuple(item.get("loc", ()))
+            if where and where[0] in OPTION_NAMES:
+                where = ("options", OPTION_NAMES[str(where[0])], *where[1:])
+            errors.append({**item, "loc": where})
+        raise api.validation_error(errors) from None
 
 
 class OllamaToolCall(BaseModel):
@@ -162,8 +179,8 @@ def add_routes(app: FastAPI, core: ServerCore) -> None:
 
     @app.post("/api/chat", summary="Ollama's chat (NDJSON unless stream: false)")
     async def ollama_chat(body: OllamaChatRequest, request: Request) -> Any:
-        chat = api.ChatCompletionRequest(messages=[m.openai() for m in body.messages], tools=body.tools,
-                                         **body.openai_fields())
+        chat = as_openai(api.ChatCompletionRequest, messages=[m.openai() for m in body.messages], tools=body.tools,
+                         **body.openai_fields())
         job = await core.chat_job(chat)
         if chat.tool_plan is not None:
             return await tool_answer(request, job, chat.tool_plan, body.stream)
@@ -173,11 +190,12 @@ def add_routes(app: FastAPI, core: ServerCore) -> None:
     @app.post("/api/generate", summary="Ollama's completion of a prompt (NDJSON unless stream: false)")
     async def ollama_generate(body: OllamaGenerateRequest, request: Request) -> Any:
         if body.raw:
-            completion = api.CompletionRequest(prompt=body.prompt, **{"max_tokens": None, **body.openai_fields()})
+            completion = as_openai(api.CompletionRequest, prompt=body.prompt,
+                                   **{"max_tokens": None, **body.openai_fields()})
             job, _ = await core.completion_job(completion)
         else:
             messages = messages_of(body.system, [Message("user", body.prompt)])
-            job = await core.chat_job(api.ChatCompletionRequest(messages=messages, **body.openai_fields()))
+            job = await core.chat_job(as_openai(api.ChatCompletionRequest, messages=messages, **body.openai_fields()))
         return await answer(request, job, body.stream, lambda text: {"response": text})
 
     @app.get("/api/tags", summary="Ollama's list of models: the loaded one")
