@@ -24,8 +24,8 @@ from test_server import ServerProcess, raw_request
 
 # Replies stay a few tokens long: the fuzzer's job is the parsing and validation around them.
 MAX_TOKENS = 3
-# 15 for each of the 25 operations: deep enough to reach every validator, within the suite's budget.
-EXAMPLES_PER_OPERATION = 15
+# 12 for each of the 25 operations: deep enough to reach every validator, within the suite's budget.
+EXAMPLES_PER_OPERATION = 12
 
 
 @pytest.fixture(scope="module")

@@ -184,7 +184,7 @@ def test_picks_the_kernels_for_this_cpu(built: Built, home: Path, tmp_path: Path
 
 @pytest.mark.skipif(shutil.which("qemu-x86_64") is None, reason="needs qemu-user (apt-get install qemu-user)")
 def test_runs_on_a_cpu_without_avx(built: Built, home: Path, tmp_path: Path) -> None:
-    args = (*PROMPT, "-n", "8", "-c", "512")
+    args = (*PROMPT, "-n", "4", "-c", "512")
     here = run_bare(built.file, *args, home=home, cwd=tmp_path)
     assert here.returncode == 0 and len(here.stdout) > 10, here.stderr
     # qemu-user emulates only the process it starts, and PyInstaller's bootloader re-executes itself
