@@ -41,17 +41,17 @@ def test_each_turn_evaluates_only_the_new_tokens(engine: Engine) -> None:
     assert [m.role for m in session.conversation.messages] == ["user", "assistant"] * 4
 
 
-def test_fourteen_turns_in_a_small_context_never_crash(model_path: Path) -> None:
-    with Engine(model_path, read_gguf(model_path), EngineOptions(ctx_size=512)) as small:
+def test_twelve_turns_in_a_small_context_never_crash(model_path: Path) -> None:
+    with Engine(model_path, read_gguf(model_path), EngineOptions(ctx_size=384)) as small:
         session = ChatSession(small, gemma_renderer(), GREEDY, n_predict=24)
         session.conversation.system = "You are a patient assistant."
         dropped: list[int] = []
-        # About ten turns fill the context: the later ones each drop the oldest exchange.
-        for turn in range(14):
+        # The context fills up twice over: the oldest exchanges are dropped more than once.
+        for turn in range(12):
             session.say(f"Turn {turn}: tell me one more fact about the sea, please.")
             "".join(session.respond(on_drop=lambda messages: dropped.append(len(messages))))
             assert session.context_used() <= session.context_size
-        assert len(dropped) >= 3, "the oldest exchanges were dropped along the way"
+        assert len(dropped) >= 2, "the oldest exchanges were dropped along the way, more than once"
         assert session.conversation.system == "You are a patient assistant."
         assert session.conversation.messages[-1].role == "assistant"
         with pytest.raises(PromptTooLong):
