@@ -165,7 +165,7 @@ class Store:
         write can slip in between). Returns the conversation's new version."""
         now = time.time()
         with self._transaction():
-            if expected is not None and self._version(conversation_id) != expected:
+            if expected is not None and self.version(conversation_id) != expected:
                 raise ConversationChanged(conversation_id)
             self._db.execute("DELETE FROM messages WHERE conversation = ? AND position >= ?",
                              (conversation_id, start))
@@ -178,7 +178,7 @@ class Store:
                 "UPDATE conversations SET updated = ?, system = ?, "
                 "title = CASE WHEN title = '' THEN ? ELSE title END WHERE id = ?",
                 (now, system, title, conversation_id))
-            version = self._version(conversation_id)
+            version = self.version(conversation_id)
         assert version is not None
         return version
 
@@ -220,15 +220,9 @@ class Store:
     def version(self, conversation_id: int) -> Version | None:
         """When the conversation's messages last changed, and how many there are (None once it is
         deleted): a writer that remembers it sees whether another process wrote in between."""
-        try:
-            return self._version(conversation_id)
-        except sqlite3.Error as error:
-            raise StoreError(f"cannot read {self.path}: {_reason(error)}") from None
-
-    def _version(self, conversation_id: int) -> Version | None:
-        row = self._db.execute("SELECT updated, (SELECT count(*) FROM messages WHERE conversation = ?) "
-                               "FROM conversations WHERE id = ?", (conversation_id, conversation_id)).fetchone()
-        return (row[0], row[1]) if row else None
+        rows = self._query("SELECT updated, (SELECT count(*) FROM messages WHERE conversation = ?) "
+                           "FROM conversations WHERE id = ?", (conversation_id, conversation_id))
+        return (rows[0][0], rows[0][1]) if rows else None
 
     def load(self, conversation_id: int) -> tuple[Summary, Conversation]:
         found = self._query(f"{_SUMMARY} WHERE c.id = ?", (conversation_id,))
