@@ -355,7 +355,9 @@ class ServerCore:
         self.check_fits(job.prompt, "prompt")
         return job, echoed
 
-    async def collect(self, job: Job, first: tuple[str, Any]) -> tuple[str, Stats]:
+    async def collect(self, request: Request, job: Job, first: tuple[str, Any]) -> tuple[str, Stats]:
+        """A job nobody streams, from its first event: its whole text and stats (noted for the
+        access log); the logprobs it asked for gather in job.logprobs."""
         parts: list[str] = []
         event = first
         try:
@@ -366,6 +368,7 @@ class ServerCore:
                 elif kind == "logprobs":
                     job.logprobs += value
                 elif kind == "done":
+                    self.note(request, job, value)
                     return "".join(parts), value
                 else:
                     raise value
@@ -373,6 +376,11 @@ class ServerCore:
         finally:
             job.stop_watching()
             job.cancel.set()  # a no-op once done; stops the work if this handler is cancelled
+
+    async def run_whole(self, request: Request, job: Job) -> tuple[str, Stats]:
+        """Run the job unstreamed (a reply that is only known once whole, as tool calls are)."""
+        job.stream = False
+        return await self.collect(request, job, await self.begin(request, job))
 
     async def stream(self, request: Request, job: Job, first: tuple[str, Any],
                      chunk: Callable[[str | None, str | None, list[TokenLogprob]], dict[str, Any]],

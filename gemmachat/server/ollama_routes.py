@@ -141,8 +141,7 @@ def add_routes(app: FastAPI, core: ServerCore) -> None:
         first = await core.begin(request, job)
         head = {"model": core.model_id}
         if not stream:
-            text, stats = await core.collect(job, first)
-            core.note(request, job, stats)
+            text, stats = await core.collect(request, job, first)
             return {**head, "created_at": _now(), **piece(text), "done": True, **timings(stats)}
         job.stop_watching()
 
@@ -161,10 +160,7 @@ def add_routes(app: FastAPI, core: ServerCore) -> None:
     async def tool_answer(request: Request, job: Job, plan: tools.ToolPlan, stream: bool) -> Any:
         """A reply that may be tool calls, known once its JSON is whole: one object or, streaming,
         the message in one line and then the closing line, as Ollama streams calls."""
-        job.stream = False
-        first = await core.begin(request, job)
-        text, stats = await core.collect(job, first)
-        core.note(request, job, stats)
+        text, stats = await core.run_whole(request, job)
         content, calls = plan.calls(text)
         message: dict[str, Any] = {"role": "assistant", "content": content or ""}
         if calls:

@@ -71,10 +71,7 @@ def add_routes(app: FastAPI, core: ServerCore) -> None:
     async def tool_answer(request: Request, body: api.ChatCompletionRequest, plan: tools.ToolPlan, job: Job) -> Any:
         """A reply that may be tool calls: known only once its JSON is whole, so streamed (if asked)
         as OpenAI streams calls, in one chunk after the generation."""
-        job.stream = False
-        first = await core.begin(request, job)
-        text, stats = await core.collect(job, first)
-        core.note(request, job, stats)
+        text, stats = await core.run_whole(request, job)
         content, calls = plan.parse(text)
         finish = "tool_calls" if calls else finish_reason(stats)
         head = answer_head("chatcmpl")
@@ -125,8 +122,7 @@ def add_routes(app: FastAPI, core: ServerCore) -> None:
                 return event
 
             return EventSourceResponse(core.stream(request, job, first, chunk, include_usage), sep="\n", ping=15)
-        text, stats = await core.collect(job, first)
-        core.note(request, job, stats)
+        text, stats = await core.collect(request, job, first)
         return {**head, "object": kinds[0],
                 "choices": [{"index": 0, **whole(text), "finish_reason": finish_reason(stats),
                              "logprobs": logprobs(job.logprobs)}],
