@@ -54,6 +54,17 @@ def leave(child: Terminal) -> None:
     assert child.exitstatus == 0
 
 
+def interrupt_a_long_reply(child: Terminal) -> None:
+    """A long reply (the chat started with -n 400), stopped with ctrl-c once it streams: the chat
+    says so and takes the next line."""
+    child.send_line("Write a very long story about the sea.")
+    child.expect("sea.")
+    time.sleep(3)  # 400 tokens take about 8 s here: this lands mid-reply
+    child.sendintr()
+    child.expect("interrupted", timeout=10)
+    child.expect(">>>")
+
+
 def turns(dump: Path) -> list[str]:
     text = dump.read_text(encoding="utf-8")
     return [part.split("<end_of_turn>")[0].strip() for part in text.split("<start_of_turn>")[1:]]
@@ -68,13 +79,7 @@ def test_real_terminal_session(cli_env: dict[str, str], tmp_path: Path) -> None:
     child.send_line("/help")
     child.expect("/upload FILE")
     child.expect(">>>")
-    # A long reply, stopped with ctrl-c after it started streaming: the chat stays.
-    child.send_line("Write a very long story about the sea.")
-    child.expect("sea.")
-    time.sleep(3)  # 400 tokens take about 8 s here: this lands mid-reply
-    child.sendintr()
-    child.expect("interrupted", timeout=10)
-    child.expect(">>>")
+    interrupt_a_long_reply(child)
     child.send_line("/set n_predict 6")
     child.expect(">>>")
     child.send_line("And then?")

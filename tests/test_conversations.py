@@ -149,6 +149,13 @@ def chat_settings(folder: Path):
     return parse_settings(["--chat"], {"GEMMA_CHAT_DATA_DIR": str(folder)})
 
 
+def recording(engine: Engine, folder: Path) -> tuple[ChatSession, Recorder, list[str]]:
+    """A session on the real engine, its recorder keeping it in `folder`, and the lines it tells."""
+    session = session_for(engine)
+    told: list[str] = []
+    return session, Recorder.open(session, chat_settings(folder), told.append), told
+
+
 def test_resuming_restores_the_cache_only_for_the_same_engine(engine: Engine, tmp_path: Path) -> None:
     session = session_for(engine)
     recorder = Recorder.open(session, chat_settings(tmp_path), pytest.fail)
@@ -181,9 +188,7 @@ def test_resuming_restores_the_cache_only_for_the_same_engine(engine: Engine, tm
 
 
 def test_a_full_disk_turns_storing_off_with_one_line_and_keeps_the_chat(engine: Engine, tmp_path: Path) -> None:
-    session = session_for(engine)
-    told: list[str] = []
-    recorder = Recorder.open(session, chat_settings(tmp_path), told.append)
+    session, recorder, told = recording(engine, tmp_path)
     session.say("First.")
     recorder.sync()
     assert recorder.store is not None
@@ -201,9 +206,7 @@ def test_a_full_disk_turns_storing_off_with_one_line_and_keeps_the_chat(engine: 
 
 
 def test_a_conversation_changed_elsewhere_is_not_overwritten(engine: Engine, tmp_path: Path) -> None:
-    session = session_for(engine)
-    told: list[str] = []
-    recorder = Recorder.open(session, chat_settings(tmp_path), told.append)
+    session, recorder, told = recording(engine, tmp_path)
     session.say("Hello.")
     recorder.sync()
     "".join(session.respond())

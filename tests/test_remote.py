@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Iterator
 
 import pytest
-from test_chat_terminal import leave, open_chat
+from test_chat_terminal import interrupt_a_long_reply, leave, open_chat
 from test_server import REPO, ServerProcess, free_port
 
 KEY = "remote-test-key"
@@ -112,12 +112,7 @@ def test_chat_commands_over_remote_in_a_real_terminal(cli_env: dict[str, str], s
     child.expect("type /help")
     child.expect(">>>")
     # A long reply, stopped with ctrl-c once it streams: the stream is closed, the text kept.
-    child.send_line("Write a very long story about the sea.")
-    child.expect("sea.")
-    time.sleep(3)  # as in test_chat_terminal: the reply is streaming by then
-    child.sendintr()
-    child.expect("interrupted", timeout=10)
-    child.expect(">>>")
+    interrupt_a_long_reply(child)
     child.send_line("/set n_predict 6")
     child.expect(">>>")
     child.send_line("And then?")
