@@ -152,11 +152,17 @@ def _progress_bar(target: Path, total: int) -> Iterator[Callable[[int], None]]:
     if not console.is_terminal:
         yield lambda size: None
         return
-    columns = (TextColumn("copying the model once into {task.description}"), BarColumn(),
-               DownloadColumn(), TimeRemainingColumn())
-    with Progress(*columns, console=console, transient=True) as bar:
-        task = bar.add_task(str(target.parent), total=total)
-        yield lambda size: bar.advance(task, size)
+    # The folder on a line of its own: inside the bar's line, a long one left no room for the bar
+    # and its figures in an 80-column terminal.
+    console.print(f"copying the model once into {target.parent}", markup=False, highlight=False, soft_wrap=True)
+    columns = (TextColumn("copying"), BarColumn(), DownloadColumn(), TimeRemainingColumn())
+    try:
+        with Progress(*columns, console=console, transient=True) as bar:
+            task = bar.add_task("", total=total)
+            yield lambda size: bar.advance(task, size)
+    finally:
+        # A ctrl-c inside Progress's start, after it hid the cursor, skips its own exit.
+        console.show_cursor(True)
 
 
 def resolve_model(model: Path | None, environ: Mapping[str, str],
