@@ -16,6 +16,12 @@ from gemmachat.model_path import default_model
 REPO = Path(__file__).resolve().parent.parent
 
 
+def clean_env(cache_dir: Path, **extra: str) -> dict[str, str]:
+    """This environment without the user's GEMMA_CHAT_ settings, with the session's model cache."""
+    env = {key: value for key, value in os.environ.items() if not key.startswith("GEMMA_CHAT_")}
+    return {**env, "GEMMA_CHAT_CACHE_DIR": str(cache_dir), **extra}
+
+
 @pytest.fixture(scope="session")
 def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     # One cache for the whole run, so the default model is assembled once, not per test.
@@ -99,18 +105,12 @@ def build_in_the_open(pytestconfig: pytest.Config, announcement: str, script: Pa
 
 @pytest.fixture(scope="module")
 def server_env(cache_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
-    env = {key: value for key, value in os.environ.items() if not key.startswith("GEMMA_CHAT_")}
-    env["GEMMA_CHAT_CACHE_DIR"] = str(cache_dir)
-    env["HOME"] = str(tmp_path_factory.mktemp("home"))
-    return env
+    return clean_env(cache_dir, HOME=str(tmp_path_factory.mktemp("home")))
 
 
 @pytest.fixture
 def cli_env(cache_dir: Path, tmp_path: Path) -> dict[str, str]:
-    env = {key: value for key, value in os.environ.items() if not key.startswith("GEMMA_CHAT_")}
-    env["GEMMA_CHAT_CACHE_DIR"] = str(cache_dir)
-    env["HOME"] = str(tmp_path / "home")
-    return env
+    return clean_env(cache_dir, HOME=str(tmp_path / "home"))
 
 
 @pytest.fixture

@@ -10,7 +10,6 @@ import platform
 import signal
 import subprocess
 import sys
-from pathlib import Path
 
 import pexpect
 import pytest

@@ -15,7 +15,6 @@ import threading
 import time
 from pathlib import Path
 
-import pytest
 
 GREEDY = ("--temp", "0", "-t", "1")
 

@@ -29,15 +29,10 @@ EXAMPLES_PER_OPERATION = 12
 
 
 @pytest.fixture(scope="module")
-def server(cache_dir: Path, tmp_path_factory: pytest.TempPathFactory, model_path: Path) -> Iterator[ServerProcess]:
-    import os
-
-    env = {key: value for key, value in os.environ.items() if not key.startswith("GEMMA_CHAT_")}
-    env["GEMMA_CHAT_CACHE_DIR"] = str(cache_dir)
-    env["HOME"] = str(tmp_path_factory.mktemp("home"))
+def server(server_env: dict[str, str], model_path: Path) -> Iterator[ServerProcess]:
     # One thread: with two on a loaded two-core machine, ggml's threads wait on each other and a
     # two-token reply took 0.3 to 9 seconds (one thread: 0.07 s), too slow for the 5 s promise.
-    running = ServerProcess(env, "-n", str(MAX_TOKENS), "-t", "1")
+    running = ServerProcess(server_env, "-n", str(MAX_TOKENS), "-t", "1")
     yield running
     running.stop()
     assert not [line for line in running.lines if "Traceback" in line], running.lines

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib.util
-import os
 import re
 import shutil
 import subprocess
@@ -15,6 +14,7 @@ from typing import Iterator
 import pexpect
 import pytest
 
+from conftest import clean_env
 from gemmachat.bundle import read_trailer
 
 REPO = Path(__file__).resolve().parent.parent
@@ -38,29 +38,22 @@ def build_module():
 
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory: pytest.TempPathFactory, cli_env_base: dict[str, str],
+def built(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path, model_path: Path,
           portable_llama: None) -> Iterator[Built]:
     # The default model, as a user's build gets it: from the package, via the session's cache.
     root = tmp_path_factory.mktemp("pkg")
     output = root / "dist" / "gemma-chat"
     result = subprocess.run([sys.executable, str(BUILD), "-o", str(output), "--work-dir", str(root / "work")],
-                            capture_output=True, text=True, env=cli_env_base, timeout=900)
+                            capture_output=True, text=True, env=clean_env(cache_dir), timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     yield Built(output, root / "work", result.stdout)
     shutil.rmtree(root, ignore_errors=True)  # about 1 GB that pytest would otherwise keep
 
 
 @pytest.fixture(scope="module")
-def cli_env_base(cache_dir: Path, model_path: Path) -> dict[str, str]:
-    env = {key: value for key, value in os.environ.items() if not key.startswith("GEMMA_CHAT_")}
-    env["GEMMA_CHAT_CACHE_DIR"] = str(cache_dir)
-    return env
-
-
-@pytest.fixture(scope="module")
-def expected(cli_env_base: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> str:
+def expected(cache_dir: Path, model_path: Path, tmp_path_factory: pytest.TempPathFactory) -> str:
     """What the source install prints for PROMPT (python -m gemmachat from this checkout)."""
-    env = {**cli_env_base, "HOME": str(tmp_path_factory.mktemp("source-home"))}
+    env = clean_env(cache_dir, HOME=str(tmp_path_factory.mktemp("source-home")))
     result = subprocess.run([sys.executable, "-m", "gemmachat", *PROMPT], capture_output=True, text=True,
                             env=env, cwd=REPO, timeout=300)
     assert result.returncode == 0 and result.stdout.strip(), result.stderr
