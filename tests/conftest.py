@@ -9,6 +9,19 @@ from pathlib import Path
 
 import pytest
 
+if "PYTEST_XDIST_WORKER" in os.environ:
+    # Two workers share 2 cores (pyproject.toml's addopts, docs/testing.md). ggml's OpenMP threads
+    # spin while they wait, so each worker's llama.cpp burnt the CPU the other needed: 960 CPU
+    # seconds for the suite instead of 560. Passive waiting is OpenMP's own switch, read by every
+    # process a test starts and, set before the imports below load llama.cpp, by this one's engine.
+    # `-n 0` runs everything with llama.cpp's default. (How gemma-chat itself copes with a busy
+    # CPU is tested with real hogs in tests/test_threads.py.)
+    os.environ.setdefault("OMP_WAIT_POLICY", "passive")
+    # The workers run with COLUMNS=80, which rich and prompt_toolkit would take over the size of
+    # the terminal a test opens for its child.
+    for variable in ("COLUMNS", "LINES"):
+        os.environ.pop(variable, None)
+
 from gemmachat.engine import Engine, EngineOptions
 from gemmachat.gguf import read_gguf
 from gemmachat.model_path import default_model
@@ -90,15 +103,19 @@ def rpc_backend(pytestconfig: pytest.Config) -> Path:
 
 
 def build_in_the_open(pytestconfig: pytest.Config, announcement: str, script: Path) -> None:
-    reporter = pytestconfig.pluginmanager.getplugin("terminalreporter")
     capture = pytestconfig.pluginmanager.getplugin("capturemanager")
+    if hasattr(pytestconfig, "workerinput"):  # an xdist worker's reporter reaches no terminal; stderr does
+        def write_line(line: str) -> None:
+            print(line, file=sys.stderr, flush=True)
+    else:
+        write_line = pytestconfig.pluginmanager.getplugin("terminalreporter").write_line
     with capture.global_and_fixture_disabled():
-        reporter.write_line(announcement)
+        write_line(announcement)
         build = subprocess.Popen([sys.executable, str(script)], cwd=REPO,
                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         assert build.stderr is not None
         for line in build.stderr:
-            reporter.write_line(f"  {line.rstrip()}")
+            write_line(f"  {line.rstrip()}")
         if build.wait() != 0:
             pytest.fail(f"{script.name} could not build llama.cpp (see above)")
 

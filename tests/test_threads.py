@@ -26,12 +26,19 @@ def hogs():
 
 
 def test_free_cpus_sees_other_processes(hogs: int) -> None:
-    before = read_cpu_times(CPUS)
-    time.sleep(1.0)
-    after = read_cpu_times(CPUS)
-    assert before is not None and after is not None
-    # The hogs take (nearly) every CPU; this test process sleeps.
-    assert free_cpus(before, after, len(CPUS)) < 0.5
+    def one_second() -> float:
+        before = read_cpu_times(CPUS)
+        time.sleep(1.0)
+        after = read_cpu_times(CPUS)
+        assert before is not None and after is not None
+        return free_cpus(before, after, len(CPUS))
+
+    # The hogs take (nearly) every CPU; this test process sleeps. Seen within three seconds: once,
+    # beside the suite's other worker, one second's ticks showed a CPU free.
+    readings = [one_second()]
+    while readings[-1] >= 0.5 and len(readings) < 3:
+        readings.append(one_second())
+    assert readings[-1] < 0.5, readings
 
 
 def test_our_own_work_is_told_apart_from_others() -> None:
