@@ -15,7 +15,8 @@ from test_conversations import stored
 from test_server import ServerProcess
 
 from gemmachat.conversation import Conversation
-from gemmachat.store import DATABASE_NAME
+from gemmachat.store import DATABASE_NAME, Store
+from gemmachat.templates import Message
 
 GREEDY = {"temperature": 0, "max_tokens": 8}
 
@@ -108,6 +109,39 @@ def test_a_stopped_reply_is_kept_and_marked_interrupted(server: ServerProcess, d
     status, conversation = server.request("GET", f"/conversations/{number}")
     assert conversation["messages"][-1]["interrupted"] is True and not conversation["writing"]
     assert server.request("GET", "/health")[1]["slots_processing"] == 0
+
+
+def test_a_reply_to_a_conversation_the_terminal_wrote_meanwhile_goes_to_a_new_one(server: ServerProcess,
+                                                                                 data: Path) -> None:
+    number = new(server)["id"]
+    stream = Stream(server.port, f"/conversations/{number}/messages",
+                    {"content": "Count: 1, 2, 3,", "temperature": 0, "max_tokens": 12})
+    try:
+        events = iter(stream)
+        assert next(events)["type"] == "start"
+        # The reply is under way (it is stored when it ends): the terminal chat, another process on
+        # the same store, goes on with the conversation meanwhile, as its recorder writes.
+        terminal = Store.open(data, pytest.fail)
+        terminal.write(number, 1, [Message("user", "typed in the terminal")], None, "Count: 1, 2, 3,",
+                       expected=terminal.version(number))
+        terminal.close()
+        rest = list(events)
+    finally:
+        stream.close()
+    done = rest[-1]
+    reply = "".join(e["text"] for e in rest if e["type"] == "text")
+    assert done["type"] == "done" and done["conversation"] not in (number, None), done
+    # Nothing the terminal wrote is overwritten; the reply is kept, in a new conversation.
+    original = server.request("GET", f"/conversations/{number}")[1]["messages"]
+    assert [(m["role"], m["content"]) for m in original] == [("user", "Count: 1, 2, 3,"),
+                                                             ("user", "typed in the terminal")]
+    forked = server.request("GET", f"/conversations/{done['conversation']}")[1]["messages"]
+    assert [(m["role"], m["content"]) for m in forked] == [("user", "Count: 1, 2, 3,"), ("assistant", reply)]
+    assert reply
+    deadline = time.monotonic() + 10  # the server's log says so too (read from its stderr as it comes)
+    while not server.log_lines(f"the reply went on as conversation {done['conversation']}"):
+        assert time.monotonic() < deadline, server.lines[-5:]
+        time.sleep(0.05)
 
 
 def test_regenerate_and_edit_and_resend(server: ServerProcess) -> None:

@@ -442,6 +442,29 @@ def test_cancelled_rename_and_delete_change_nothing(page: Page, data: Path, serv
     assert [m["content"] for m in kept["messages"]] == ["show me", "Kept as it was."]
 
 
+def test_a_reply_the_terminal_wrote_past_goes_on_in_a_new_conversation(page: Page, data: Path) -> None:
+    page.click("#new")
+    send(page, "Once upon a time", "120", wait=False)
+    expect(page.locator("#messages .message.assistant.streaming .body")).to_have_text(re.compile(r"\S"),
+                                                                                     timeout=60_000)
+    number = int(page.evaluate("location.hash.slice(1)"))
+    # Mid-reply, the terminal chat (another process on the same store) writes the next message.
+    terminal = Store.open(data, pytest.fail)
+    terminal.write(number, 1, [Message("user", "typed in the terminal")], None, "Once upon a time",
+                   expected=terminal.version(number))
+    terminal.close()
+    finished(page)
+    expect(page.locator("#error")).to_contain_text(f"conversation {number} was changed elsewhere")
+    forked = int(page.evaluate("location.hash.slice(1)"))
+    assert forked != number
+    expect(page.locator(f"#list [data-id='{forked}']")).to_have_attribute("aria-current", "true")
+    reply = last_reply(page).get_attribute("data-text")
+    rows = stored(data)
+    assert [(r, c) for n, r, c, _ in rows if n == number] == [("user", "Once upon a time"),
+                                                               ("user", "typed in the terminal")]
+    assert [(r, c) for n, r, c, _ in rows if n == forked] == [("user", "Once upon a time"), ("assistant", reply)]
+
+
 @pytest.mark.parametrize("flags, opened", [((), True), (("--nobrowser",), False)])
 def test_server_opens_the_page_in_a_browser_unless_nobrowser(server_env: dict[str, str], tmp_path: Path,
                                                              model_path: Path, flags: tuple[str, ...],

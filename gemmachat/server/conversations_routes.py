@@ -33,7 +33,7 @@ from gemmachat.errors import PromptTooLong, UserError
 from gemmachat.recorder import recorded_settings
 from gemmachat.server.core import ServerCore
 from gemmachat.server.responses import finish_reason, json_line
-from gemmachat.store import Store, StoreError, Summary, data_dir, title_from
+from gemmachat.store import ConversationChanged, Store, StoreError, Summary, Version, data_dir, title_from
 from gemmachat.templates import Message, messages_of, to_tokens
 
 
@@ -93,17 +93,28 @@ def add_routes(app: FastAPI, core: ServerCore) -> None:
 
     @contextmanager
     def stored() -> Iterator[None]:
-        """The store's errors as HTTP errors: a missing conversation 404, a store that fails 503."""
+        """The store's errors as HTTP errors: a missing conversation 404, a store that fails 503,
+        a conversation written elsewhere since it was read 409."""
         try:
             yield
         except StoreError as error:
             raise api.ApiError(503, str(error), code="store_unavailable") from None
         except UserError as error:
             raise api.ApiError(404, str(error), code="not_found") from None
+        except ConversationChanged as changed:
+            raise api.ApiError(409, f"conversation {changed} was changed elsewhere (the terminal chat or "
+                               "another page) since it was read: reload it", code="conversation_changed") from None
 
     def load(conversation_id: int) -> tuple[Summary, Conversation]:
         with stored():
             return store.load(conversation_id)
+
+    def load_to_write(conversation_id: int) -> tuple[Conversation, Version | None]:
+        """The conversation and its version, read first: a write that expects it fails, rather than
+        overwrite, if the terminal chat (another process) writes in between."""
+        with stored():
+            version = store.version(conversation_id)
+            return store.load(conversation_id)[1], version
 
     async def context_used(conversation: Conversation) -> int:
         """Tokens the conversation takes as the next prompt (the server's template and tokenizer)."""
@@ -121,11 +132,11 @@ def add_routes(app: FastAPI, core: ServerCore) -> None:
                 "context": {"used": await context_used(conversation), "size": core.engine.n_ctx_seq}}
 
     def create(conversation: Conversation, title: str = "") -> int:
-        with stored():
-            number = store.create(title, core.model_id, conversation.system,
-                                  recorded_settings(core.settings, core.engine.n_ctx_seq))
-            if conversation.messages:
-                store.write(number, 0, conversation.messages, conversation.system, title_from(conversation.messages))
+        """A new stored conversation holding `conversation` (StoreError as it comes)."""
+        number = store.create(title, core.model_id, conversation.system,
+                              recorded_settings(core.settings, core.engine.n_ctx_seq))
+        if conversation.messages:
+            store.write(number, 0, conversation.messages, conversation.system, title_from(conversation.messages))
         return number
 
     @app.get("/conversations", summary="Stored conversations, latest first, and where they are kept")
@@ -136,7 +147,9 @@ def add_routes(app: FastAPI, core: ServerCore) -> None:
 
     @app.post("/conversations", status_code=201, summary="A new, empty conversation")
     async def new_conversation(body: NewConversation) -> Any:
-        return await document(create(Conversation(system=body.system or None), body.title.strip()))
+        with stored():
+            number = create(Conversation(system=body.system or None), body.title.strip())
+        return await document(number)
 
     @app.post("/conversations/import", status_code=201,
               summary="A new conversation from the JSON that /save writes (and export answers)")
@@ -147,7 +160,9 @@ def add_routes(app: FastAPI, core: ServerCore) -> None:
             raise api.ApiError(400, "the upload is not a gemma-chat conversation (not JSON)") from None
         except UserError as error:
             raise api.ApiError(400, str(error)) from None
-        return await document(create(loaded))
+        with stored():
+            number = create(loaded)
+        return await document(number)
 
     @app.get("/conversations/{conversation_id}", summary="A conversation: its system prompt, messages and context use")
     async def get_conversation(conversation_id: ConversationId) -> Any:
@@ -155,13 +170,14 @@ def add_routes(app: FastAPI, core: ServerCore) -> None:
 
     @app.patch("/conversations/{conversation_id}", summary="Rename a conversation or change its system prompt")
     async def change_conversation(conversation_id: ConversationId, body: ConversationChange) -> Any:
-        _, conversation = load(conversation_id)
+        conversation, version = load_to_write(conversation_id)
         with stored():
-            if body.title is not None:
-                store.rename(conversation_id, body.title.strip())
             if body.system is not None:
                 messages = conversation.messages
-                store.write(conversation_id, len(messages), [], body.system or None, title_from(messages))
+                store.write(conversation_id, len(messages), [], body.system or None, title_from(messages),
+                            expected=version)
+            if body.title is not None:
+                store.rename(conversation_id, body.title.strip())
         return await document(conversation_id)
 
     @app.delete("/conversations/{conversation_id}", status_code=204, summary="Delete a conversation")
@@ -186,7 +202,7 @@ def add_routes(app: FastAPI, core: ServerCore) -> None:
     @app.post("/conversations/{conversation_id}/messages",
               summary="Append a user message (or replace one, with `at`) and stream the reply as server-sent events")
     async def send_message(conversation_id: ConversationId, body: NewMessage, request: Request) -> Any:
-        _, conversation = load(conversation_id)
+        conversation, version = load_to_write(conversation_id)
         messages = conversation.messages
         at = len(messages) if body.at is None else body.at
         if at > len(messages) or (at < len(messages) and messages[at].role != "user"):
@@ -194,20 +210,20 @@ def add_routes(app: FastAPI, core: ServerCore) -> None:
                                code="invalid_value", param="at")
         if body.system is not None:
             conversation.system = body.system or None
-        return await reply(request, conversation_id, conversation, at, [Message("user", body.content)], body)
+        return await reply(request, conversation_id, conversation, version, at, [Message("user", body.content)], body)
 
     @app.post("/conversations/{conversation_id}/reply",
               summary="Write the last user message's reply again (regenerate), streamed as server-sent events")
     async def regenerate(conversation_id: ConversationId, body: Generation, request: Request) -> Any:
-        _, conversation = load(conversation_id)
+        conversation, version = load_to_write(conversation_id)
         last_user = max((i for i, m in enumerate(conversation.messages) if m.role == "user"), default=None)
         if last_user is None:
             raise api.ApiError(400, f"conversation {conversation_id} has no user message to reply to",
                                code="invalid_value")
-        return await reply(request, conversation_id, conversation, last_user + 1, [], body)
+        return await reply(request, conversation_id, conversation, version, last_user + 1, [], body)
 
-    async def reply(request: Request, conversation_id: int, conversation: Conversation, start: int,
-                    new: list[Message], body: Generation) -> Any:
+    async def reply(request: Request, conversation_id: int, conversation: Conversation, version: Version | None,
+                    start: int, new: list[Message], body: Generation) -> Any:
         """Store `new` from position `start` on (what was there goes), then stream the reply."""
         if conversation_id in writing:
             raise api.ApiError(409, f"conversation {conversation_id} is already writing a reply",
@@ -215,7 +231,8 @@ def add_routes(app: FastAPI, core: ServerCore) -> None:
         messages = conversation.messages[:start] + new
         job, dropped = await fitted_job(conversation.system, messages, body)
         with stored():
-            store.write(conversation_id, start, new, conversation.system, title_from(messages))
+            version = store.write(conversation_id, start, new, conversation.system, title_from(messages),
+                                  expected=version)
         writing.add(conversation_id)
         try:
             job.stream = True
@@ -245,20 +262,37 @@ def add_routes(app: FastAPI, core: ServerCore) -> None:
                 writing.discard(conversation_id)
                 cut = done is None or done.finish_reason == "cancelled"
                 text = "".join(parts)
+                kept_in = conversation_id
                 if done is not None or text:
                     try:
-                        store.write(conversation_id, position, [Message("assistant", text, interrupted=cut)],
-                                    conversation.system, title_from(messages))
+                        kept_in = keep_reply(conversation_id, version, Conversation(conversation.system, messages),
+                                             Message("assistant", text, interrupted=cut))
                     except StoreError as error:
                         core.log(f"gemma-chat: a reply of conversation {conversation_id} was not kept: {error}")
             if done is not None:
-                yield json_line({"type": "done", "finish_reason": "cancelled" if cut else finish_reason(done),
-                             "prompt_tokens": done.prompt_tokens, "generated_tokens": done.generated_tokens,
-                             "tokens_per_second": round(done.generation_tokens_per_second, 2),
-                             "context": {"used": done.prompt_tokens + done.generated_tokens,
-                                         "size": core.engine.n_ctx_seq}})
+                yield json_line({"type": "done", "conversation": kept_in,
+                                 "finish_reason": "cancelled" if cut else finish_reason(done),
+                                 "prompt_tokens": done.prompt_tokens, "generated_tokens": done.generated_tokens,
+                                 "tokens_per_second": round(done.generation_tokens_per_second, 2),
+                                 "context": {"used": done.prompt_tokens + done.generated_tokens,
+                                             "size": core.engine.n_ctx_seq}})
 
         return EventSourceResponse(events(), sep="\n", ping=15)
+
+    def keep_reply(conversation_id: int, version: Version, conversation: Conversation, reply: Message) -> int:
+        """Stores the reply after the conversation's messages; returns the conversation it went to.
+        That is a new one when another process (the terminal chat) wrote to this one while the
+        reply was written: writing on would overwrite its messages. The terminal chat does the same."""
+        messages = conversation.messages
+        try:
+            store.write(conversation_id, len(messages), [reply], conversation.system, title_from(messages),
+                        expected=version)
+            return conversation_id
+        except ConversationChanged:
+            forked = create(Conversation(conversation.system, [*messages, reply]))
+            core.log(f"gemma-chat: conversation {conversation_id} was changed elsewhere while the page's reply "
+                     f"was written; the reply went on as conversation {forked}")
+            return forked
 
     async def fitted_job(system: str | None, messages: list[Message], body: Generation) -> tuple[Any, int]:
         """The chat-completion job for the conversation, and how many of its oldest messages it had

@@ -241,6 +241,9 @@ async function send(text, at) {
     await stream(`/conversations/${state.id}/messages`, body);
   } catch (error) {
     showError(error);
+    // Refused before anything was stored (say, the conversation changed elsewhere): kept to send again.
+    if (error.refused && !$("input").value) $("input").value = text;
+    await reload();
   }
 }
 
@@ -255,7 +258,17 @@ async function regenerate() {
     await stream(`/conversations/${state.id}/reply`, generation());
   } catch (error) {
     showError(error);
+    await reload();
   }
+}
+
+async function reload() {
+  // After a refused or failed reply, the conversation as stored, not as this page guessed it.
+  if (state.id === null) return;
+  try {
+    state.current = await json(`/conversations/${state.id}`);
+    renderConversation();
+  } catch (_) { /* the error shown already says what went wrong */ }
 }
 
 function cancelEdit() {
@@ -292,7 +305,8 @@ async function stream(path, body) {
     $("messages").scrollTop = $("messages").scrollHeight;
   };
   try {
-    const response = await api(path, { method: "POST", body: JSON.stringify(body), signal: state.controller.signal });
+    const response = await api(path, { method: "POST", body: JSON.stringify(body), signal: state.controller.signal })
+      .catch((error) => { error.refused = true; throw error; });
     const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
     let buffer = "";
     for (;;) {
@@ -308,6 +322,13 @@ async function stream(path, body) {
           reply.content += event.text;
           if (!pending) { pending = true; requestAnimationFrame(draw); }
         } else if (event.type === "done") {
+          if (event.conversation !== state.id) {
+            // The terminal chat wrote to this conversation meanwhile: the reply went to a new one.
+            showError(`conversation ${state.id} was changed elsewhere while this reply was written: ` +
+                      `it goes on as conversation ${event.conversation}`);
+            state.id = event.conversation;
+            location.hash = `#${state.id}`;
+          }
           showContext(event.context);
           $("speed").textContent = `last reply: ${event.tokens_per_second.toFixed(1)} tokens/s`;
         } else if (event.type === "error") {
