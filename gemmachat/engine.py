@@ -32,7 +32,7 @@ from gemmachat.errors import PromptTooLong, UserError, warn
 from gemmachat.gguf import GGUFInfo
 from gemmachat.settings import BASE_MODEL_REPLY_CAP, DEFAULT_CTX_CAP, Sampling, Settings, default_threads
 from gemmachat.templates import Renderer, Template, make_renderer
-from gemmachat.threads import ThreadGovernor
+from gemmachat.threads import ThreadGovernor, fixed_threads_notice, read_cpu_times, usable_cpus
 
 if TYPE_CHECKING:
     from gemmachat.model_path import ModelFile
@@ -1224,7 +1224,13 @@ def load_engine(settings: Settings, sequences: int = 1, shared_kv: bool = True, 
             warn("--rpc with -ngl 0 leaves every layer here: add -ngl 999 to put them on the workers")
     elif settings.n_gpu_layers > 0 and not gpu_offload_supported():
         warn(no_gpu_message(settings.verbose))
-    engine = Engine(path, info, EngineOptions.from_settings(settings, sequences, shared_kv, inline), name)
+    options = EngineOptions.from_settings(settings, sequences, shared_kv, inline)
+    cpus = usable_cpus()
+    before = None if options.adapt_threads else read_cpu_times(cpus)
+    engine = Engine(path, info, options, name)
+    if before is not None and (notice := fixed_threads_notice(before, read_cpu_times(cpus), options.threads,
+                                                              len(cpus))):
+        warn(notice)
     if settings.verbose and not engine.repack.use_extra_buffers:
         warn(f"weights stay in plain CPU buffers (no repacking): {engine.repack.reason}")
     return engine

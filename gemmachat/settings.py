@@ -241,8 +241,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "(llama.cpp's RPC backend; -ngl says how many layers leave this one, 999 = "
                              "all); also $GEMMA_CHAT_RPC, config key rpc = \"HOST:PORT\"")
     engine.add_argument("-t", "--threads", type=_positive_int, metavar="N",
-                        help="CPU threads, fixed (default: the CPUs this process may use, fewer "
-                             "while other processes keep some of them busy)")
+                        help="CPU threads, fixed: one line at start says when other processes keep "
+                             "them busy (default: the CPUs this process may use, fewer while other "
+                             "processes keep some of them busy)")
     engine.add_argument("-b", "--batch-size", type=_positive_int, default=2048, metavar="N",
                         help="logical batch size for prompt processing (default 2048)")
     engine.add_argument("-ub", "--ubatch-size", type=_positive_int, default=512, metavar="N",

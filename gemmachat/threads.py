@@ -73,6 +73,19 @@ def free_cpus(before: CpuTimes, after: CpuTimes, cpus: int) -> float:
     return max(0.0, cpus - others / elapsed)
 
 
+def fixed_threads_notice(before: CpuTimes | None, after: CpuTimes | None, threads: int, cpus: int) -> str | None:
+    """For a fixed -t: one line when other processes took the CPUs it needs between two readings
+    (the model's load), since the governor that would step aside is off; None otherwise."""
+    if before is None or after is None or threads < 2 or (after.total - before.total) / cpus < 10:
+        return None  # no /proc, one thread (never waits on another), or too short to tell
+    free = free_cpus(before, after, cpus)
+    if free >= threads - 0.5:
+        return None
+    return (f"other processes kept {cpus - free:.1f} of the {cpus} CPUs busy while the model loaded: with "
+            f"-t {threads}, llama.cpp's threads wait on each other there and generation can be many times "
+            "slower; without -t, gemma-chat uses the CPUs they leave free")
+
+
 class ThreadGovernor:
     """Answers the thread count for the next decode, between 1 and `maximum`.
 

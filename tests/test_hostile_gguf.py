@@ -279,7 +279,7 @@ def hostile_model(model_path: Path) -> Path:
 
 def test_a_template_that_reaches_python_objects_is_refused_and_ours_used(
         hostile_model: Path, model_path: Path, cli_env: dict[str, str], tmp_path: Path) -> None:
-    args = ["--cli", "--chat-turn", "-p", "Say hi", "-n", "6", "--temp", "0", "-c", "256", "-t", "2"]
+    args = ["--cli", "--chat-turn", "-p", "Say hi", "-n", "6", "--temp", "0", "-c", "256", "-t", "1"]
 
     def run(model: Path, *extra: str) -> subprocess.CompletedProcess:
         # In an empty folder: the attack would create PWNED in the working directory.

@@ -9,7 +9,7 @@ from dataclasses import replace
 
 import pytest
 
-from gemmachat.threads import ThreadGovernor, free_cpus, read_cpu_times, usable_cpus
+from gemmachat.threads import CpuTimes, ThreadGovernor, fixed_threads_notice, free_cpus, read_cpu_times, usable_cpus
 
 CPUS = usable_cpus()
 
@@ -61,8 +61,6 @@ def test_governor_drops_at_once_and_rises_only_when_two_readings_agree() -> None
     clock = iter(range(0, 100))
 
     def read(cpus):
-        from gemmachat.threads import CpuTimes
-
         busy, total = next(readings)
         return CpuTimes(busy=busy, total=total, own=0)
 
@@ -83,8 +81,25 @@ def test_cli_decodes_with_fewer_threads_beside_hogs(run_cli, hogs: int) -> None:
 
 
 @pytest.mark.skipif(len(CPUS) < 2, reason="needs 2 CPUs")
-def test_an_explicit_thread_count_is_kept(run_cli, hogs: int) -> None:
+def test_an_explicit_thread_count_is_kept_and_said_to_be_busy(run_cli, hogs: int) -> None:
     result = run_cli("--cli", "-p", "Once upon a time", "-n", "8", "--ignore-eos", "--temp", "0",
                      "-t", str(len(CPUS)), "--verbose", timeout=300)
     assert result.returncode == 0, result.stderr[-1000:]
     assert "set_n_threads" not in result.stderr
+    # The hogs kept the CPUs busy while the model loaded: one line says what -t costs then.
+    notice = [line for line in result.stderr.splitlines() if "CPUs busy while the model loaded" in line]
+    assert len(notice) == 1 and f"with -t {len(CPUS)}," in notice[0] and "without -t" in notice[0], notice
+
+
+def test_the_busy_notice_only_for_a_fixed_count_that_others_take() -> None:
+    def reading(busy: int, total: int, own: int = 0) -> CpuTimes:
+        return CpuTimes(busy=busy, total=total, own=own)
+
+    start = reading(0, 0)
+    # 2 CPUs for one second (200 ticks): others took 150 ticks, so half a CPU was left.
+    assert "kept 1.5 of the 2 CPUs busy" in fixed_threads_notice(start, reading(150, 200), 2, 2)
+    # The same ticks, but our own load took 100 of them: 1.5 CPUs left, enough for -t 2.
+    assert fixed_threads_notice(start, reading(150, 200, own=100), 2, 2) is None
+    assert fixed_threads_notice(start, reading(150, 200), 1, 2) is None  # one thread waits on none
+    assert fixed_threads_notice(start, reading(4, 10), 2, 2) is None  # 50 ms: too short to tell
+    assert fixed_threads_notice(None, reading(150, 200), 2, 2) is None  # no /proc/stat
