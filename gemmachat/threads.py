@@ -79,7 +79,7 @@ def fixed_threads_notice(before: CpuTimes | None, after: CpuTimes | None, thread
     if before is None or after is None or threads < 2 or (after.total - before.total) / cpus < 10:
         return None  # no /proc, one thread (never waits on another), or too short to tell
     free = free_cpus(before, after, cpus)
-    if free >= threads - 0.5:
+    if free >= min(threads, cpus) - 0.5:  # more threads than CPUs is slow anyway, busy or not
         return None
     return (f"other processes kept {cpus - free:.1f} of the {cpus} CPUs busy while the model loaded: with "
             f"-t {threads}, llama.cpp's threads wait on each other there and generation can be many times "

@@ -101,5 +101,6 @@ def test_the_busy_notice_only_for_a_fixed_count_that_others_take() -> None:
     # The same ticks, but our own load took 100 of them: 1.5 CPUs left, enough for -t 2.
     assert fixed_threads_notice(start, reading(150, 200, own=100), 2, 2) is None
     assert fixed_threads_notice(start, reading(150, 200), 1, 2) is None  # one thread waits on none
+    assert fixed_threads_notice(start, reading(10, 200), 8, 2) is None  # more threads than CPUs, all free
     assert fixed_threads_notice(start, reading(4, 10), 2, 2) is None  # 50 ms: too short to tell
     assert fixed_threads_notice(None, reading(150, 200), 2, 2) is None  # no /proc/stat
