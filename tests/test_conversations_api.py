@@ -62,6 +62,14 @@ def converse(server: ServerProcess, path: str, body: dict[str, Any]) -> tuple[st
     return "".join(e["text"] for e in events if e["type"] == "text"), events[-1]
 
 
+def written_elsewhere(data: Path, number: int, position: int, text: str) -> None:
+    """A user message written into conversation `number` as the terminal chat's recorder writes it:
+    from another process on the same store, expecting the version it reads."""
+    terminal = Store.open(data, pytest.fail)
+    terminal.write(number, position, [Message("user", text)], None, "", expected=terminal.version(number))
+    terminal.close()
+
+
 def new(server: ServerProcess, **fields: Any) -> dict[str, Any]:
     status, created = server.request("POST", "/conversations", fields)
     assert status == 201, created
@@ -121,10 +129,7 @@ def test_a_reply_to_a_conversation_the_terminal_wrote_meanwhile_goes_to_a_new_on
         assert next(events)["type"] == "start"
         # The reply is under way (it is stored when it ends): the terminal chat, another process on
         # the same store, goes on with the conversation meanwhile, as its recorder writes.
-        terminal = Store.open(data, pytest.fail)
-        terminal.write(number, 1, [Message("user", "typed in the terminal")], None, "Count: 1, 2, 3,",
-                       expected=terminal.version(number))
-        terminal.close()
+        written_elsewhere(data, number, 1, "typed in the terminal")
         rest = list(events)
     finally:
         stream.close()

@@ -16,7 +16,7 @@ from typing import Iterator
 import pytest
 from playwright.sync_api import Browser, Dialog, Page, Request, expect, sync_playwright
 from test_conversations import stored
-from test_conversations_api import data, server  # noqa: F401  a --history server of the module's own
+from test_conversations_api import data, server, written_elsewhere  # noqa: F401  a --history server of the module's own
 from test_server import ServerProcess, free_port, raw_request
 
 from gemmachat.conversation import Conversation
@@ -449,10 +449,7 @@ def test_a_reply_the_terminal_wrote_past_goes_on_in_a_new_conversation(page: Pag
                                                                                      timeout=60_000)
     number = int(page.evaluate("location.hash.slice(1)"))
     # Mid-reply, the terminal chat (another process on the same store) writes the next message.
-    terminal = Store.open(data, pytest.fail)
-    terminal.write(number, 1, [Message("user", "typed in the terminal")], None, "Once upon a time",
-                   expected=terminal.version(number))
-    terminal.close()
+    written_elsewhere(data, number, 1, "typed in the terminal")
     finished(page)
     expect(page.locator("#error")).to_contain_text(f"conversation {number} was changed elsewhere")
     forked = int(page.evaluate("location.hash.slice(1)"))
