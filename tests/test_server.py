@@ -391,6 +391,47 @@ def test_a_body_over_the_limit_is_413(server: ServerProcess) -> None:
     assert_alive(server)
 
 
+def test_other_web_pages_and_other_host_names_are_refused(server: ServerProcess) -> None:
+    """What a browser sends for another site's page (its Origin) and for a DNS-rebound name (its
+    Host), against what the page itself and clients that are not browsers send. test_web.py sends
+    them from a real browser."""
+    port = server.port
+    cases = [
+        ({"Origin": "http://evil.example"}, "cross_origin_refused"),
+        ({"Origin": f"http://127.0.0.1:{free_port()}"}, "cross_origin_refused"),  # this host, another port
+        ({"Origin": "null"}, "cross_origin_refused"),  # a sandboxed frame, a file:// page
+        ({"Host": f"evil.example:{port}", "Origin": f"http://evil.example:{port}"}, "host_not_allowed"),
+        ({"Host": f"evil.example:{port}"}, "host_not_allowed"),
+        ({"Origin": f"http://127.0.0.1:{port}"}, None),
+        ({"Host": f"localhost:{port}", "Origin": f"http://localhost:{port}"}, None),
+        ({"Host": f"[::1]:{port}"}, None),
+        ({"Host": f"app.localhost:{port}"}, None),
+        ({"Host": f"myllm:{port}"}, None),  # one label: an /etc/hosts alias, which public DNS cannot serve
+        ({}, None),
+    ]
+    for headers, code in cases:
+        status, reply = server.request("POST", "/tokenize", {"content": "hi"}, headers=headers)
+        if code is None:
+            assert status == 200 and reply["tokens"], (headers, reply)
+        else:
+            assert status == 403 and reply["error"]["code"] == code, (headers, reply)
+    status, _ = server.request("GET", "/", headers={"Host": f"evil.example:{port}"})
+    assert status == 403, "a rebound name does not even get the page"
+
+
+def test_a_server_listening_everywhere_answers_any_name_but_not_other_pages() -> None:
+    from gemmachat.server.same_origin import refusal
+
+    rebound = {"host": "evil.example:8080"}
+    assert refusal(rebound, "127.0.0.1", "127.0.0.1").code == "host_not_allowed"
+    assert refusal(rebound, "127.0.0.1", "0.0.0.0") is None  # --host 0.0.0.0: its names are the user's
+    assert refusal(rebound, "192.168.1.5", "192.168.1.5") is None
+    assert refusal({**rebound, "origin": "http://other.example"}, "127.0.0.1", "0.0.0.0").code == (
+        "cross_origin_refused")
+    assert refusal({"host": "myhost.example:8080", "origin": "http://myhost.example:8080"}, "192.168.1.5",
+                   "0.0.0.0") is None
+
+
 def test_the_access_log_has_one_compact_line_per_request(server: ServerProcess) -> None:
     server.request("GET", "/v1/models")
     deadline = time.monotonic() + 5

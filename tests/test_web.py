@@ -4,11 +4,13 @@ page for the module; every request the page makes is recorded."""
 
 from __future__ import annotations
 
+import http.server
 import json
 import os
 import re
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Iterator
@@ -460,6 +462,62 @@ def test_a_reply_the_terminal_wrote_past_goes_on_in_a_new_conversation(page: Pag
     assert [(r, c) for n, r, c, _ in rows if n == number] == [("user", "Once upon a time"),
                                                                ("user", "typed in the terminal")]
     assert [(r, c) for n, r, c, _ in rows if n == forked] == [("user", "Once upon a time"), ("assistant", reply)]
+
+
+class Cats(http.server.BaseHTTPRequestHandler):
+    """Another site's page: nothing but cats, on the face of it."""
+
+    def do_GET(self) -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", "text/html")
+        self.end_headers()
+        self.wfile.write(b"<p>cats</p>")
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def test_another_sites_page_cannot_write_and_a_rebound_name_gets_nothing(browser: Browser, server: ServerProcess,
+                                                                          data: Path) -> None:
+    """Another site's page sends what a browser sends without asking the server (simple requests: a
+    POST with a text/plain body, which the server reads as JSON like any body). Before, they
+    replaced a stored conversation's messages and planted a new one."""
+    status, mine = server.request("POST", "/conversations", {"title": "mine"})
+    number = mine["id"]
+    written_elsewhere(data, number, 0, "my own words")
+    before = stored(data)
+    # The other site is served from this machine: Chromium itself blocks a public site's requests to
+    # 127.0.0.1 (Private Network Access); other browsers do not, nor pages on the machine or the LAN.
+    site = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Cats)
+    threading.Thread(target=site.serve_forever, daemon=True).start()
+    context = browser.new_context()
+    attacker = context.new_page()
+    attacker.goto(f"http://localhost:{site.server_address[1]}/")
+    attacker.evaluate("""async ([url, number]) => {
+        const send = (path, body) => fetch(url + path, {method: "POST", mode: "no-cors", body: JSON.stringify(body),
+                                                         headers: {"Content-Type": "text/plain"}});
+        await send(`/conversations/${number}/messages`, {content: "hijacked", at: 0, max_tokens: 1});
+        await send("/conversations/import", {format: "gemma-chat conversation", version: 1, system: null,
+                                             messages: [{role: "user", content: "planted"}]});
+    }""", [server.url, number])
+    context.close()
+    site.shutdown()
+    assert stored(data) == before
+    # The requests did reach the server, which refused them (a browser that blocked them would
+    # prove nothing about the server).
+    assert server.log_lines(f'"POST /conversations/{number}/messages" 403')
+    assert server.log_lines('"POST /conversations/import" 403')
+    # DNS rebinding: the attacker's own name, pointed at 127.0.0.1 (here by Chromium's resolver
+    # rules), makes its page same-origin with the server; the name in the Host header gives it away.
+    rebinding = browser.browser_type.launch(executable_path=str(CHROMIUM), args=[
+        *CHROMIUM_ARGS, "--host-resolver-rules=MAP rebound.test 127.0.0.1"])
+    try:
+        rebound = rebinding.new_page()
+        response = rebound.goto(f"http://rebound.test:{server.port}/conversations")
+        assert response is not None and response.status == 403
+        assert "host_not_allowed" in response.text() and "mine" not in response.text()
+    finally:
+        rebinding.close()
 
 
 @pytest.mark.parametrize("flags, opened", [((), True), (("--nobrowser",), False)])

@@ -1,5 +1,6 @@
-"""The HTTP app: the Gatekeeper every request passes first (the access log line, the API key, the
-body limit), errors answered in OpenAI's shape, and create_app, which puts the routes together."""
+"""The HTTP app: the Gatekeeper every request passes first (the access log line, other web pages
+refused, the API key, the body limit), errors answered in OpenAI's shape, and create_app, which puts
+the routes together."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from gemmachat import __version__, openai_api as api
 from gemmachat.engine import EngineClosed
 from gemmachat.errors import PromptTooLong, one_line
 from gemmachat.server import (conversations_routes, embeddings_routes, ollama_routes, openai_routes,
-                              operations_routes, page_routes)
+                              operations_routes, page_routes, same_origin)
 from gemmachat.server.core import ServerCore
 from gemmachat.server.responses import shutting_down
 from gemmachat.server.slots import ClientGone
@@ -26,7 +27,8 @@ PATH_LOG_LIMIT = 1000
 
 
 class Gatekeeper:
-    """Outermost layer: the access log line, the API key, and the request body limit."""
+    """Outermost layer: the access log line, other web pages refused, the API key, and the request
+    body limit."""
 
     def __init__(self, app: ASGIApp, core: ServerCore) -> None:
         self.app = app
@@ -53,6 +55,12 @@ class Gatekeeper:
     async def _guarded(self, scope: Scope, receive: Receive, send: Send) -> None:
         core = self.core
         headers = {name.decode("latin-1").lower(): value.decode("latin-1") for name, value in scope["headers"]}
+        server = scope.get("server")
+        refused = same_origin.refusal(headers, server[0] if server else None, core.settings.host)
+        if refused is not None:
+            await _drain(receive, 1 << 20)
+            await _error(send, scope, refused)
+            return
         if core.api_key and scope["path"] != "/health" and not page_routes.is_page(scope["path"]):
             given = headers.get("authorization", "")
             scheme, _, token = given.partition(" ")
