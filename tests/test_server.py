@@ -432,6 +432,29 @@ def test_a_server_listening_everywhere_answers_any_name_but_not_other_pages() ->
                    "0.0.0.0") is None
 
 
+def test_a_failing_request_is_one_500_and_one_log_line() -> None:
+    """No route is known to fail now (the last one, a `true` JSON schema, is fixed): a stand-in app
+    that raises, behind the real Gatekeeper. Before, the access line said 499 and uvicorn logged a
+    whole traceback; the test client re-raises anything that escapes, so that would fail here too."""
+    from types import SimpleNamespace
+
+    from starlette.testclient import TestClient
+
+    from gemmachat.server.app import Gatekeeper
+
+    async def failing(scope: Any, receive: Any, send: Any) -> None:
+        raise RuntimeError("boom")
+
+    lines: list[str] = []
+    core = SimpleNamespace(api_key=None, max_body=1 << 20, verbose=False, log=lines.append,
+                           settings=SimpleNamespace(host="127.0.0.1"))
+    response = TestClient(Gatekeeper(failing, core)).post("/v1/completions", json={"prompt": "x"})
+    assert response.status_code == 500
+    assert response.json()["error"]["message"] == "internal error: RuntimeError"
+    assert lines[0] == "gemma-chat: POST /v1/completions failed: RuntimeError: boom"
+    assert len(lines) == 2 and '"POST /v1/completions" 500 ' in lines[1], lines
+
+
 def test_the_access_log_has_one_compact_line_per_request(server: ServerProcess) -> None:
     server.request("GET", "/v1/models")
     deadline = time.monotonic() + 5

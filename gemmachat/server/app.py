@@ -49,6 +49,13 @@ class Gatekeeper:
 
         try:
             await self._guarded(scope, receive, send_and_note)
+        except Exception as error:  # noqa: BLE001 - a bug in one request must not reach uvicorn's log
+            # Here, not in an app exception handler: Starlette runs that one outside this layer and
+            # then re-raises, so the access line said 499 and uvicorn logged a whole traceback.
+            self.core.log(f"gemma-chat: {scope['method']} {scope['path']} failed: "
+                          f"{type(error).__name__}: {error}")
+            if status == 0:
+                await _error(send_and_note, scope, api.ApiError(500, f"internal error: {type(error).__name__}"))
         finally:
             self._log(scope, status, time.perf_counter() - started)
 
@@ -209,11 +216,6 @@ def create_app(core: ServerCore) -> FastAPI:
     async def on_client_gone(request: Request, error: ClientGone) -> Response:
         request.scope["gemma.log"] = "client went away while waiting"
         return Response(status_code=499)
-
-    @app.exception_handler(Exception)
-    async def on_crash(request: Request, error: Exception) -> JSONResponse:
-        core.log(f"gemma-chat: {request.method} {request.url.path} failed: {type(error).__name__}: {error}")
-        return error_response(request, api.ApiError(500, f"internal error: {type(error).__name__}"))
 
     openai_routes.add_routes(app, core)
     ollama_routes.add_routes(app, core)
