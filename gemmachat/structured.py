@@ -31,6 +31,8 @@ MAX_GRAMMAR_BYTES = 256 * 1024
 
 # Any JSON object (OpenAI's response_format {"type": "json_object"}).
 JSON_OBJECT_SCHEMA: dict = {"type": "object"}
+# Any JSON value, spelled so that the converter makes it so (it reads {} as any object).
+ANY_VALUE: dict = {"type": ["object", "array", "string", "number", "boolean", "null"]}
 
 # llama-cpp-python's converter lets any character but '"' and '\\' into a string, and any but a
 # line break match a pattern's '.': raw control characters (a tab, a newline) that no JSON parser
@@ -46,7 +48,7 @@ class SchemaRefused(UserError):
 
 def grammar_for_schema(schema: object) -> str:
     """The GBNF grammar whose sentences are the JSON documents valid under `schema`."""
-    _check(schema)
+    schema = _checked(schema)
     import gemmachat.bindings  # noqa: F401  first: llama-cpp-python's C bindings alone, not its whole package
     from llama_cpp.llama_grammar import SchemaConverter
 
@@ -81,25 +83,33 @@ def check_grammar(grammar: str) -> str:
     return grammar
 
 
-def _check(schema: object) -> None:
-    """Refuse, by name, any keyword the converter would silently skip; bound size and depth."""
+def _checked(schema: object) -> object:
+    """`schema` as the converter can take it, or SchemaRefused: any keyword it would silently skip
+    is refused by name, size and depth are bounded, and what constrains nothing (a `true` schema,
+    one of annotations only) becomes `{}`, which the converter reads as any object: a narrower
+    language than "anything", whose every sentence is valid."""
     nodes = 0
 
-    def walk(node: object, where: str, depth: int) -> None:
+    def walk(node: object, where: str, depth: int) -> object:
         nonlocal nodes
         nodes += 1
         if depth > MAX_DEPTH:
             raise SchemaRefused(f"the JSON schema nests deeper than {MAX_DEPTH} levels (at {where})")
         if nodes > MAX_NODES:
             raise SchemaRefused(f"the JSON schema has more than {MAX_NODES} parts")
-        if isinstance(node, bool):
-            return  # true: anything; false: nothing (the converter handles both)
+        if node is True:
+            return {}
+        if node is False:
+            raise SchemaRefused(f"the JSON schema at {where} is false, which no value matches")
         if not isinstance(node, dict):
             raise SchemaRefused(f"the JSON schema at {where} must be an object, not {type(node).__name__}")
         for key, value in node.items():
             if key not in ENFORCED and key not in ANNOTATIONS:
                 raise SchemaRefused(f"the JSON schema keyword '{key}' (at {where}) is not supported: "
                                     "it could not be enforced")
+        if all(key in ANNOTATIONS for key in node):
+            return {}
+        node = dict(node)
         for key, value in node.items():
             if key == "type":
                 kinds = value if isinstance(value, list) else [value]
@@ -111,20 +121,24 @@ def _check(schema: object) -> None:
             elif key in ("properties", "$defs", "definitions"):
                 if not isinstance(value, dict):
                     raise SchemaRefused(f"'{key}' at {where} must be an object")
-                for name, sub in value.items():
-                    walk(sub, f"{where}/{key}/{name}", depth + 1)
+                node[key] = {name: walk(sub, f"{where}/{key}/{name}", depth + 1) for name, sub in value.items()}
             elif key in ("anyOf", "oneOf", "prefixItems"):
                 if not isinstance(value, list) or not value:
                     raise SchemaRefused(f"'{key}' at {where} must be a non-empty list")
-                for index, sub in enumerate(value):
-                    walk(sub, f"{where}/{key}/{index}", depth + 1)
-            elif key in ("items", "additionalProperties") and not isinstance(value, bool):
-                walk(value, f"{where}/{key}", depth + 1)
+                node[key] = [walk(sub, f"{where}/{key}/{index}", depth + 1) for index, sub in enumerate(value)]
+            elif key == "items" and value is False:  # no items past prefixItems: the converter's own case
+                if "prefixItems" not in node:
+                    raise SchemaRefused(f"'items': false (at {where}) is supported beside 'prefixItems' only")
+            elif key == "items":
+                # {} is any value here, and the converter, reading {} as "no items", would fail.
+                node[key] = walk(value, f"{where}/{key}", depth + 1) or ANY_VALUE
+            elif key == "additionalProperties" and not isinstance(value, bool):
+                node[key] = walk(value, f"{where}/{key}", depth + 1)
             elif key == "$ref" and not (isinstance(value, str) and value.startswith("#")):
                 raise SchemaRefused(f"only local $ref ('#/...') are supported, not {value!r}")
             elif key == "enum" and (not isinstance(value, list) or not value):
                 raise SchemaRefused(f"'enum' at {where} must be a non-empty list")
-            if key == "prefixItems" and "items" not in node and isinstance(value, list) and not (
+            if key == "prefixItems" and node.get("items", False) is False and isinstance(value, list) and not (
                     node.get("minItems", 0) <= len(value) <= node.get("maxItems", len(value))):
                 raise SchemaRefused(f"'minItems'/'maxItems' at {where} do not allow the {len(value)} prefixItems")
             if key in ("enum", "const") and "type" in node:
@@ -132,12 +146,15 @@ def _check(schema: object) -> None:
                 if any(_json_type(item) not in _allowed_types(node["type"]) for item in values):
                     raise SchemaRefused(f"'{key}' at {where} holds a value that is not of type {node['type']!r}")
         used = _used_by_converter(node)
-        for key in node:
-            if key in ENFORCED and key not in used and key not in ("$defs", "definitions"):
+        for key, value in node.items():
+            # additionalProperties: true is JSON Schema's default; it constrains nothing to enforce.
+            if (key in ENFORCED and key not in used and key not in ("$defs", "definitions")
+                    and not (key == "additionalProperties" and value is True)):
                 raise SchemaRefused(f"the JSON schema keyword '{key}' (at {where}) is not supported beside "
                                     f"{', '.join(sorted(used)) or 'nothing'}: it could not be enforced")
+        return node
 
-    walk(schema, "#", 0)
+    return walk(schema, "#", 0)
 
 
 def _json_type(value: object) -> str:
@@ -167,10 +184,10 @@ def _used_by_converter(node: dict) -> set[str]:
         return {"const" if "const" in node else "enum", "type"}
     if kind in (None, "object") and ("properties" in node or node.get("additionalProperties", True) is not True):
         return {"type", "properties", "required", "additionalProperties"}
-    if kind in (None, "array") and "items" in node:
+    if kind in (None, "array") and node.get("items", False) is not False:
         return {"type", "items"} | (set() if isinstance(node["items"], list) else {"minItems", "maxItems"})
     if kind in (None, "array") and "prefixItems" in node:  # exactly one item each: bounds must allow that (checked)
-        return {"type", "prefixItems", "minItems", "maxItems"}
+        return {"type", "prefixItems", "minItems", "maxItems"} | ({"items"} if "items" in node else set())
     if kind in (None, "string") and "pattern" in node:
         return {"type", "pattern"}
     if node.get("format") in FORMATS and (kind == "string" or (kind is None and node["format"].startswith("uuid"))):

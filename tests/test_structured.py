@@ -11,7 +11,7 @@ import enum
 import json
 import uuid
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Any, Literal, Optional
 
 import jsonschema
 import openai
@@ -86,6 +86,36 @@ def test_parse_returns_a_valid_object_at_temperature_1(client: openai.OpenAI, mo
     assert isinstance(message.parsed, model), message.content
 
 
+# Free-form parts, as pydantic writes `dict[str, Any]` and `Any`, and tool and MCP schemas hold:
+# `true`, `{}`, annotations alone, `additionalProperties: true`. The converter gave a 500 on `true`
+# and refused the rest.
+LOOSE_SCHEMAS = [
+    True,
+    {"title": "Anything", "description": "a whole free-form document"},
+    {"type": "object", "properties": {"meta": {"type": "object", "additionalProperties": True},
+                                      "note": {"description": "any value"}, "flag": True},
+     "required": ["meta", "note", "flag"]},
+    {"type": "array", "items": True, "maxItems": 2},
+    {"type": "array", "prefixItems": [{"type": "integer"}, {}], "items": False},
+    pydantic.create_model("Loose", meta=(dict[str, Any], ...), note=(Any, ...)).model_json_schema(),
+]
+
+
+@pytest.mark.parametrize("schema", LOOSE_SCHEMAS, ids=range(len(LOOSE_SCHEMAS)))
+def test_loose_parts_of_a_schema_are_taken_and_the_output_is_valid(client: openai.OpenAI, schema: Any) -> None:
+    # A free-form object has no bound, and greedy decoding loops inside one: seeds are tried until
+    # a reply ends within the limit (the first or second, measured), and that one must be valid.
+    for seed in range(1, 5):
+        choice = client.chat.completions.create(
+            model="gemma", temperature=1.0, seed=seed, max_tokens=120,
+            messages=[{"role": "user", "content": "Some JSON, please."}],
+            response_format={"type": "json_schema", "json_schema": {"name": "loose", "schema": schema}}).choices[0]
+        if choice.finish_reason == "stop":
+            jsonschema.validate(json.loads(choice.message.content), schema)
+            return
+    pytest.fail(f"no reply of 4 ended within the limit; the last: {choice.message.content}")
+
+
 def test_json_object_is_any_object_streamed_too(client: openai.OpenAI) -> None:
     # Any object has no bound: the base model may write one past the token limit, so a reply cut
     # there is only checked as the start of an object; one that ends must parse.
@@ -145,6 +175,9 @@ def test_completions_take_llama_cpp_grammar_and_json_schema(server: ServerProces
     # The converter would pass over a constraint beside the branch it takes: refused, not dropped.
     ({"anyOf": [{"type": "integer"}, {"type": "string"}], "maxLength": 24}, "'maxLength'"),
     ({"type": "string", "pattern": "^a+$", "maxLength": 3}, "'maxLength'"),
+    # false matches nothing: a property that must be absent, an array that must be empty.
+    ({"type": "object", "properties": {"a": False}}, "#/properties/a is false"),
+    ({"type": "array", "items": False}, "'items': false"),
 ])
 def test_a_constraint_that_cannot_be_enforced_is_a_400_naming_it(server: ServerProcess, schema: dict,
                                                                    named: str) -> None:
