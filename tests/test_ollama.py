@@ -7,9 +7,10 @@ import json
 import jsonschema
 import ollama
 import pytest
-from test_server import ServerProcess, server  # noqa: F401  one server per module, as there
+from test_server import ServerProcess, raw_request, server  # noqa: F401  one server per module, as there
 
 from gemmachat.engine import Engine
+from gemmachat.server.ollama_routes import OllamaGenerateRequest
 
 PROMPT = "The capital of France is"
 
@@ -113,16 +114,32 @@ def test_tools_round_trip_in_ollamas_shapes(client: ollama.Client, server: Serve
     assert "tools" in client.show("gemma").capabilities
 
 
+def test_a_request_with_nothing_to_say_only_loads_and_head_says_it_is_up(client: ollama.Client,
+                                                                         server: ServerProcess) -> None:
+    # What `ollama run` and apps send to load a model before it is needed: answered at once.
+    generated = client.generate(model="gemma", prompt="")
+    assert generated.done and generated.done_reason == "load" and generated.response == "" and not generated.eval_count
+    chatted = client.chat(model="gemma", messages=[])
+    assert chatted.done and chatted.done_reason == "load" and chatted.message.content == ""
+    # Ollama's clients check that the server is up with HEAD / before they list or run.
+    for path in ("/", "/api/tags", "/api/version"):
+        assert raw_request(server.port, "HEAD", path) == (200, b""), path
+
+
 def test_bad_requests_are_4xx_with_ollamas_error_shape(client: ollama.Client) -> None:
-    with pytest.raises(ollama.ResponseError) as error:
-        client.chat(model="gemma", messages=[])
-    assert error.value.status_code in (400, 422)
+    # Ollama's {"error": "text"}: the client's ResponseError.error is the text (it was a dict).
     with pytest.raises(ollama.ResponseError) as error:
         client.chat(model="gemma", messages=[{"role": "user", "content": "x"}], format={"type": "integer", "minimum": 1})
-    assert error.value.status_code == 400 and "minimum" in str(error.value)
-    # Ollama's options are free-form in its schema: a bad value is a 400 that names the option.
+    assert error.value.status_code == 400 and isinstance(error.value.error, str) and "minimum" in error.value.error
+    # An image would be dropped, and the reply would talk about a picture the model never saw.
+    with pytest.raises(ollama.ResponseError) as error:
+        client.chat(model="gemma", messages=[{"role": "user", "content": "What is this?", "images": [b"GIF89a"]}])
+    assert error.value.status_code == 400 and error.value.error == "images are not supported (text only)"
+    # Ollama's options are free-form in its schema: a bad value is a 400 that names the option. A
+    # num_predict past the context is not one: Ollama stops where the context is full.
+    assert OllamaGenerateRequest(options={"num_predict": 10**9}).openai_fields(2048)["max_tokens"] == 2048
     for call in (lambda options: client.chat(model="gemma", messages=[{"role": "user", "content": "x"}], options=options),
                  lambda options: client.generate(model="gemma", prompt="x", raw=True, options=options)):
         with pytest.raises(ollama.ResponseError) as error:
             call({"repeat_penalty": [], "num_predict": 2})
-        assert error.value.status_code == 400 and "options.repeat_penalty" in str(error.value), error.value
+        assert error.value.status_code == 400 and "options.repeat_penalty" in error.value.error, error.value

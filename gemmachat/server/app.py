@@ -157,9 +157,16 @@ def _replay(body: bytes, receive: Receive) -> Receive:
     return replay
 
 
-async def _error(send: Send, scope: Scope, error: api.ApiError, headers: dict[str, str] | None = None) -> None:
+def _error_response(scope: Scope, error: api.ApiError, headers: dict[str, str] | None = None) -> JSONResponse:
+    """OpenAI's error object, or on Ollama's paths Ollama's {"error": "..."}: its clients take the
+    message from there (the `ollama` package showed a whole dict as the message)."""
     scope["gemma.error"] = error.message
-    response = JSONResponse(error.body(), status_code=error.status, headers=headers)
+    body = {"error": error.message} if scope["path"].startswith("/api/") else error.body()
+    return JSONResponse(body, status_code=error.status, headers=headers)
+
+
+async def _error(send: Send, scope: Scope, error: api.ApiError, headers: dict[str, str] | None = None) -> None:
+    response = _error_response(scope, error, headers)
 
     async def no_receive() -> AsgiMessage:
         return {"type": "http.disconnect"}
@@ -177,8 +184,7 @@ def create_app(core: ServerCore) -> FastAPI:
     app.state.core = core
 
     def error_response(request: Request, error: api.ApiError) -> JSONResponse:
-        request.scope["gemma.error"] = error.message
-        return JSONResponse(error.body(), status_code=error.status)
+        return _error_response(request.scope, error)
 
     @app.exception_handler(api.ApiError)
     async def on_api_error(request: Request, error: api.ApiError) -> JSONResponse:

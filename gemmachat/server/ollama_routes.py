@@ -44,13 +44,18 @@ class _Ollama(BaseModel):
     options: dict[str, Any] | None = None
     keep_alive: str | int | float | None = Field(None, description="accepted and ignored: the model stays loaded")
 
-    def openai_fields(self) -> dict[str, Any]:
+    def openai_fields(self, context: int) -> dict[str, Any]:
+        """The OpenAI request's fields; `context` is what a sequence's context holds."""
         fields: dict[str, Any] = {}
         for name, value in (self.options or {}).items():
             if name in OPTIONS and value is not None:
                 fields[OPTIONS[name]] = value
-        if fields.get("max_tokens", 0) < 0:  # Ollama's num_predict -1: until the model stops
-            del fields["max_tokens"]
+        limit = fields.get("max_tokens")
+        if isinstance(limit, int) and not isinstance(limit, bool):
+            if limit < 0:  # Ollama's num_predict -1: until the model stops
+                del fields["max_tokens"]
+            else:  # Ollama stops where the context is full, however many more were asked for
+                fields["max_tokens"] = min(limit, context)
         if self.format is not None:
             fields["json_schema"] = JSON_OBJECT_SCHEMA if self.format == "json" else self.format
         return fields
@@ -71,6 +76,11 @@ def as_openai(request: type[Request_], **fields: Any) -> Request_:
         raise api.validation_error(errors) from None
 
 
+def images_refused(param: str) -> api.ApiError:
+    # Refused, not dropped: the reply would otherwise talk about a picture the model never saw.
+    return api.ApiError(400, "images are not supported (text only)", code="unsupported_value", param=param)
+
+
 class OllamaToolCall(BaseModel):
     model_config = ConfigDict(extra="ignore")
     function: dict[str, Any] = Field(description='{"name": ..., "arguments": {...}}')
@@ -82,9 +92,12 @@ class OllamaMessage(BaseModel):
     content: str = ""
     tool_calls: list[OllamaToolCall] | None = Field(None, description="an assistant's calls, as a reply gave them")
     tool_name: str | None = Field(None, description="a tool message: the tool whose result it holds")
+    images: list[Any] | None = Field(None, description="refused: the model here reads text only")
 
     def openai(self) -> dict[str, Any]:
         """As an OpenAI message: Ollama's calls carry their arguments as an object, OpenAI's as JSON text."""
+        if self.images:
+            raise images_refused("messages")
         message: dict[str, Any] = {"role": self.role, "content": self.content}
         if self.tool_calls:
             message["tool_calls"] = [
@@ -97,13 +110,14 @@ class OllamaMessage(BaseModel):
 
 
 class OllamaChatRequest(_Ollama):
-    messages: list[OllamaMessage] = Field(min_length=1)
+    messages: list[OllamaMessage] = Field([], description="none: only load the model, as Ollama")
     tools: list[dict[str, Any]] | None = Field(None, description="functions the model may call, as OpenAI's")
 
 
 class OllamaGenerateRequest(_Ollama):
-    prompt: str = ""
+    prompt: str = Field("", description="empty: only load the model, as Ollama")
     system: str | None = None
+    images: list[Any] | None = Field(None, description="refused: the model here reads text only")
     raw: bool = Field(False, description="true: the prompt as it is, without the chat template")
 
 
@@ -173,10 +187,17 @@ def add_routes(app: FastAPI, core: ServerCore) -> None:
         return StreamingResponse((json.dumps(line, ensure_ascii=False) + "\n" for line in lines),
                                  media_type="application/x-ndjson")
 
+    def loaded(piece: dict[str, Any]) -> dict[str, Any]:
+        """Ollama's answer to a request with nothing to generate, which clients send to load a model
+        before it is needed (`ollama run` does): at once, as the model is loaded already."""
+        return {"model": core.model_id, "created_at": _now(), **piece, "done": True, "done_reason": "load"}
+
     @app.post("/api/chat", summary="Ollama's chat (NDJSON unless stream: false)")
     async def ollama_chat(body: OllamaChatRequest, request: Request) -> Any:
+        if not body.messages:
+            return loaded({"message": {"role": "assistant", "content": ""}})
         chat = as_openai(api.ChatCompletionRequest, messages=[m.openai() for m in body.messages], tools=body.tools,
-                         **body.openai_fields())
+                         **body.openai_fields(core.engine.n_ctx_seq))
         job = await core.chat_job(chat)
         if chat.tool_plan is not None:
             return await tool_answer(request, job, chat.tool_plan, body.stream)
@@ -185,16 +206,21 @@ def add_routes(app: FastAPI, core: ServerCore) -> None:
 
     @app.post("/api/generate", summary="Ollama's completion of a prompt (NDJSON unless stream: false)")
     async def ollama_generate(body: OllamaGenerateRequest, request: Request) -> Any:
+        if body.images:
+            raise images_refused("images")
+        if not body.prompt:
+            return loaded({"response": ""})
+        fields = body.openai_fields(core.engine.n_ctx_seq)
         if body.raw:
-            completion = as_openai(api.CompletionRequest, prompt=body.prompt,
-                                   **{"max_tokens": None, **body.openai_fields()})
-            job, _ = await core.completion_job(completion)
+            job, _ = await core.completion_job(as_openai(api.CompletionRequest, prompt=body.prompt,
+                                                         **{"max_tokens": None, **fields}))
         else:
             messages = messages_of(body.system, [Message("user", body.prompt)])
-            job = await core.chat_job(as_openai(api.ChatCompletionRequest, messages=messages, **body.openai_fields()))
+            job = await core.chat_job(as_openai(api.ChatCompletionRequest, messages=messages, **fields))
         return await answer(request, job, body.stream, lambda text: {"response": text})
 
-    @app.get("/api/tags", summary="Ollama's list of models: the loaded one")
+    # HEAD too, as Ollama: its clients check that the server is up with HEAD / (page_routes.py).
+    @app.api_route("/api/tags", methods=["GET", "HEAD"], summary="Ollama's list of models: the loaded one")
     async def ollama_tags() -> Any:
         return {"models": [card()]}
 
@@ -212,6 +238,6 @@ def add_routes(app: FastAPI, core: ServerCore) -> None:
                                f"{architecture}.context_length": core.engine.n_ctx_train},
                 "capabilities": CAPABILITIES, "modified_at": card()["modified_at"]}
 
-    @app.get("/api/version", summary="Ollama's version call: gemma-chat's version")
+    @app.api_route("/api/version", methods=["GET", "HEAD"], summary="Ollama's version call: gemma-chat's version")
     async def ollama_version() -> Any:
         return {"version": __version__}

@@ -46,7 +46,8 @@ class _Files(StaticFiles):
 def add_routes(app: FastAPI, core: ServerCore) -> None:
     page = (FOLDER / "index.html").read_text(encoding="utf-8")
 
-    @app.get("/", include_in_schema=False)
+    # HEAD too: Ollama's clients check that a server is up with HEAD / (ollama_routes.py).
+    @app.api_route("/", methods=["GET", "HEAD"], include_in_schema=False)
     async def index() -> HTMLResponse:
         return HTMLResponse(page, headers=HEADERS)
 
