@@ -92,6 +92,8 @@ def validation_error(errors: list[ErrorDetails] | list[dict[str, Any]]) -> ApiEr
     # Union members show up in the location ("stop.str", "stop.list[str]"): keep the field path.
     path = ".".join(part for part in location if not _is_union_tag(part))
     param = location[0] if location else None
+    if kind == "missing" and not path:
+        return ApiError(400, "the request body is empty: send a JSON object", code="missing_required_parameter")
     if kind == "missing":
         return ApiError(400, f"missing required parameter: '{path}'", code="missing_required_parameter",
                         param=param)
@@ -134,9 +136,11 @@ class ChatMessage(_Strict):
             return self.content
         pieces = []
         for part in self.content:
-            if part.type != "text" or part.text is None:
+            if part.type != "text":
                 raise ApiError(400, f"content parts of type {part.type!r} are not supported (text only)",
                                code="unsupported_value", param="messages")
+            if part.text is None:
+                raise ApiError(400, "a content part of type 'text' has no 'text'", param="messages")
             pieces.append(part.text)
         return "".join(pieces)
 

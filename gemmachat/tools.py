@@ -13,6 +13,7 @@ go back to the model in the same JSON, as llama.cpp's template polyfill writes t
 from __future__ import annotations
 
 import json
+import re
 import uuid
 from dataclasses import dataclass
 from typing import Any
@@ -22,6 +23,7 @@ from gemmachat.structured import grammar_for_schema
 INSTRUCTION = ("Respond in JSON format, either with `tool_calls` (a request to call tools) or with "
                "`response` (a reply to the user's request).")
 MAX_TOOLS = 128
+TOOL_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
 class ToolsRefused(ValueError):
@@ -57,7 +59,11 @@ class ToolPlan:
 
 def plan_for(tools: list[Any], tool_choice: Any, parallel: bool | None) -> ToolPlan | None:
     """The plan for a request's tools; None when they play no part (no tools, or choice "none")."""
-    if not tools or tool_choice == "none":
+    if not tools:
+        if tool_choice == "required" or isinstance(tool_choice, dict):
+            raise ToolsRefused(f"tool_choice {json.dumps(tool_choice)} needs tools, and none were given")
+        return None
+    if tool_choice == "none":
         return None
     if len(tools) > MAX_TOOLS:
         raise ToolsRefused(f"at most {MAX_TOOLS} tools")
@@ -96,6 +102,9 @@ def _function(tool: Any, index: int) -> dict[str, Any]:
     name = function.get("name")
     if not isinstance(name, str) or not name:
         raise ToolsRefused(f"{where} has no function name")
+    if not TOOL_NAME.fullmatch(name):
+        raise ToolsRefused(f"{where}'s name {name!r} is not 1 to 64 letters, digits, '_' or '-', as OpenAI's API "
+                           "requires")
     parameters = function.get("parameters", {"type": "object", "properties": {}})
     if not isinstance(parameters, dict):
         raise ToolsRefused(f"{where}'s parameters are not a JSON schema object")

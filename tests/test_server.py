@@ -362,6 +362,9 @@ BAD_REQUESTS = {
     "bad logit_bias": ("/v1/completions", {"prompt": "a", "logit_bias": {"x": 1}}, 400, "logit_bias"),
     "detokenize bad token": ("/detokenize", {"tokens": [-1]}, 400, "vocabulary"),
     "tokenize without content": ("/tokenize", {}, 400, "content"),
+    "empty body": ("/v1/chat/completions", b"", 400, "body is empty"),
+    "text part without text": ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "text"}]}]},
+                               400, "has no 'text'"),
     "unknown endpoint": ("/v1/engines", {}, 404, "no such endpoint"),
 }
 

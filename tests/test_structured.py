@@ -280,7 +280,9 @@ def test_tool_choice_auto_gives_calls_or_text_and_bad_tools_are_400(client: open
     bad = [({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "'nope'"),
            ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {
                "type": "object", "properties": {"n": {"type": "integer", "minimum": 1}}}}}]}, "'minimum'"),
-           ({"tools": TOOLS, "response_format": {"type": "json_object"}}, "cannot be used together")]
+           ({"tools": TOOLS, "response_format": {"type": "json_object"}}, "cannot be used together"),
+           ({"tool_choice": "required"}, "needs tools"),
+           ({"tools": [{"type": "function", "function": {"name": "get weather"}}]}, "'get weather'")]
     for fields, named in bad:
         with pytest.raises(openai.BadRequestError, match=named):
             client.chat.completions.create(model="gemma", messages=[{"role": "user", "content": "Hi"}],
