@@ -226,8 +226,8 @@ class Store:
 
     def load(self, conversation_id: int) -> tuple[Summary, Conversation]:
         found = self._query(f"{_SUMMARY} WHERE c.id = ?", (conversation_id,))
-        if not found:
-            raise UserError(f"there is no conversation {conversation_id} (/history lists them)")
+        if not found:  # the chat names conversations by /history's list first; the page, by its own
+            raise UserError(f"there is no conversation {conversation_id}")
         system = self._query("SELECT system FROM conversations WHERE id = ?", (conversation_id,))[0][0]
         rows = self._query("SELECT role, content, interrupted FROM messages WHERE conversation = ? "
                            "ORDER BY position", (conversation_id,))

@@ -107,6 +107,13 @@ def test_a_stopped_reply_is_kept_and_marked_interrupted(server: ServerProcess, d
                     {"content": "Once upon a time", "temperature": 0, "max_tokens": 200})
     events = iter(stream)
     seen = "".join(next(events).get("text", "") for _ in range(4))
+    # While it writes, a rename is fine; what would take the conversation from under the reply is 409.
+    assert server.request("PATCH", f"/conversations/{number}", {"title": "renamed mid-reply"})[0] == 200
+    for method, path, body in (("PATCH", f"/conversations/{number}", {"system": "Be terse."}),
+                               ("DELETE", f"/conversations/{number}", None),
+                               ("POST", f"/conversations/{number}/messages", {"content": "again"})):
+        status, answer = server.request(method, path, body)
+        assert status == 409 and answer["error"]["code"] == "conversation_busy", (method, path, answer)
     stream.close()  # as the page's stop button does
     deadline = time.monotonic() + 30
     while not [row for row in stored(data) if row[0] == number and row[1] == "assistant"]:
@@ -179,7 +186,7 @@ def test_rename_delete_export_and_import(server: ServerProcess) -> None:
     assert [m["content"] for m in imported["messages"]] == [m.content for m in loaded.messages]
     assert server.request("DELETE", f"/conversations/{number}")[0] == 204
     status, error = server.request("GET", f"/conversations/{number}")
-    assert status == 404 and error["error"]["message"].startswith(f"there is no conversation {number}")
+    assert status == 404 and error["error"]["message"] == f"there is no conversation {number}"
     status, error = server.request("POST", "/conversations/import", '{"format": "something else"}')
     assert status == 400 and error["error"]["message"] == "cannot load the upload: not a gemma-chat conversation"
     ids = [c["id"] for c in server.request("GET", "/conversations")[1]["data"]]

@@ -105,6 +105,13 @@ def add_routes(app: FastAPI, core: ServerCore) -> None:
             raise api.ApiError(409, f"conversation {changed} was changed elsewhere (the terminal chat or "
                                "another page) since it was read: reload it", code="conversation_changed") from None
 
+    def not_writing(conversation_id: int) -> None:
+        """409 while a reply of this conversation is being written: a change under it (a system prompt,
+        a deletion, a second reply) would send that reply to a new conversation or nowhere."""
+        if conversation_id in writing:
+            raise api.ApiError(409, f"conversation {conversation_id} is writing a reply; stop it first",
+                               code="conversation_busy")
+
     def load(conversation_id: int) -> tuple[Summary, Conversation]:
         with stored():
             return store.load(conversation_id)
@@ -170,6 +177,8 @@ def add_routes(app: FastAPI, core: ServerCore) -> None:
 
     @app.patch("/conversations/{conversation_id}", summary="Rename a conversation or change its system prompt")
     async def change_conversation(conversation_id: ConversationId, body: ConversationChange) -> Any:
+        if body.system is not None:
+            not_writing(conversation_id)
         conversation, version = load_to_write(conversation_id)
         with stored():
             if body.system is not None:
@@ -182,9 +191,7 @@ def add_routes(app: FastAPI, core: ServerCore) -> None:
 
     @app.delete("/conversations/{conversation_id}", status_code=204, summary="Delete a conversation")
     async def delete_conversation(conversation_id: ConversationId) -> Response:
-        if conversation_id in writing:
-            raise api.ApiError(409, f"conversation {conversation_id} is writing a reply; stop it first",
-                               code="conversation_busy")
+        not_writing(conversation_id)
         with stored():
             if not store.delete(conversation_id):
                 raise UserError(f"there is no conversation {conversation_id}")
@@ -225,9 +232,7 @@ def add_routes(app: FastAPI, core: ServerCore) -> None:
     async def reply(request: Request, conversation_id: int, conversation: Conversation, version: Version | None,
                     start: int, new: list[Message], body: Generation) -> Any:
         """Store `new` from position `start` on (what was there goes), then stream the reply."""
-        if conversation_id in writing:
-            raise api.ApiError(409, f"conversation {conversation_id} is already writing a reply",
-                               code="conversation_busy")
+        not_writing(conversation_id)
         messages = conversation.messages[:start] + new
         job, dropped = await fitted_job(conversation.system, messages, body)
         with stored():
