@@ -444,6 +444,23 @@ def test_cancelled_rename_and_delete_change_nothing(page: Page, data: Path, serv
     assert [m["content"] for m in kept["messages"]] == ["show me", "Kept as it was."]
 
 
+def test_a_send_to_a_conversation_deleted_elsewhere_says_so_and_keeps_the_text(page: Page, data: Path,
+                                                                                server: ServerProcess) -> None:
+    number = store_conversation(data, ["Soon gone."], "doomed")
+    page.goto(f"{server.url}/#{number}")
+    expect(page.locator("#title")).to_have_text("doomed")
+    assert server.request("DELETE", f"/conversations/{number}")[0] == 204  # another tab deletes it
+    page.fill("#input", "are you there?")
+    page.keyboard.press("Enter")
+    expect(page.locator("#error")).to_have_text(f"there is no conversation {number}")
+    # Before, the unsent message and an empty reply stayed on screen, as if in the conversation.
+    expect(page.locator("#messages .message")).to_have_count(0)
+    expect(page.locator("#title")).to_have_text("New conversation")
+    expect(page.locator("#input")).to_have_value("are you there?")
+    expect(page.locator(f"#list [data-id='{number}']")).to_have_count(0)
+    page.fill("#input", "")  # the module's page goes on to the next test
+
+
 def test_a_reply_the_terminal_wrote_past_goes_on_in_a_new_conversation(page: Page, data: Path) -> None:
     page.click("#new")
     send(page, "Once upon a time", "120", wait=False)
@@ -563,6 +580,10 @@ def test_with_an_api_key_the_page_asks_once_and_keeps_it(browser: Browser, serve
         page = context.new_page()
         page.goto(running.url + "/")
         expect(page.locator("#key-form")).to_be_visible()
+        expect(page.locator("#key-refused")).to_be_hidden()
+        page.fill("#key", "open barley")
+        page.keyboard.press("Enter")
+        expect(page.locator("#key-refused")).to_be_visible()  # asked again, and told why
         page.fill("#key", "sesame")
         page.keyboard.press("Enter")
         expect(page.locator("#key-form")).to_be_hidden()
@@ -570,7 +591,7 @@ def test_with_an_api_key_the_page_asks_once_and_keeps_it(browser: Browser, serve
         page.reload()
         expect(page.locator("#kept")).to_contain_text("not kept")
         expect(page.locator("#key-form")).to_be_hidden()
-        assert len(running.log_lines('"GET /conversations" 401')) == 1
+        assert len(running.log_lines('"GET /conversations" 401')) == 2
     finally:
         context.close()
         running.stop()

@@ -11,8 +11,10 @@ const state = { list: [], current: null, id: null, controller: null, busy: false
 
 let keyWaiters = [];
 
-function askForKey() {
+function askForKey(refused) {
   // One form for every call waiting on the key: the page asks once and keeps it in the browser.
+  // Asked again after a key was sent, it says so: the same form alone looked like nothing happened.
+  $("key-refused").hidden = !refused;
   $("key-form").hidden = false;
   $("key").focus();
   return new Promise((resolve) => keyWaiters.push(resolve));
@@ -32,13 +34,13 @@ async function api(path, options = {}) {
     if (key) headers.Authorization = `Bearer ${key}`;
     const response = await fetch(path, { ...options, headers });
     if (response.status === 401) {
-      await askForKey();
+      await askForKey(Boolean(key));
       continue;
     }
     if (!response.ok) {
       let message = `${response.status} ${response.statusText}`;
       try { message = (await response.json()).error.message; } catch (_) { /* not JSON */ }
-      throw new Error(message);
+      throw Object.assign(new Error(message), { status: response.status });
     }
     return response;
   }
@@ -268,7 +270,16 @@ async function reload() {
   try {
     state.current = await json(`/conversations/${state.id}`);
     renderConversation();
-  } catch (_) { /* the error shown already says what went wrong */ }
+  } catch (error) {
+    // The error shown already says what went wrong. A conversation deleted elsewhere (another tab)
+    // is gone from this page too, the message that could not be sent to it included.
+    if (error.status !== 404) return;
+    state.id = null;
+    state.current = null;
+    history.replaceState(null, "", location.pathname);
+    renderConversation();
+    await refreshList().catch(() => {});
+  }
 }
 
 function cancelEdit() {
