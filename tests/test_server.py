@@ -324,6 +324,9 @@ def test_a_client_that_hangs_up_mid_stream_frees_its_slot(server: ServerProcess,
     cancelled = server.log_lines("cancelled")
     assert len(cancelled) == 3, server.lines
     assert all(int(line.split("generated ")[1].split(",")[0]) < 1500 for line in cancelled)
+    # The unstreamed one never got its answer: 499, nginx's "client closed request" (it said 200).
+    # The streams had theirs begun, with 200.
+    assert sum('"POST /v1/completions" 499 ' in line for line in cancelled) == 1, cancelled
     status, health = server.request("GET", "/health")
     assert health["slots_processing"] == 0
 

@@ -220,7 +220,7 @@ def create_app(core: ServerCore) -> FastAPI:
 
     @app.exception_handler(ClientGone)
     async def on_client_gone(request: Request, error: ClientGone) -> Response:
-        request.scope["gemma.log"] = "client went away while waiting"
+        request.scope.setdefault("gemma.log", "client went away while waiting")  # unless noted at work
         return Response(status_code=499)
 
     openai_routes.add_routes(app, core)

@@ -369,6 +369,8 @@ class ServerCore:
                     job.logprobs += value
                 elif kind == "done":
                     self.note(request, job, value)
+                    if value.finish_reason == "cancelled" and await request.is_disconnected():
+                        raise ClientGone()  # 499 in the access log: no answer reached anyone
                     return "".join(parts), value
                 else:
                     raise value
