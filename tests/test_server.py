@@ -366,6 +366,7 @@ BAD_REQUESTS = {
     "detokenize bad token": ("/detokenize", {"tokens": [-1]}, 400, "vocabulary"),
     "tokenize without content": ("/tokenize", {}, 400, "content"),
     "empty body": ("/v1/chat/completions", b"", 400, "body is empty"),
+    "not UTF-8": ("/v1/completions", b'{"prompt": "caf\xe9"}', 400, "not UTF-8, as JSON must be (byte 0xe9 at offset 15)"),
     "text part without text": ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "text"}]}]},
                                400, "has no 'text'"),
     "unknown endpoint": ("/v1/engines", {}, 404, "no such endpoint"),

@@ -105,6 +105,13 @@ class Gatekeeper:
                         await _drain(receive, 4 * core.max_body)
                     await _error(send, scope, _too_large(core.max_body))
                     return
+            try:
+                body.decode("utf-8")
+            except UnicodeDecodeError as error:  # FastAPI said only "There was an error parsing the body"
+                await _error(send, scope, api.ApiError(
+                    400, f"the request body is not UTF-8, as JSON must be (byte 0x{body[error.start]:02x} at "
+                    f"offset {error.start})", code="invalid_json"))
+                return
             # Every string a client sends is text we can answer with: no lone surrogates.
             receive = _replay(api.replace_lone_surrogates(bytes(body)), receive)
         await self.app(scope, receive, send)
