@@ -48,7 +48,7 @@ class SchemaRefused(UserError):
 
 def grammar_for_schema(schema: object) -> str:
     """The GBNF grammar whose sentences are the JSON documents valid under `schema`."""
-    schema = _checked(schema)
+    schema = checked_schema(schema)
     import gemmachat.bindings  # noqa: F401  first: llama-cpp-python's C bindings alone, not its whole package
     from llama_cpp.llama_grammar import SchemaConverter
 
@@ -83,11 +83,11 @@ def check_grammar(grammar: str) -> str:
     return grammar
 
 
-def _checked(schema: object) -> object:
+def checked_schema(schema: object, root: str = "#") -> object:
     """`schema` as the converter can take it, or SchemaRefused: any keyword it would silently skip
     is refused by name, size and depth are bounded, and what constrains nothing (a `true` schema,
     one of annotations only) becomes `{}`, which the converter reads as any object: a narrower
-    language than "anything", whose every sentence is valid."""
+    language than "anything", whose every sentence is valid. Messages name places from `root`."""
     nodes = 0
 
     def walk(node: object, where: str, depth: int) -> object:
@@ -154,7 +154,7 @@ def _checked(schema: object) -> object:
                                     f"{', '.join(sorted(used)) or 'nothing'}: it could not be enforced")
         return node
 
-    return walk(schema, "#", 0)
+    return walk(schema, root, 0)
 
 
 def _json_type(value: object) -> str:

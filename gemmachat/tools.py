@@ -18,7 +18,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from gemmachat.structured import grammar_for_schema
+from gemmachat.structured import checked_schema, grammar_for_schema
 
 INSTRUCTION = ("Respond in JSON format, either with `tool_calls` (a request to call tools) or with "
                "`response` (a reply to the user's request).")
@@ -108,6 +108,7 @@ def _function(tool: Any, index: int) -> dict[str, Any]:
     parameters = function.get("parameters", {"type": "object", "properties": {}})
     if not isinstance(parameters, dict):
         raise ToolsRefused(f"{where}'s parameters are not a JSON schema object")
+    checked_schema(parameters, f"{where}.function.parameters")  # here, its errors name the tool's own places
     described = {"name": name, "parameters": parameters}
     if isinstance(function.get("description"), str):
         described["description"] = function["description"]
