@@ -28,7 +28,7 @@ from prompt_toolkit.key_binding import KeyBindings
 
 from gemmachat import commands, fatal
 from gemmachat.commands import ExitChat
-from gemmachat.errors import UserError
+from gemmachat.errors import PromptTooLong, UserError
 from gemmachat.models import Model
 from gemmachat.output import Printer
 from gemmachat.recorder import Recorder
@@ -127,12 +127,15 @@ class Chat:
         """The toolbar's numbers: /context's count, and /stats' speed of the last reply."""
         if self.meter is None:
             return
-        used, total = self.session.context_used(), self.session.context_size
+        total = self.session.context_size
+        try:
+            used = "unknown" if (count := self.session.context_used()) is None else str(count)
+        except PromptTooLong:  # a reply that filled the context: the next one drops the oldest messages
+            used = f"over {total}"
         last = self.session.last_stats
         speed = (f"{last.generation_tokens_per_second:.1f} tokens/s" if last and last.counted
                  else "unknown speed" if last else "none yet")
-        shown = ["unknown" if number is None else str(number) for number in (used, total)]
-        self.meter = f" context: {shown[0]}/{shown[1]} tokens · last reply: {speed} "
+        self.meter = f" context: {used}/{'unknown' if total is None else total} tokens · last reply: {speed} "
 
     def cycle_role(self) -> None:
         self.role = ROLES[(ROLES.index(self.role) + 1) % len(ROLES)]

@@ -24,7 +24,7 @@ from gemmachat.settings import Sampling, parse_settings
 from gemmachat.store import DATABASE_NAME, MIGRATIONS, ConversationChanged, Store, StoreError, title_from
 from gemmachat.templates import Message, load_template, render
 
-from test_chat_terminal import Terminal
+from test_chat_terminal import Terminal, leave
 
 REPO = Path(__file__).resolve().parent.parent
 CPR = re.escape("\x1b[6n")
@@ -255,6 +255,23 @@ def open_chat(env: dict[str, str], *args: str) -> CprTerminal:
 @pytest.fixture
 def env(cli_env: dict[str, str], tmp_path: Path) -> dict[str, str]:
     return {**cli_env, "GEMMA_CHAT_DATA_DIR": str(tmp_path / "data")}
+
+
+def test_a_reply_that_fills_the_context_leaves_the_chat_running(env: dict[str, str]) -> None:
+    # Before, the toolbar's count of the conversation, over the context now, ended the chat (exit 2),
+    # and so did every later --resume of that conversation.
+    child = open_chat(env, "-c", "256", "-n", "-1")
+    child.expect(">>>")
+    child.send_line("Count from one to one hundred: one, two, three,")
+    child.expect(">>>", timeout=90)
+    for resumed in (False, True):
+        child.send_line("/context")
+        child.expect("more than the 256 tokens it holds")
+        child.expect("context: over 256/256 tokens")  # the toolbar
+        leave(child)
+        if not resumed:
+            child = open_chat(env, "-c", "256", "--resume")
+            child.expect(">>>")
 
 
 def test_killed_mid_reply_then_resumed_in_a_terminal(env: dict[str, str], tmp_path: Path) -> None:
