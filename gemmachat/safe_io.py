@@ -54,7 +54,7 @@ def read_file(path: Path, limit: int, rule: str, *, streams: bool = False, name:
         raise MissingFile(f"cannot read {shown}: no such file") from None
     except OSError as error:
         raise UserError(f"cannot read {shown}: {error.strerror or error}") from None
-    with os.fdopen(fd, "rb", buffering=0) as file:
+    try:  # before fdopen, which refuses a directory with a traceback of its own
         info = os.fstat(fd)
         if stat.S_ISREG(info.st_mode):
             if info.st_size > limit:  # a sparse 3 GB file is refused without reading it
@@ -63,6 +63,10 @@ def read_file(path: Path, limit: int, rule: str, *, streams: bool = False, name:
             os.set_blocking(fd, True)
         else:
             raise UserError(f"cannot read {shown}: it is {_kind(info.st_mode)}, not a regular file")
+    except BaseException:
+        os.close(fd)
+        raise
+    with os.fdopen(fd, "rb", buffering=0) as file:
         return read_stream(file, limit, shown, rule)
 
 

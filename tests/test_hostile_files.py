@@ -86,8 +86,10 @@ def test_reads_of_endless_sparse_fifo_and_device_files_are_refused_at_once(run_c
     # The first line is `cat /dev/zero | gemma-chat` for a while: skipped, never held whole.
     result = piped_chat(run_cli, "\n".join([
         "x" * ((10 << 20) + 1), "/upload /dev/zero", f"/upload {fifo}", f"/upload {sparse}", "/load /dev/zero", f"/load {fifo}",
-        f"/load {sparse}", f"/upload {notes}", f"/dump {dump}"]) + "\n")
+        f"/load {sparse}", f"/upload {tmp_path}", f"/load {tmp_path}", f"/upload {notes}", f"/dump {dump}"]) + "\n")
     out = result.stdout
+    # A directory: the file reader's own opening gave a traceback, and the chat ended.
+    assert out.count(f"cannot read {tmp_path}: it is a directory, not a regular file") == 2, out
     assert "skipped a line of input longer than 10240 KiB" in out
     assert "cannot read /dev/zero: it is a device, not a regular file" in out
     assert f"cannot read {fifo}: it is a FIFO, not a regular file" in out
@@ -100,7 +102,12 @@ def test_reads_of_endless_sparse_fifo_and_device_files_are_refused_at_once(run_c
             (["--cli", "-f", str(sparse)], {}, f"prompt file {sparse} is {3 << 20} KiB"),
             (["--cli", "-p", "x"], {"GEMMA_CHAT_CONFIG": "/dev/zero"},
              "cannot read config file /dev/zero: it is a device"),
-            (["--cli", "-p", "x", "--template", str(fifo)], {}, f"cannot read template {fifo}: it is a FIFO")]:
+            (["--cli", "-p", "x", "--template", str(fifo)], {}, f"cannot read template {fifo}: it is a FIFO"),
+            (["--cli", "-f", str(tmp_path)], {}, f"cannot read prompt file {tmp_path}: it is a directory"),
+            (["--cli", "-p", "x"], {"GEMMA_CHAT_CONFIG": str(tmp_path)}, f"cannot read config file {tmp_path}: it is a"),
+            (["--cli", "-p", "x", "--template", str(tmp_path)], {}, f"cannot read template {tmp_path}: it is a"),
+            (["--cli", "-p", "x", "--grammar-file", str(tmp_path)], {}, f"cannot read --grammar-file {tmp_path}: it"),
+            (["--cli", "-p", "x", "--json-schema", f"@{tmp_path}"], {}, f"cannot read --json-schema {tmp_path}: it")]:
         started = time.monotonic()
         cli = run_cli(*args, env=env, timeout=30)
         assert cli.returncode == 2 and cli.stderr.startswith(f"gemma-chat: {message}"), (args, cli.stderr)
