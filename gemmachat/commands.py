@@ -398,8 +398,8 @@ def _show(chat: Chat, argument: str) -> None:
          "Every conversation is kept as it happens (README, Where files go); --no-history turns "
          "that off. * marks this one.")
 def _history(chat: Chat, argument: str) -> None:
-    if argument and not argument.isdigit():
-        raise UserError("usage: /history [COUNT]")
+    if argument and not (argument.isdigit() and int(argument) > 0):
+        raise UserError("usage: /history [COUNT] (COUNT: 1 or more)")
     summaries = chat.recorder.recent(int(argument or 20))
     if not summaries:
         chat.printer.info("no conversation is stored yet")

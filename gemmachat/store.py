@@ -26,6 +26,8 @@ DATA_ENV = "GEMMA_CHAT_DATA_DIR"
 DATABASE_NAME = "conversations.db"
 TITLE_LENGTH = 60
 BUSY_TIMEOUT_MS = 10_000
+# SQLite's integers are 64-bit: a larger id or count is an OverflowError in the driver.
+MAX_ID = 2**63 - 1
 
 # Each entry moves the schema one version up (PRAGMA user_version); never edit a released one.
 MIGRATIONS: tuple[tuple[str, ...], ...] = (
@@ -187,6 +189,8 @@ class Store:
             self._db.execute("UPDATE conversations SET title = ? WHERE id = ?", (title, conversation_id))
 
     def delete(self, conversation_id: int) -> bool:
+        if conversation_id > MAX_ID:
+            return False
         with self._transaction():
             self._db.execute("DELETE FROM messages WHERE conversation = ?", (conversation_id,))
             return self._db.execute("DELETE FROM conversations WHERE id = ?", (conversation_id,)).rowcount > 0
@@ -194,14 +198,15 @@ class Store:
     # -- reading ---------------------------------------------------------------------------------
 
     def recent(self, limit: int = 20) -> list[Summary]:
-        rows = self._query(f"{_SUMMARY} ORDER BY c.updated DESC, c.id DESC LIMIT ?", (limit,))
+        rows = self._query(f"{_SUMMARY} ORDER BY c.updated DESC, c.id DESC LIMIT ?", (min(limit, MAX_ID),))
         return [Summary(*row) for row in rows]
 
     def find(self, reference: str) -> int:
         """The conversation `reference` names: an id, else the latest whose title starts with it,
         else (empty) the latest of all."""
         reference = reference.strip()
-        if reference.isdigit() and self._query("SELECT 1 FROM conversations WHERE id = ?", (int(reference),)):
+        if (reference.isdigit() and int(reference) <= MAX_ID
+                and self._query("SELECT 1 FROM conversations WHERE id = ?", (int(reference),))):
             return int(reference)
         escaped = reference.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
         rows = self._query("SELECT id FROM conversations WHERE title LIKE ? ESCAPE '\\' "

@@ -369,6 +369,20 @@ def test_a_damaged_store_and_no_history(run_cli, env: dict[str, str], tmp_path: 
     assert not (tmp_path / "fresh" / DATABASE_NAME).exists()
 
 
+def test_ids_and_counts_past_sqlites_integers_are_plain_answers(run_cli, env: dict[str, str]) -> None:
+    # Numbers SQLite cannot hold were an OverflowError: a traceback, and the chat ended.
+    huge = "9" * 23
+    result = run_cli("--chat", "-n", "2", input=f"Hello\n/history {huge}\n/resume {huge}\n/delete {huge}\n"
+                     "/history 0\n/history\n", env=env)
+    assert result.returncode == 0 and "Traceback" not in result.stdout + result.stderr, result.stderr
+    assert f"no stored conversation is '{huge}'" in result.stdout
+    assert f"there is no conversation {huge}" in result.stdout
+    assert "usage: /history [COUNT] (COUNT: 1 or more)" in result.stdout
+    assert len(re.findall(r"^\*\s+1\s.*Hello$", result.stdout, re.M)) == 2, result.stdout  # both /history
+    cli = run_cli("--cli", "--resume", huge, "-p", "x", env=env)
+    assert cli.returncode == 2 and cli.stderr == f"gemma-chat: no stored conversation is '{huge}' (/history lists them)\n"
+
+
 def test_cli_holds_a_conversation_across_calls(run_cli, env: dict[str, str], tmp_path: Path) -> None:
     def ask(*args: str) -> subprocess.CompletedProcess:
         result = run_cli("--cli", "--temp", "0", "-n", "6", *args, env=env)

@@ -33,12 +33,12 @@ from gemmachat.errors import PromptTooLong, UserError
 from gemmachat.recorder import recorded_settings
 from gemmachat.server.core import ServerCore
 from gemmachat.server.responses import finish_reason, json_line
-from gemmachat.store import ConversationChanged, Store, StoreError, Summary, Version, data_dir, title_from
+from gemmachat.store import MAX_ID, ConversationChanged, Store, StoreError, Summary, Version, data_dir, title_from
 from gemmachat.templates import Message, messages_of, to_tokens
 
 
-# SQLite's integers are 64-bit: a larger id would be a crash in the driver, not a 404.
-ConversationId = Annotated[int, Path(ge=1, le=2**63 - 1)]
+# A larger id would be a crash in SQLite's driver, not a 404.
+ConversationId = Annotated[int, Path(ge=1, le=MAX_ID)]
 
 
 class _Body(BaseModel):
