@@ -1019,6 +1019,9 @@ class Engine:
 
     def _take(self, job: _Job, token: int) -> None:
         job.next_token = None
+        if job.max_tokens == 0:  # -n 0, as llama.cpp's: the prompt is evaluated, nothing generated
+            job.finish = "length"
+            return
         if not job.ignore_eos and self.is_end_of_generation(token):
             job.finish = "stop"
             return

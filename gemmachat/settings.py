@@ -261,7 +261,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     sampling = parser.add_argument_group("generation")
     sampling.add_argument("-n", "--n-predict", type=_whole_number, default=-1, metavar="N",
-                          help="tokens to generate; -1 = until a stop or the context is full (a base "
+                          help="tokens to generate; 0 = none (the prompt is only evaluated); -1 = until "
+                               "a stop or the context is full (a base "
                                "model, with no chat template, stops its chat and API replies at "
                                f"{BASE_MODEL_REPLY_CAP})")
     sampling.add_argument("--temp", type=_number, metavar="T",

@@ -33,6 +33,9 @@ def test_cli_is_deterministic_at_temp_0_and_honours_n(run_cli, engine: Engine) -
     second = run_cli("--cli", "-p", "def fibonacci(n):", "-n", "16", *GREEDY)
     assert first.returncode == 0 and first.stdout == second.stdout
     assert len(engine.tokenize(first.stdout)) in range(14, 19)  # 16 tokens, re-tokenized
+    # -n 0 is llama.cpp's "generate nothing" (it generated until the context was full).
+    nothing = run_cli("--cli", "-p", "def fibonacci(n):", "-n", "0", *GREEDY, timeout=30)
+    assert nothing.returncode == 0 and nothing.stdout == "" and nothing.stderr == ""
 
 
 def test_verbose_shows_llama_cpp_log(run_cli) -> None:
