@@ -9,7 +9,6 @@ an error naming the file and the key, since guessing what was meant would hide t
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 from typing import Callable, Mapping
@@ -17,7 +16,7 @@ from typing import Callable, Mapping
 import platformdirs
 
 from gemmachat.errors import UserError
-from gemmachat.safe_io import MissingFile, read_file
+from gemmachat.safe_io import MissingFile, read_file, set_aside
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -51,9 +50,8 @@ def read_config(path: Path, *, required: bool, warn: Callable[[str], None]) -> d
         reason = ("not UTF-8" if isinstance(error, UnicodeDecodeError) else
                   "not valid TOML (nested too deeply)" if isinstance(error, RecursionError) else
                   f"not valid TOML ({error})")
-        aside = path.with_name(path.name + ".corrupt")
         try:
-            os.replace(path, aside)
+            aside = set_aside(path)
         except OSError as move_error:
             warn(f"config file {path} is {reason}; ignoring it (cannot move it aside: "
                  f"{move_error.strerror or move_error})")

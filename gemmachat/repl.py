@@ -19,7 +19,6 @@ try:
 except ImportError:  # Windows: its console keeps typed-ahead keys as typed
     termios = None  # type: ignore[assignment]
 
-import platformdirs
 from prompt_toolkit import PromptSession
 from prompt_toolkit.completion import CompleteEvent, Completer, Completion, PathCompleter
 from prompt_toolkit.document import Document
@@ -32,7 +31,7 @@ from gemmachat.errors import PromptTooLong, UserError
 from gemmachat.models import Model
 from gemmachat.output import Printer
 from gemmachat.recorder import Recorder
-from gemmachat.safe_io import write_file
+from gemmachat.safe_io import set_aside, write_file
 from gemmachat.session import Session
 from gemmachat.settings import Settings
 from gemmachat.store import data_dir
@@ -243,9 +242,8 @@ def input_history(environ: dict[str, str] | None = None) -> tuple[History, str |
         path.read_bytes().decode("utf-8")
     except UnicodeDecodeError:
         # A damaged history is set aside, not deleted and not fatal.
-        aside = path.with_name("history.corrupt")
         try:
-            path.replace(aside)
+            aside = set_aside(path)
         except OSError as error:
             return InMemoryHistory(), f"input history not kept: it is damaged ({error.strerror})"
         return AtomicFileHistory(str(path)), f"the input history was damaged; moved it to {aside}"

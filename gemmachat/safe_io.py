@@ -89,6 +89,26 @@ def read_stream(stream: BinaryIO, limit: int, name: str, rule: str) -> bytes:
     return b"".join(chunks)
 
 
+def set_aside(path: Path, companions: tuple[str, ...] = ()) -> Path:
+    """Rename a damaged file out of the way, keeping it for the user, and return its new name:
+    NAME.corrupt, or NAME.corrupt-2, -3, ... beside an earlier one, which a second damage used to
+    replace. `companions` are suffixes of files that go with it (a database's "-wal"), moved under
+    the new name where they exist. Raises OSError."""
+    count = 1
+    while True:
+        aside = path.with_name(f"{path.name}.corrupt{f'-{count}' if count > 1 else ''}")
+        if not any(os.path.lexists(f"{aside}{suffix}") for suffix in ("", *companions)):
+            break
+        count += 1
+    os.replace(path, aside)
+    for suffix in companions:
+        try:
+            os.replace(f"{path}{suffix}", f"{aside}{suffix}")
+        except FileNotFoundError:
+            pass
+    return aside
+
+
 def write_file(path: Path, data: bytes, *, streams: bool = False) -> None:
     """Put `data` in the file `path` names, or refuse in one line. A regular file (or the one a
     symlink points to) is replaced atomically and keeps its mode; a new one is private (0600).

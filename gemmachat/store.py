@@ -9,7 +9,6 @@ llama.cpp: the web page and remote engines can share the store.
 from __future__ import annotations
 
 import json
-import os
 import sqlite3
 import time
 from dataclasses import dataclass
@@ -20,6 +19,7 @@ import platformdirs
 
 from gemmachat.conversation import Conversation
 from gemmachat.errors import UserError
+from gemmachat.safe_io import set_aside
 from gemmachat.templates import Message
 
 DATA_ENV = "GEMMA_CHAT_DATA_DIR"
@@ -319,12 +319,7 @@ def _migrate(db: sqlite3.Connection, path: Path) -> None:
 
 def _set_aside(path: Path) -> Path:
     """Rename a damaged database (and its WAL files) out of the way, keeping it for the user."""
-    aside = path.with_name(f"{path.name}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}")
-    for suffix in ("", "-wal", "-shm"):
-        try:
-            os.replace(f"{path}{suffix}", f"{aside}{suffix}")
-        except FileNotFoundError:
-            pass
-        except OSError as error:
-            raise StoreError(f"{path} is damaged and cannot be moved aside: {_reason(error)}") from None
-    return aside
+    try:
+        return set_aside(path, ("-wal", "-shm"))
+    except OSError as error:
+        raise StoreError(f"{path} is damaged and cannot be moved aside: {_reason(error)}") from None

@@ -99,6 +99,11 @@ def test_a_corrupt_config_is_set_aside_with_one_warning(tmp_path: Path, content:
     assert settings.port == 8080  # the defaults
     assert len(warnings) == 1 and str(config) in warnings[0] and "moved it to" in warnings[0]
     assert not config.exists() and (tmp_path / "config.toml.corrupt").read_bytes() == content
+    # Broken again: the first copy stays (the second one replaced it, and the user's file was gone).
+    config.write_bytes(b"[again\n")
+    assert "config.toml.corrupt-2 and started" in settings_with(config, "--cli")[1][0]
+    assert (tmp_path / "config.toml.corrupt").read_bytes() == content
+    assert (tmp_path / "config.toml.corrupt-2").read_bytes() == b"[again\n"
 
 
 def test_the_program_starts_past_a_corrupt_config_in_the_default_place(run_cli, tmp_path: Path) -> None:

@@ -101,8 +101,8 @@ def test_a_damaged_database_is_set_aside_with_one_line(tmp_path: Path) -> None:
     warnings: list[str] = []
     store = Store.open(tmp_path, warnings.append)
     assert len(warnings) == 1 and "was damaged" in warnings[0] and "started a new one" in warnings[0]
-    aside = [path for path in tmp_path.iterdir() if ".corrupt-" in path.name]
-    assert len(aside) == 1 and aside[0].read_bytes().startswith(b"this is not a database")
+    aside = tmp_path / f"{DATABASE_NAME}.corrupt"
+    assert aside.read_bytes().startswith(b"this is not a database")
     assert store.recent() == []
     # A database whose pages are damaged fails the integrity check on open: set aside too.
     for index in range(200):
@@ -114,6 +114,9 @@ def test_a_damaged_database_is_set_aside_with_one_line(tmp_path: Path) -> None:
     warnings.clear()
     Store.open(tmp_path, warnings.append).close()
     assert len(warnings) == 1 and "was damaged" in warnings[0]
+    # Both damaged copies are kept (the second used to replace the first within the same second).
+    assert aside.read_bytes().startswith(b"this is not a database")
+    assert (tmp_path / f"{DATABASE_NAME}.corrupt-2").read_bytes()[4096 * 3:4096 * 4] == b"\xff" * 4096
 
 
 def test_an_unusable_folder_is_one_error(tmp_path: Path) -> None:
