@@ -46,7 +46,7 @@ def save(path: Path, fingerprint: str, tokens: list[int], state: bytes,
     replies = {str(position): {"digest": _digest(m.content), "tokens": list(m.tokens or ())}
                for position, m in messages if m.role == "assistant" and m.tokens}
     header = json.dumps({"fingerprint": fingerprint, "tokens": tokens, "replies": replies}).encode()
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)  # a cache holds the conversation too
     write_file(path, MAGIC + header + b"\n" + state)
     _prune(path.parent, KEPT_STATES)
 

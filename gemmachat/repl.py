@@ -237,7 +237,7 @@ def input_history(environ: dict[str, str] | None = None) -> tuple[History, str |
     folder = data_dir(environ or {})
     path = folder / "history"
     try:
-        folder.mkdir(parents=True, exist_ok=True)
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)  # what the user typed is private
         path.touch()
         path.read_bytes().decode("utf-8")
     except UnicodeDecodeError:

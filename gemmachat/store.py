@@ -117,7 +117,7 @@ class Store:
         line through `warn`) and a new one started; StoreError when none can be used."""
         path = folder / DATABASE_NAME
         try:
-            folder.mkdir(parents=True, exist_ok=True)
+            folder.mkdir(mode=0o700, parents=True, exist_ok=True)  # conversations are private
         except OSError as error:
             raise StoreError(f"cannot create {folder}: {_reason(error)}") from None
         try:

@@ -125,6 +125,13 @@ def test_an_unusable_folder_is_one_error(tmp_path: Path) -> None:
         Store.open(tmp_path / "file" / "data", pytest.fail)
 
 
+def test_the_folder_made_for_conversations_is_private(tmp_path: Path) -> None:
+    # Other users of the machine could read every conversation in it (it was 0755, the database 0644).
+    folder = tmp_path / "new" / "gemma-chat"
+    Store.open(folder, pytest.fail).close()
+    assert folder.stat().st_mode & 0o777 == 0o700
+
+
 def test_titles_come_from_the_first_user_line() -> None:
     assert title_from([Message("system", "s"), Message("user", "\n  Why is the sky blue?  \nmore")]) == \
         "Why is the sky blue?"
