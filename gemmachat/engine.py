@@ -1068,9 +1068,13 @@ class Engine:
         return chain
 
     def _grammar(self, grammar: str) -> llama.llama_sampler_p:
-        sampler = llama.llama_sampler_init_grammar(self._vocab, grammar.encode("utf-8"), b"root")
+        with llama_log.c_stderr_captured() as printed:
+            sampler = llama.llama_sampler_init_grammar(self._vocab, grammar.encode("utf-8"), b"root")
         if not sampler:
-            raise UserError(f"llama.cpp refused the grammar: {llama_log.last_error() or 'it does not parse'}")
+            # "parse: error parsing grammar: expecting ::= at REST OF THE GRAMMAR", then the grammar
+            _, found, reason = printed().partition("error parsing grammar: ")
+            reason = reason.splitlines()[0].strip() if found else llama_log.last_error() or "it does not parse"
+            raise UserError(f"llama.cpp refused the grammar: {reason}")
         return sampler
 
     def _sample_with_grammar(self, job: _Job, index: int) -> int:

@@ -15,7 +15,9 @@ import collections
 import ctypes
 import os
 import sys
-from typing import Callable
+import threading
+from contextlib import contextmanager
+from typing import Callable, Iterator
 
 from gemmachat import backends
 from gemmachat.bindings import libggml, llama_cpp
@@ -106,3 +108,45 @@ def last_error() -> str | None:
 
 def clear_errors() -> None:
     _recent_errors.clear()
+
+
+_c_stderr_lock = threading.Lock()
+
+
+@contextmanager
+def c_stderr_captured() -> Iterator[Callable[[], str]]:
+    """What C code writes to stdio's `stderr` while the block runs, kept instead of printed; the
+    function yielded returns it once the block is over. llama.cpp's grammar parser reports with a
+    bare fprintf there, around our one line, and echoes the grammar a client sent, escapes and all.
+    Only the FILE pointer is swapped, not file descriptor 2: Python's own writes (the server's
+    log) still reach the terminal. Where the C library's `stderr` cannot be found, nothing is kept."""
+    captured = {"text": ""}
+    libc = ctypes.CDLL(None)
+    pointer = next((found for found in (_symbol(libc, name) for name in ("stderr", "__stderrp")) if found), None)
+    if pointer is None or not hasattr(libc, "open_memstream"):
+        yield lambda: captured["text"]
+        return
+    libc.open_memstream.restype = ctypes.c_void_p
+    libc.open_memstream.argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.POINTER(ctypes.c_size_t)]
+    libc.fclose.argtypes = libc.fflush.argtypes = libc.free.argtypes = [ctypes.c_void_p]
+    buffer, size = ctypes.c_void_p(), ctypes.c_size_t()
+    with _c_stderr_lock:  # two swaps at once could leave stderr on a closed stream
+        stream = libc.open_memstream(ctypes.byref(buffer), ctypes.byref(size))
+        if not stream:
+            yield lambda: captured["text"]
+            return
+        saved, pointer.value = pointer.value, stream
+        try:
+            yield lambda: captured["text"]
+        finally:
+            pointer.value = saved
+            libc.fclose(stream)
+            captured["text"] = ctypes.string_at(buffer.value, size.value).decode("utf-8", "replace")
+            libc.free(buffer)
+
+
+def _symbol(library: ctypes.CDLL, name: str) -> ctypes.c_void_p | None:
+    try:
+        return ctypes.c_void_p.in_dll(library, name)
+    except ValueError:
+        return None

@@ -198,9 +198,12 @@ def test_pathological_schemas_and_grammars_are_refused_quickly(server: ServerPro
     with pytest.raises(SchemaRefused, match="more than"):
         grammar_for_schema({"type": "object", "properties": {f"p{i}": wide for i in range(6_000)}})
     # Grammars llama.cpp cannot parse (or would recurse on forever) are a 400, never a stuck slot.
-    for grammar in ("root ::= root", "root ::= ( ", "not a grammar"):
+    for grammar in ("root ::= root", "root ::= ( ", "not a grammar", "root ::= x\n\x1b[31mred\x1b]0;title\x07"):
         status, body = server.request("POST", "/v1/completions", {"prompt": "x", "max_tokens": 4, "grammar": grammar})
-        assert status == 400, (grammar, body)
+        assert status == 400 and "refused the grammar" in body["error"]["message"], (grammar, body)
+    # llama.cpp's parser wrote the reason and the client's grammar, escapes and all, to the server's
+    # terminal; the 400 says it now, and nothing else reaches the log.
+    assert not [line for line in server.lines if "error parsing grammar" in line or "\x1b" in line]
     status, _ = server.request("POST", "/v1/completions", {"prompt": "x", "max_tokens": 2})
     assert status == 200, "the server still answers"
 
@@ -221,6 +224,10 @@ def test_cli_json_schema_and_grammar_flags(run_cli, tmp_path: Path) -> None:
     assert refused.returncode == 2 and "'maximum'" in refused.stderr and len(refused.stderr.splitlines()) == 1
     both = run_cli("--cli", "-p", "x", "--grammar", "root ::= \"a\"", "--json-schema", "{}")
     assert both.returncode == 2 and "give one of" in both.stderr
+    # llama.cpp's parser prints its reason and the whole grammar itself: kept, and made our one line.
+    garbage = run_cli("--cli", "-p", "x", "--grammar", "garbage")
+    assert garbage.returncode == 2
+    assert garbage.stderr == "gemma-chat: llama.cpp refused the grammar: expecting ::= at\n"
 
 
 # Letters only, and few: every call the grammar allows ends well inside the token limits below.
