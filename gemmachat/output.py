@@ -2,7 +2,10 @@
 
 A reply is rendered while it streams. Only the block still being written lives in rich's Live
 region; finished blocks are printed above it for good. Re-rendering the whole reply at every token
-would cost more as it grows, and a Live region taller than the terminal leaves copies behind.
+would cost more as it grows. A Live region taller than the terminal leaves a copy of its top in
+the scrollback at every refresh (rich cannot move the cursor up past the screen's first line): so
+while a block streams, only its last screenful is live, and the whole block is printed once, when
+it is finished.
 """
 
 from __future__ import annotations
@@ -12,7 +15,8 @@ import re
 import sys
 from typing import Iterable, TextIO
 
-from rich.console import Console
+from rich.console import Console, ConsoleOptions, RenderableType, RenderResult
+from rich.segment import Segment
 from rich.text import Text
 
 from gemmachat.errors import escaped
@@ -93,9 +97,22 @@ class Printer:
                     if cut > committed:
                         live.console.print(Markdown(written[committed:cut]))
                         committed = cut
-                    live.update(Markdown(written[committed:]), refresh=True)
+                    live.update(_Tail(Markdown(written[committed:])), refresh=True)
             finally:
                 live.update(Markdown(written[committed:]))
+
+
+class _Tail:
+    """The last lines of a renderable that fit the terminal (with a line to spare for the cursor)."""
+
+    def __init__(self, renderable: RenderableType) -> None:
+        self.renderable = renderable
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        lines = console.render_lines(self.renderable, options, pad=False)
+        for line in lines[-max(1, console.size.height - 1):]:
+            yield from line
+            yield Segment.line()
 
 
 def _settled_prefix(text: str, start: int) -> int:

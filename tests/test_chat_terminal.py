@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import json
 import socket
+import subprocess
 import sys
 import time
 import urllib.request
@@ -25,7 +26,7 @@ from gemmachat.output import Printer
 from gemmachat.recorder import Recorder
 from gemmachat.repl import Chat
 from gemmachat.server import BackgroundServer
-from test_server import raw_request
+from test_server import REPO, raw_request
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench import run  # noqa: E402  (its peak_rss_of: the bench's own memory measure)
@@ -103,6 +104,35 @@ def test_real_terminal_session(cli_env: dict[str, str], tmp_path: Path) -> None:
     child.expect(pexpect.EOF)
     child.close()
     assert child.exitstatus == 0
+
+
+def test_a_reply_taller_than_the_terminal_is_in_the_scrollback_once(cli_env: dict[str, str], tmp_path: Path) -> None:
+    """tmux keeps what scrolls off its screen, as a terminal does: rich's Live, taller than the
+    screen, left a copy of its top there at every refresh (over a hundred in an 8-line pane)."""
+    dump = tmp_path / "dump.txt"
+    tmux = ["tmux", "-L", f"gemma-chat-test-{tmp_path.name}"]  # a server of its own: no other session sees it
+    command = " ".join([sys.executable, "-m", "gemmachat", "--chat", "-n", "150", "--nologo"])
+    env = {**cli_env, "PROMPT_TOOLKIT_NO_CPR": "1", "TERM": "xterm-256color"}
+    subprocess.run([*tmux, "new-session", "-d", "-x", "60", "-y", "8", command], env=env, check=True, cwd=REPO)
+    try:
+        time.sleep(3)
+        message = "Write a long paragraph about the history of the sea."
+        # Typed ahead while the chat starts, and the dump typed while the reply streams: the chat
+        # takes each line at its next prompt.
+        subprocess.run([*tmux, "send-keys", message, "Enter", f"/dump {dump}", "Enter"], check=True)
+        deadline = time.monotonic() + 90
+        while not dump.exists():
+            assert time.monotonic() < deadline, "the chat wrote no dump"
+            time.sleep(0.5)
+        screen = subprocess.run([*tmux, "capture-pane", "-p", "-S", "-", "-E", "-"], capture_output=True,
+                                text=True, check=True).stdout
+    finally:
+        subprocess.run([*tmux, "kill-server"], check=False)
+    reply = dump.read_text(encoding="utf-8").split("<start_of_turn>model\n")[1].split("<end_of_turn>")[0]
+    assert len(reply.split()) > 40, reply  # well over the 8 lines of the pane, wrapped at 60 columns
+    probe = " ".join(reply.split()[:3])
+    written = " ".join(f"{message} {reply}".split())
+    assert " ".join(screen.split()).count(probe) == written.count(probe), screen
 
 
 def test_multi_line_input_paste_completion_and_manual_mode(cli_env: dict[str, str], tmp_path: Path) -> None:
