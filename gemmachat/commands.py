@@ -238,7 +238,8 @@ def _upload(chat: Chat, argument: str) -> None:
     chat.printer.info(f"uploaded {path.name} ({'unknown' if needed is None else needed} tokens)")
 
 
-@command("save", "/save FILE", "save the conversation as JSON", takes_path=True)
+@command("save", "/save FILE", "save the conversation as JSON", "An existing FILE is replaced only if it "
+         "is a conversation saved before; /dump FILE likewise replaces only an earlier dump.", takes_path=True)
 def _save(chat: Chat, argument: str) -> None:
     path = _path_argument(argument, "/save FILE")
     chat.session.conversation.save(path)
@@ -259,7 +260,9 @@ def _dump(chat: Chat, argument: str) -> None:
     text = chat.session.dump()
     if argument:
         path = Path(argument).expanduser()
-        write_file(path, text.encode("utf-8"), streams=True)  # /dump /dev/stdout, /dump FIFO
+        first_line = text.encode("utf-8").split(b"\n", 1)[0]
+        write_file(path, text.encode("utf-8"), streams=True,  # /dump /dev/stdout, /dump FIFO
+                   replaces=(lambda head: head.startswith(first_line), "an earlier /dump"))
         chat.printer.info(f"wrote {len(text)} characters to {path}")
     else:
         chat.printer.text(text)

@@ -7,6 +7,7 @@ anything changes, so a malformed or foreign file leaves the current conversation
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -94,7 +95,7 @@ class Conversation:
         return json.dumps(document, ensure_ascii=False, indent=2) + "\n"
 
     def save(self, path: Path) -> None:
-        write_file(path, self.to_json().encode("utf-8"))
+        write_file(path, self.to_json().encode("utf-8"), replaces=(_is_saved_conversation, "a saved conversation"))
 
     @classmethod
     def load(cls, path: Path) -> Conversation:
@@ -131,3 +132,8 @@ class Conversation:
             loaded.append(Message(item["role"], item["content"], interrupted=item.get("interrupted") is True))
         return cls(system=system, messages=loaded)
 
+
+
+def _is_saved_conversation(head: bytes) -> bool:
+    """The start of a file /save wrote (or one edited since): its format named near the top."""
+    return re.search(rb'"format"\s*:\s*"' + re.escape(FILE_FORMAT.encode()) + rb'"', head[:4096]) is not None

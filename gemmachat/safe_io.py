@@ -16,7 +16,7 @@ import os
 import stat
 import tempfile
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, Callable
 
 from gemmachat.errors import UserError
 
@@ -109,10 +109,13 @@ def set_aside(path: Path, companions: tuple[str, ...] = ()) -> Path:
     return aside
 
 
-def write_file(path: Path, data: bytes, *, streams: bool = False) -> None:
+def write_file(path: Path, data: bytes, *, streams: bool = False,
+               replaces: tuple[Callable[[bytes], bool], str] | None = None) -> None:
     """Put `data` in the file `path` names, or refuse in one line. A regular file (or the one a
     symlink points to) is replaced atomically and keeps its mode; a new one is private (0600).
-    With `streams`, a FIFO or a character device (/dev/stdout, a terminal) is written directly."""
+    With `streams`, a FIFO or a character device (/dev/stdout, a terminal) is written directly.
+    With `replaces` (a test of the old file's first bytes, and what it is called), a file that is
+    not empty is replaced only if it passes: an earlier save, not the user's notes."""
     path = Path(path)
     try:
         existing: os.stat_result | None = os.stat(path)  # through symlinks: what a write would reach
@@ -128,6 +131,15 @@ def write_file(path: Path, data: bytes, *, streams: bool = False) -> None:
     if existing is not None and existing.st_nlink > 1:
         raise UserError(f"cannot write {path}: it has {existing.st_nlink} hard links, which replacing it "
                         "would cut (write elsewhere, or remove the other links)")
+    if existing is not None and existing.st_size and replaces is not None:
+        passes, kind = replaces
+        try:
+            with open(path, "rb") as old:
+                head = old.read(_CHUNK)
+        except OSError as error:
+            raise UserError(f"cannot write {path}: {error.strerror or error}") from None
+        if not passes(head):
+            raise UserError(f"not replacing {path}: it is not {kind} (choose another name, or remove it first)")
     _replace(Path(os.path.realpath(path)), data, existing, shown=path)
 
 

@@ -22,7 +22,7 @@ from test_server import ServerProcess, raw_request
 REPO = Path(__file__).resolve().parent.parent
 GEMMA_CHAT = [sys.executable, "-m", "gemmachat"]
 LONG = ["-p", "1, 2, 3,", "-n", "3000", "--ignore-eos", "--temp", "0", "-t", "1"]
-OLD = b'{"old": "conversation"}'
+OLD = b'{"format": "gemma-chat conversation", "version": 1, "system": null, "messages": []}'  # an earlier save
 
 
 @pytest.fixture

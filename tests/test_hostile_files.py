@@ -3,7 +3,8 @@ hard links, FIFOs, sockets, device nodes, endless and sparse files, deep nesting
 
 Every read checks the type and size first and reads at most its limit (gemmachat/safe_io.py);
 every write replaces only a regular file (the one a symlink points to), keeping its mode, and
-writes a stream directly only where that is the point (/dump)."""
+writes a stream directly only where that is the point (/dump); /save and /dump replace only what
+they wrote before."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import threading
 import time
 from pathlib import Path
 
+from gemmachat.conversation import Conversation
 
 GREEDY = ("--temp", "0", "-t", "1")
 
@@ -26,10 +28,27 @@ def piped_chat(run_cli, script: str, *args: str, timeout: float = 90):
     return result
 
 
+def test_save_and_dump_replace_only_their_own_files(run_cli, tmp_path: Path) -> None:
+    # `/save poem.txt` replaced the user's poem with JSON, without a word.
+    poem, saved, dump, empty = (tmp_path / name for name in ("poem.txt", "saved.json", "dump.txt", "empty"))
+    poem.write_text("Roses are red.\n")
+    empty.write_bytes(b"")
+    result = piped_chat(run_cli, "\n".join(["Hello", f"/save {poem}", f"/dump {poem}", f"/save {saved}",
+                                            "Again", f"/save {saved}", f"/dump {dump}", f"/dump {dump}",
+                                            f"/save {empty}"]) + "\n")
+    out = result.stdout
+    assert f"not replacing {poem}: it is not a saved conversation (choose another name" in out
+    assert f"not replacing {poem}: it is not an earlier /dump" in out
+    assert poem.read_text() == "Roses are red.\n"
+    assert [m["content"] for m in json.loads(saved.read_text())["messages"]][::2] == ["Hello", "Again"]
+    assert out.count(f"to {dump}") == 2 and "<start_of_turn>user\nAgain" in dump.read_text()
+    assert json.loads(empty.read_text())["format"] == "gemma-chat conversation"  # nothing in it to lose
+
+
 def test_save_and_dump_write_through_links_keep_modes_and_never_replace_a_fifo_socket_or_device(
         run_cli, tmp_path: Path) -> None:
     real = tmp_path / "real.json"
-    real.write_text("{}")
+    real.write_text(Conversation(system=None).to_json())  # an earlier save: /save replaces only those
     real.chmod(0o644)
     link = tmp_path / "link.json"
     link.symlink_to(real)
