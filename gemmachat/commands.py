@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import math
 import os
 import shlex
 import subprocess
@@ -348,7 +349,7 @@ def _set(chat: Chat, argument: str) -> None:
             field = SETTABLE[name]
             kind = {f.name: f.type for f in fields(chat.session.sampling)}[field]
             number = int(value) if kind == "int" else float(value)
-            if field == "repeat_penalty" and number <= 0:
+            if not math.isfinite(number) or (field == "repeat_penalty" and number <= 0):
                 raise ValueError
             chat.session.sampling = replace(chat.session.sampling, **{field: number})
         else:

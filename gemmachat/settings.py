@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -108,9 +109,12 @@ def _whole_number(text: str) -> int:
 
 def _number(text: str) -> float:
     try:
-        return float(text)
+        value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expects a number, not {text!r}") from None
+        value = math.nan
+    if not math.isfinite(value):  # float() takes "nan" and "inf", which no sampler setting means
+        raise argparse.ArgumentTypeError(f"expects a number, not {text!r}")
+    return value
 
 
 def _positive_number(text: str) -> float:

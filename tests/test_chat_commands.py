@@ -78,7 +78,8 @@ def test_checkpoints_forget_system_and_settings(run_cli, tmp_path: Path) -> None
     result = chat(run_cli, "\n".join([
         "First question?", "/push", "/stack", "Second question?", "/pop", "/pop",
         "/system You are a pirate.", "/show system", "/forget", f"/dump {dump}",
-        "/set temp 0.5", "/set parameter top_k 7", "/set top_k many", "/set colour red", "/show settings",
+        "/set temp 0.5", "/set parameter top_k 7", "/set top_k many", "/set temp nan", "/set colour red",
+        "/show settings",
         "/show model", "/halp", "/help undo",
     ]) + "\n")
     out = result.stdout
@@ -91,7 +92,7 @@ def test_checkpoints_forget_system_and_settings(run_cli, tmp_path: Path) -> None
     remaining = turns(dump)
     assert len(remaining) == 1 and remaining[0].startswith("model\nYou are a pirate.\n\n"), remaining
     assert "temperature = 0.5" not in out and "temp = 0.5" in out
-    assert "'many' is not a valid value for top_k" in out
+    assert "'many' is not a valid value for top_k" in out and "'nan' is not a valid value for temp" in out
     assert "unknown setting 'colour'" in out
     settings = {line.split()[0]: line.split()[1] for line in out.splitlines()
                 if line.startswith("  ") and len(line.split()) == 2}

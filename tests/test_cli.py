@@ -192,6 +192,8 @@ FLAG_ERRORS = {
                            "argument -c/--ctx-size: expects a whole number, not 'abc' (see gemma-chat --help)"),
     "a fraction for a whole number": (("-n", "2.5"), "argument -n/--n-predict: expects a whole number, not '2.5'"),
     "not a number": (("--temp", "hot"), "argument --temp: expects a number, not 'hot'"),
+    "not a finite number": (("--top-p", "nan"), "argument --top-p: expects a number, not 'nan'"),
+    "an overflowing number": (("--temp", "1e999"), "argument --temp: expects a number, not '1e999'"),
     "not a port": (("--port", "99999"), "argument --port: expects a port number from 1 to 65535, not '99999'"),
     "not positive": (("-t", "0"), "argument -t/--threads: expects a whole number of 1 or more, not '0'"),
     "negative": (("-c", "-5"), "argument -c/--ctx-size: expects a whole number of 0 or more, not '-5'"),
