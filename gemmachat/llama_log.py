@@ -128,7 +128,7 @@ def c_stderr_captured() -> Iterator[Callable[[], str]]:
         return
     libc.open_memstream.restype = ctypes.c_void_p
     libc.open_memstream.argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.POINTER(ctypes.c_size_t)]
-    libc.fclose.argtypes = libc.fflush.argtypes = libc.free.argtypes = [ctypes.c_void_p]
+    libc.fclose.argtypes = libc.free.argtypes = [ctypes.c_void_p]
     buffer, size = ctypes.c_void_p(), ctypes.c_size_t()
     with _c_stderr_lock:  # two swaps at once could leave stderr on a closed stream
         stream = libc.open_memstream(ctypes.byref(buffer), ctypes.byref(size))

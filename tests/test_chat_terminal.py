@@ -114,18 +114,23 @@ def test_a_reply_taller_than_the_terminal_is_in_the_scrollback_once(cli_env: dic
     command = " ".join([sys.executable, "-m", "gemmachat", "--chat", "-n", "150", "--nologo"])
     env = {**cli_env, "PROMPT_TOOLKIT_NO_CPR": "1", "TERM": "xterm-256color"}
     subprocess.run([*tmux, "new-session", "-d", "-x", "60", "-y", "8", command], env=env, check=True, cwd=REPO)
+    def pane() -> str:
+        return subprocess.run([*tmux, "capture-pane", "-p", "-S", "-", "-E", "-"], capture_output=True,
+                              text=True, check=True).stdout
+
     try:
-        time.sleep(3)
+        deadline = time.monotonic() + 60
+        while ">>>" not in pane():  # keys typed before the prompt takes the terminal are echoed by it
+            assert time.monotonic() < deadline, "the chat did not start"
+            time.sleep(0.2)
         message = "Write a long paragraph about the history of the sea."
-        # Typed ahead while the chat starts, and the dump typed while the reply streams: the chat
-        # takes each line at its next prompt.
+        # The dump is typed while the reply streams: the chat takes it at its next prompt.
         subprocess.run([*tmux, "send-keys", message, "Enter", f"/dump {dump}", "Enter"], check=True)
         deadline = time.monotonic() + 90
         while not dump.exists():
             assert time.monotonic() < deadline, "the chat wrote no dump"
             time.sleep(0.5)
-        screen = subprocess.run([*tmux, "capture-pane", "-p", "-S", "-", "-E", "-"], capture_output=True,
-                                text=True, check=True).stdout
+        screen = pane()
     finally:
         subprocess.run([*tmux, "kill-server"], check=False)
     reply = dump.read_text(encoding="utf-8").split("<start_of_turn>model\n")[1].split("<end_of_turn>")[0]
