@@ -95,11 +95,25 @@ class Printer:
                     written += piece
                     cut = _settled_prefix(written, committed)
                     if cut > committed:
-                        live.console.print(Markdown(written[committed:cut]))
+                        live.console.print(Markdown(_line_breaks_kept(written[committed:cut])))
                         committed = cut
-                    live.update(_Tail(Markdown(written[committed:])), refresh=True)
+                    live.update(_Tail(Markdown(_line_breaks_kept(written[committed:]))), refresh=True)
             finally:
-                live.update(Markdown(written[committed:]))
+                live.update(Markdown(_line_breaks_kept(written[committed:])))
+
+
+def _line_breaks_kept(text: str) -> str:
+    """Markdown in which each line break of the text is a hard one, as the chat page renders replies
+    (marked's `breaks`): CommonMark joins the lines of a paragraph, and a poem or an address lost
+    its lines. Code fences are left as they are."""
+    lines = text.split("\n")
+    fenced = False
+    for index, line in enumerate(lines[:-1]):
+        if _FENCE.match(line):
+            fenced = not fenced
+        elif not fenced and line.strip() and lines[index + 1].strip():
+            lines[index] = line + "  "
+    return "\n".join(lines)
 
 
 class _Tail:

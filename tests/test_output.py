@@ -44,6 +44,16 @@ def test_markdown_and_highlighted_code_appear_while_the_reply_streams() -> None:
     assert "• one" in final and "• two" in final
 
 
+def test_a_line_break_in_a_paragraph_stays_a_line_break_as_on_the_chat_page() -> None:
+    buffer = io.StringIO()
+    terminal_printer(buffer).reply(iter(["Roses are red,\nViolets are blue.\n\n```\nx = 1  \ny = 2\n```\n",
+                                         "- one\n- two"]))
+    lines = [line.rstrip() for line in re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", buffer.getvalue()).splitlines()]
+    # CommonMark joined them: "Roses are red, Violets are blue."
+    assert "Roses are red," in lines and "Violets are blue." in lines, lines
+    assert " x = 1" in lines and " y = 2" in lines and "• one" in lines[-2] and "• two" in lines[-1]
+
+
 def test_plain_output_has_no_escape_codes_and_keeps_the_text() -> None:
     buffer = io.StringIO()
     Printer(plain=True, stream=buffer).reply(iter(REPLY))
