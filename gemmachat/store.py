@@ -52,6 +52,25 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         )""",
         "CREATE INDEX conversations_by_update ON conversations(updated)",
     ),
+    # Ids are never given again: a deleted conversation's id (the newest's) went to the next one, and
+    # a script's --resume N or a page's #N then reached another conversation. SQLite's own way to
+    # change a table: a new one, the rows copied, the old dropped, the new renamed (foreign keys off,
+    # so that dropping it deletes no message).
+    (
+        """CREATE TABLE conversations_v2 (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            title TEXT NOT NULL DEFAULT '',
+            created REAL NOT NULL,
+            updated REAL NOT NULL,
+            model TEXT NOT NULL DEFAULT '',
+            system TEXT,
+            settings TEXT NOT NULL DEFAULT '{}'
+        )""",
+        "INSERT INTO conversations_v2 SELECT id, title, created, updated, model, system, settings FROM conversations",
+        "DROP TABLE conversations",
+        "ALTER TABLE conversations_v2 RENAME TO conversations",
+        "CREATE INDEX conversations_by_update ON conversations(updated)",
+    ),
 )
 
 
@@ -289,8 +308,8 @@ def _connect(path: Path) -> sqlite3.Connection:
         if check != "ok":
             raise sqlite3.DatabaseError(f"integrity check: {check}")
         db.execute("PRAGMA journal_mode = WAL")
+        _migrate(db, path)  # before foreign keys are on: a migration may drop and remake a table
         db.execute("PRAGMA foreign_keys = ON")
-        _migrate(db, path)
     except BaseException:
         db.close()
         raise
@@ -311,6 +330,8 @@ def _migrate(db: sqlite3.Connection, path: Path) -> None:
             for statement in statements:
                 db.execute(statement)
             db.execute(f"PRAGMA user_version = {number}")
+        if problems := db.execute("PRAGMA foreign_key_check").fetchall():
+            raise StoreError(f"{path}: the schema change left messages without their conversation ({problems[:3]})")
         db.execute("COMMIT")
     except BaseException:
         db.execute("ROLLBACK")

@@ -60,6 +60,31 @@ def test_the_schema_is_versioned_and_a_newer_one_is_refused(tmp_path: Path) -> N
         Store.open(tmp_path, pytest.fail)
 
 
+def test_an_id_is_never_given_again_and_a_first_schema_store_keeps_its_conversations(tmp_path: Path) -> None:
+    # A store as the first schema made it, with two conversations, the second deleted.
+    with sqlite3.connect(tmp_path / DATABASE_NAME) as db:
+        for statement in MIGRATIONS[0]:
+            db.execute(statement)
+        db.execute("PRAGMA user_version = 1")
+        db.execute("INSERT INTO conversations (id, title, created, updated) VALUES (1, 'kept', 1, 1)")
+        db.execute("INSERT INTO messages VALUES (1, 0, 'user', 'still here', 0, 1)")
+    db.close()
+    store = Store.open(tmp_path, pytest.fail)
+    assert [s.title for s in store.recent()] == ["kept"]
+    assert store.load(1)[1].messages == [Message("user", "still here")]
+    second = store.create("soon gone", "m", None, {})
+    assert second == 2 and store.delete(second)
+    # The first schema gave the newest deleted id to the next conversation: a script's --resume 2
+    # or a page's #2 then reached another one.
+    assert store.create("next", "m", None, {}) == 3
+    assert store.delete(1)  # and a deleted conversation still takes its messages with it
+    store.close()
+    with sqlite3.connect(tmp_path / DATABASE_NAME) as db:
+        assert db.execute("SELECT count(*) FROM messages").fetchone()[0] == 0
+        assert db.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS) == 2
+    db.close()
+
+
 def test_two_processes_write_at_once(tmp_path: Path) -> None:
     writer = ("import sys; from pathlib import Path; from gemmachat.store import Store; "
               "from gemmachat.templates import Message\n"
