@@ -86,15 +86,13 @@ def _help(chat: Chat, argument: str) -> None:
         chat.printer.text(f"{entry.usage}\n  {entry.summary}" + (f"\n  {entry.details}" if entry.details else "")
                           + (f"\n  also: {names}" if entry.aliases else ""))
         return
-    lines = [f"  {c.usage:<22} {c.summary}" for c in unique_commands()]
-    lines += [
-        "",
-        '  """                    start or end a multi-line message',
-        "  ctrl-j                 new line in a message",
-        "  ctrl-c                 stop the reply; on an empty prompt, leave",
-        "  ctrl-d                 leave",
-    ]
-    chat.printer.text("\n".join(lines))
+    chat.printer.rows([(c.usage, c.summary) for c in unique_commands()] + [
+        ("", ""),
+        ('"""', "start or end a multi-line message"),
+        ("ctrl-j", "new line in a message"),
+        ("ctrl-c", "stop the reply; on an empty prompt, leave"),
+        ("ctrl-d", "leave"),
+    ], 22)
 
 
 @command("exit", "/exit", "leave the chat", aliases=("quit", "bye"))
@@ -375,8 +373,7 @@ def _set_format(chat: Chat, value: str) -> None:
     chat.printer.info(f"format = {value if len(value) <= 60 else value[:57] + '...'}")
 
 
-@command("show", "/show [settings|model|system|template]", "show settings, model details, "
-         "the system prompt or the template")
+@command("show", "/show [WHAT]", "show the settings (WHAT: settings, model, system or template)")
 def _show(chat: Chat, argument: str) -> None:
     what = argument or "settings"
     session = chat.session
@@ -385,9 +382,9 @@ def _show(chat: Chat, argument: str) -> None:
         rows = [(f.name, getattr(sampling, f.name)) for f in fields(sampling) if f.name not in ("logit_bias", "grammar")]
         rows.append(("n_predict", session.n_predict))
         rows.append(("format", "text" if sampling.grammar is None else "constrained by a grammar (/set format)"))
-        chat.printer.text("\n".join(f"  {name:<18} {value}" for name, value in rows))
+        chat.printer.rows(rows, 18)
     elif what in ("model", "info"):
-        chat.printer.text("\n".join(f"  {name:<18} {value}" for name, value in session.about()))
+        chat.printer.rows(session.about(), 18)
     elif what == "system":
         _system(chat, "")
     elif what == "template":

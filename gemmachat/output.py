@@ -16,7 +16,9 @@ import sys
 from typing import Iterable, TextIO
 
 from rich.console import Console, ConsoleOptions, RenderableType, RenderResult
+from rich.padding import Padding
 from rich.segment import Segment
+from rich.table import Table
 from rich.text import Text
 
 from gemmachat.errors import escaped
@@ -59,6 +61,20 @@ class Printer:
             self._plain_line(text)
         else:
             self.console.print(Text(text))
+
+    def rows(self, rows: Iterable[tuple[str, object]], width: int) -> None:
+        """Two columns, the first `width` wide: on a terminal the second wraps under itself (it
+        wrapped to the line's start, under the first); a pipe gets one line a row."""
+        rows = [(self._shown(name), self._shown(str(value))) for name, value in rows]
+        if self.plain:
+            self._plain_line("\n".join(f"  {name:<{width}} {value}".rstrip() for name, value in rows))
+            return
+        table = Table.grid(padding=(0, 1))
+        table.add_column(min_width=width, no_wrap=True)
+        table.add_column(overflow="fold")
+        for name, value in rows:
+            table.add_row(Text(name), Text(value))
+        self.console.print(Padding(table, (0, 0, 0, 2)))
 
     def to_clipboard(self, text: str) -> None:
         """Hand `text` to the terminal's clipboard with OSC 52 (ESC ] 52 ; c ; base64 BEL), which
