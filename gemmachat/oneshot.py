@@ -20,7 +20,7 @@ PROMPT_LIMIT = 10 << 20
 def read_prompt(settings: Settings) -> str:
     if settings.prompt is not None:
         return settings.prompt
-    if settings.prompt_file is not None:
+    if settings.prompt_file is not None and str(settings.prompt_file) != "-":  # -f -: stdin, as below
         # A stream is fine here: -f <(command), -f /dev/stdin.
         data = read_file(settings.prompt_file, PROMPT_LIMIT, "a prompt may be", streams=True, name="prompt file")
     else:

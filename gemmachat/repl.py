@@ -326,6 +326,9 @@ def system_prompt(settings: Settings, model: Model) -> str | None:
     if settings.prompt_file is not None:
         from gemmachat.oneshot import read_prompt
 
+        if str(settings.prompt_file) == "-":
+            raise UserError("-f - reads stdin, where the chat reads its messages: give the system prompt "
+                            "with -p or in a file")
         return read_prompt(settings)
     return model.default_system
 

@@ -216,7 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
                             f"(default: \"{DEFAULT_SYSTEM_PROMPT}\"; none for a base model, which "
                             "only continues text)")
     model.add_argument("-f", "--file", dest="prompt_file", type=Path, metavar="FILE",
-                       help="read the prompt from FILE")
+                       help="read the prompt from FILE (- for stdin)")
     model.add_argument("--system", metavar="TEXT",
                        help="system prompt for --cli --chat-turn (the chat takes it from -p)")
     model.add_argument("--chat-turn", action="store_true",

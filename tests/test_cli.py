@@ -68,6 +68,11 @@ def test_prompt_from_stdin_and_from_a_file(run_cli, tmp_path: Path) -> None:
     prompt = tmp_path / "prompt.txt"
     prompt.write_text("Once upon a time")
     assert run_cli("--cli", "-f", str(prompt), "-n", "12", *GREEDY).stdout == by_flag
+    # "-" is stdin, as everywhere ("cannot read prompt file -: no such file" before).
+    assert run_cli("--cli", "-f", "-", "-n", "12", *GREEDY, input="Once upon a time").stdout == by_flag
+    chat = run_cli("--chat", "-f", "-", input="Hello\n")
+    assert chat.returncode == 2 and chat.stderr == ("gemma-chat: -f - reads stdin, where the chat reads its "
+                                                    "messages: give the system prompt with -p or in a file\n")
 
 
 def test_invalid_utf8_on_stdin_is_not_an_error(run_cli) -> None:
