@@ -69,7 +69,11 @@ def find(name: str) -> Command:
 
 def dispatch(chat: Chat, line: str) -> None:
     name, _, argument = line[1:].partition(" ")
-    find(name.strip()).run(chat, argument.strip())
+    entry = find(name.strip())
+    if argument.strip() and " " not in entry.usage:
+        # Refused, not ignored: "/clear all" or "/undo 3" did less than they seemed to ask.
+        raise UserError(f"{entry.usage} takes no argument")
+    entry.run(chat, argument.strip())
 
 
 def unique_commands() -> list[Command]:

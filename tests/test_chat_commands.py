@@ -76,7 +76,7 @@ def test_edit_sends_what_the_editor_wrote(run_cli, tmp_path: Path) -> None:
 def test_checkpoints_forget_system_and_settings(run_cli, tmp_path: Path) -> None:
     dump = tmp_path / "dump.txt"
     result = chat(run_cli, "\n".join([
-        "First question?", "/push", "/stack", "Second question?", "/pop", "/pop",
+        "First question?", "/push", "/stack", "Second question?", "/undo 3", "/pop", "/pop",
         "/system You are a pirate.", "/show system", "/forget", f"/dump {dump}",
         "/set temp 0.5", "/set parameter top_k 7", "/set top_k many", "/set temp nan", "/set colour red",
         "/show settings",
@@ -84,7 +84,7 @@ def test_checkpoints_forget_system_and_settings(run_cli, tmp_path: Path) -> None
     ]) + "\n")
     out = result.stdout
     assert "checkpoint 1 saved" in out and "back to checkpoint 1" in out
-    assert "no checkpoint to go back to" in out
+    assert "no checkpoint to go back to" in out and "/undo takes no argument" in out
     assert "You are a pirate." in out
     assert "forgot the oldest user message" in out
     # After /pop the second exchange is gone; /forget dropped the first question; the new system
