@@ -14,6 +14,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
+from urllib.parse import urlsplit
 
 from gemmachat import __version__
 from gemmachat.config import CONFIG_ENV, apply_config, config_path, read_config
@@ -92,6 +93,7 @@ class Settings:
     remote: str | None = None  # --remote URL: an OpenAI-compatible server does the generating
     timeout: float = 600.0  # --remote: seconds to wait for the server's answer, or its next piece
     rpc: tuple[str, ...] = ()  # --rpc HOST:PORT,...: workers that hold the offloaded layers (gemmachat/rpc.py)
+    allow_origins: tuple[str, ...] = ()  # --allow-origin: web origins the server also answers (same_origin.py)
     environ: Mapping[str, str] = field(repr=False, default_factory=dict)
 
 
@@ -328,6 +330,10 @@ def build_parser() -> argparse.ArgumentParser:
     server.add_argument("--api-key", metavar="KEY",
                         help="require 'Authorization: Bearer KEY' (also $GEMMA_CHAT_API_KEY); with "
                              "--remote, the key sent to the server")
+    server.add_argument("--allow-origin", metavar="URL[,URL...]",
+                        help="web origins the server answers besides its own address, such as the "
+                             "public address of a reverse proxy in front of it "
+                             "(https://chat.example.com); requests from other sites' pages are refused")
     server.add_argument("-np", "--parallel", type=_positive_int, default=4, metavar="N",
                         help="requests decoded at once, in one batch (default 4)")
     server.add_argument("--nobrowser", action="store_true",
@@ -378,6 +384,17 @@ def _remote_url(url: str | None) -> str | None:
     if parts.scheme not in ("http", "https") or not parts.netloc:
         raise UserError(f"--remote expects an http:// or https:// URL, not {url!r}")
     return url.strip().rstrip("/").removesuffix("/v1").rstrip("/")
+
+
+def _origins(text: str) -> tuple[str, ...]:
+    """`--allow-origin` as origins spelled as browsers send them: scheme://host[:port], lower case."""
+    origins = []
+    for item in filter(None, (part.strip().rstrip("/").lower() for part in text.split(","))):
+        parts = urlsplit(item)
+        if parts.scheme not in ("http", "https") or not parts.netloc or parts.path or parts.query:
+            raise UserError(f"--allow-origin {item!r} is not an origin such as https://chat.example.com")
+        origins.append(item)
+    return tuple(origins)
 
 
 def _rpc_endpoints(text: str) -> tuple[str, ...]:
@@ -485,5 +502,6 @@ def parse_settings(argv: Sequence[str], environ: Mapping[str, str] | None = None
         remote=remote,
         timeout=args.timeout,
         rpc=rpc,
+        allow_origins=_origins(args.allow_origin) if args.allow_origin else (),
         environ=environ,
     )

@@ -20,6 +20,7 @@ import pytest
 
 from gemmachat import llama_log
 from gemmachat.engine import Engine, EngineOptions
+from gemmachat.errors import UserError
 from gemmachat.gguf import read_gguf
 from gemmachat.listen import ServerUnavailable, bind_socket
 from gemmachat.server import start_background
@@ -437,6 +438,15 @@ def test_a_server_listening_everywhere_answers_any_name_but_not_other_pages() ->
         "cross_origin_refused")
     assert refusal({"host": "myhost.example:8080", "origin": "http://myhost.example:8080"}, "192.168.1.5",
                    "0.0.0.0") is None
+    # Behind a reverse proxy at https://chat.example.com, whether it passes the Host on or not.
+    proxy = parse_settings(["--server", "--allow-origin", "https://Chat.example.com/"]).allow_origins
+    assert proxy == ("https://chat.example.com",)
+    for host in ("chat.example.com", "127.0.0.1:8080"):
+        assert refusal({"host": host, "origin": "https://chat.example.com"}, "127.0.0.1", "127.0.0.1", proxy) is None
+    assert refusal({"host": "127.0.0.1:8080", "origin": "https://evil.example"}, "127.0.0.1", "127.0.0.1",
+                   proxy).code == "cross_origin_refused"
+    with pytest.raises(UserError, match="--allow-origin 'chat.example.com' is not an origin"):
+        parse_settings(["--server", "--allow-origin", "chat.example.com"])
 
 
 def test_a_failing_request_is_one_500_and_one_log_line() -> None:
@@ -454,7 +464,7 @@ def test_a_failing_request_is_one_500_and_one_log_line() -> None:
 
     lines: list[str] = []
     core = SimpleNamespace(api_key=None, max_body=1 << 20, verbose=False, log=lines.append,
-                           settings=SimpleNamespace(host="127.0.0.1"))
+                           settings=SimpleNamespace(host="127.0.0.1", allow_origins=()))
     response = TestClient(Gatekeeper(failing, core)).post("/v1/completions", json={"prompt": "x"})
     assert response.status_code == 500
     assert response.json()["error"]["message"] == "internal error: RuntimeError"

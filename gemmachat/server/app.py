@@ -63,7 +63,8 @@ class Gatekeeper:
         core = self.core
         headers = {name.decode("latin-1").lower(): value.decode("latin-1") for name, value in scope["headers"]}
         server = scope.get("server")
-        refused = same_origin.refusal(headers, server[0] if server else None, core.settings.host)
+        refused = same_origin.refusal(headers, server[0] if server else None, core.settings.host,
+                                      core.settings.allow_origins)
         if refused is not None:
             await _drain(receive, 1 << 20)
             await _error(send, scope, refused)

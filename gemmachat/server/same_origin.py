@@ -10,7 +10,8 @@ DNS rebinding gets past that check: a site re-points its own name at 127.0.0.1, 
 "same-origin" with the server. What gives it away is the Host header, which still carries the
 site's name; so a server listening on a loopback address answers only requests for a loopback name.
 A server asked to listen on every address (or a LAN address) is reached by names of its own; there
-the Origin check alone stands.
+the Origin check alone stands. `--allow-origin` names origins to take besides (a reverse proxy's
+public address), and their names as Host.
 """
 
 from __future__ import annotations
@@ -24,20 +25,22 @@ from gemmachat import openai_api as api
 EVERY_ADDRESS = ("", "0.0.0.0", "::")
 
 
-def refusal(headers: dict[str, str], local_address: str | None, bind_host: str) -> api.ApiError | None:
+def refusal(headers: dict[str, str], local_address: str | None, bind_host: str,
+            allowed: tuple[str, ...] = ()) -> api.ApiError | None:
     """The 403 a request gets, or None when it may go on. `headers` are lower-cased names;
-    `local_address` is the address the connection came in on."""
+    `local_address` is the address the connection came in on; `allowed`, --allow-origin's origins."""
     host = headers.get("host", "")
-    if (bind_host not in EVERY_ADDRESS and _is_loopback(local_address)
-            and host and not _local_name(_hostname(host))):
+    if (bind_host not in EVERY_ADDRESS and _is_loopback(local_address) and host
+            and not _local_name(_hostname(host)) and host.lower() not in {urlsplit(o).netloc for o in allowed}):
         return api.ApiError(403, f"refused a request for {host!r}: this server listens on a local "
                             "address and answers requests for local names and IP addresses (a guard "
-                            "against DNS rebinding); --host 0.0.0.0 serves other names",
+                            "against DNS rebinding); --host 0.0.0.0 serves other names, --allow-origin a "
+                            "reverse proxy's",
                             code="host_not_allowed")
     origin = headers.get("origin")
-    if origin is not None and not _same_origin(origin, host):
+    if origin is not None and not _same_origin(origin, host) and origin.lower() not in allowed:
         return api.ApiError(403, f"refused a request from another web page (Origin: {origin}): this "
-                            "server takes browser requests from its own page only",
+                            "server takes browser requests from its own page only (--allow-origin names others)",
                             code="cross_origin_refused")
     return None
 
