@@ -119,10 +119,14 @@ def c_stderr_captured() -> Iterator[Callable[[], str]]:
     function yielded returns it once the block is over. llama.cpp's grammar parser reports with a
     bare fprintf there, around our one line, and echoes the grammar a client sent, escapes and all.
     Only the FILE pointer is swapped, not file descriptor 2: Python's own writes (the server's
-    log) still reach the terminal. Where the C library's `stderr` cannot be found, nothing is kept."""
+    log) still reach the terminal; what another thread's C code writes there in that instant is
+    kept with it. Only on glibc and macOS, whose `stderr` is a variable (musl's is constant);
+    elsewhere nothing is kept and llama.cpp prints as it does."""
     captured = {"text": ""}
-    libc = ctypes.CDLL(None)
-    pointer = next((found for found in (_symbol(libc, name) for name in ("stderr", "__stderrp")) if found), None)
+    pointer = None
+    if _glibc() or sys.platform == "darwin":
+        libc = ctypes.CDLL(None)
+        pointer = next((found for found in (_symbol(libc, name) for name in ("stderr", "__stderrp")) if found), None)
     if pointer is None or not hasattr(libc, "open_memstream"):
         yield lambda: captured["text"]
         return
@@ -143,6 +147,13 @@ def c_stderr_captured() -> Iterator[Callable[[], str]]:
             libc.fclose(stream)
             captured["text"] = ctypes.string_at(buffer.value, size.value).decode("utf-8", "replace")
             libc.free(buffer)
+
+
+def _glibc() -> bool:
+    try:  # not platform.libc_ver(): it reads the whole executable, the single file's weights included
+        return os.confstr("CS_GNU_LIBC_VERSION") is not None
+    except (AttributeError, ValueError, OSError):
+        return False
 
 
 def _symbol(library: ctypes.CDLL, name: str) -> ctypes.c_void_p | None:
