@@ -189,7 +189,7 @@ def _manual(chat: Chat, argument: str) -> None:
          "empty line or a command instead leaves the conversation as it was. /edit alone opens "
          "$VISUAL or $EDITOR to write the next message.")
 def _edit(chat: Chat, argument: str) -> None:
-    if argument.isdigit():
+    if argument.isdecimal():
         _edit_message(chat, int(argument))
         return
     editor = os.environ.get("VISUAL") or os.environ.get("EDITOR") or "vi"
@@ -263,9 +263,11 @@ def _dump(chat: Chat, argument: str) -> None:
     text = chat.session.dump()
     if argument:
         path = Path(argument).expanduser()
-        first_line = text.encode("utf-8").split(b"\n", 1)[0]
+        # An earlier dump starts with the same special token (<bos>, or the template's first marker);
+        # a dump that starts with plain text has no such mark, and replaces no file that has content.
+        marker = text[:text.find(">") + 1].encode("utf-8") if text.startswith("<") and ">" in text else None
         write_file(path, text.encode("utf-8"), streams=True,  # /dump /dev/stdout, /dump FIFO
-                   replaces=(lambda head: head.startswith(first_line), "an earlier /dump"))
+                   replaces=(lambda head: marker is not None and head.startswith(marker), "an earlier /dump"))
         chat.printer.info(f"wrote {len(text)} characters to {path}")
     else:
         chat.printer.text(text)
@@ -403,7 +405,7 @@ def _show(chat: Chat, argument: str) -> None:
          "Every conversation is kept as it happens (README, Where files go); --no-history turns "
          "that off. * marks this one.")
 def _history(chat: Chat, argument: str) -> None:
-    if argument and not (argument.isdigit() and int(argument) > 0):
+    if argument and not (argument.isdecimal() and int(argument) > 0):
         raise UserError("usage: /history [COUNT] (COUNT: 1 or more)")
     summaries = chat.recorder.recent(int(argument or 20))
     if not summaries:
@@ -438,7 +440,7 @@ def _rename(chat: Chat, argument: str) -> None:
 @command("delete", "/delete N", "delete stored conversation N",
          "Deleting this conversation also starts a new one, as /clear.")
 def _delete(chat: Chat, argument: str) -> None:
-    if not argument.isdigit():
+    if not argument.isdecimal():
         raise UserError("usage: /delete N (/history lists them)")
     if chat.recorder.delete(int(argument)):
         chat.session.conversation.clear()

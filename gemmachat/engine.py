@@ -646,7 +646,7 @@ class Engine:
         with self._embedding:  # the embeddings context holds one input at a time
             if self._embedder is None:
                 named = self.meta(f"{self.info.architecture}.pooling_type")
-                pooling = int(named) if named and named.isdigit() else None
+                pooling = int(named) if named and named.isdecimal() else None
                 self._embedder = self._between_steps(lambda: Embedder(
                     self._model, self.n_ctx_seq, self.threads, _FLASH_ATTN[self.options.flash_attn], pooling))
             embedder: Embedder = self._embedder  # type: ignore[assignment]

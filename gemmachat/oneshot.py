@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 from typing import Iterable
 
 from gemmachat import fatal
@@ -20,9 +21,9 @@ PROMPT_LIMIT = 10 << 20
 def read_prompt(settings: Settings) -> str:
     if settings.prompt is not None:
         return settings.prompt
-    if settings.prompt_file is not None and str(settings.prompt_file) != "-":  # -f -: stdin, as below
+    if settings.prompt_file is not None and settings.prompt_file != "-":  # -f -: stdin, as below
         # A stream is fine here: -f <(command), -f /dev/stdin.
-        data = read_file(settings.prompt_file, PROMPT_LIMIT, "a prompt may be", streams=True, name="prompt file")
+        data = read_file(Path(settings.prompt_file), PROMPT_LIMIT, "a prompt may be", streams=True, name="prompt file")
     else:
         data = read_stream(sys.stdin.buffer, PROMPT_LIMIT, "stdin", "a prompt may be")
     # Bytes that are not UTF-8 become U+FFFD rather than an error: a prompt is text to the model.

@@ -165,7 +165,7 @@ def sampling_fields(sampling: Sampling, max_tokens: int) -> dict[str, Any]:
     grammar) only where they differ from llama.cpp's defaults, which a llama.cpp server uses
     anyway and which OpenAI's own API would refuse as unknown."""
     body: dict[str, Any] = {"temperature": sampling.temperature, "top_p": sampling.top_p,
-                            "max_tokens": max_tokens if max_tokens > 0 else None}
+                            "max_tokens": max_tokens if max_tokens >= 0 else None}
     if sampling.seed != _NEUTRAL.seed:
         body["seed"] = sampling.seed
     for name in ("presence_penalty", "frequency_penalty", "top_k", "min_p", "repeat_penalty", "repeat_last_n"):
@@ -181,10 +181,13 @@ def stream_generation(server: Server, path: str, body: dict[str, Any], model: st
                       cancelled: Callable[[], bool] | None = None) -> Generation:
     """A streamed answer as a Generation: text pieces, and Stats from the server's usage (and
     llama.cpp's timings, where it sends them) or from the clock here."""
+    stats = Stats(counted=False, reuse_counted=False)
+    if body.get("max_tokens") == 0:  # -n 0: nothing to generate, and OpenAI's API refuses a 0
+        stats.finish_reason = "length"
+        return Generation(iter(()), stats, [])
     body = {**body, "stream": True, "stream_options": {"include_usage": True}}
     if model:
         body["model"] = model
-    stats = Stats(counted=False, reuse_counted=False)
 
     def pieces() -> Iterator[str]:
         started = time.perf_counter()

@@ -238,7 +238,8 @@ def input_history(environ: dict[str, str] | None = None) -> tuple[History, str |
     path = folder / "history"
     try:
         folder.mkdir(mode=0o700, parents=True, exist_ok=True)  # what the user typed is private
-        path.touch()
+        path.touch(mode=0o600)
+        path.chmod(0o600)  # made 0644 before gemma-chat made it private
         path.read_bytes().decode("utf-8")
     except UnicodeDecodeError:
         # A damaged history is set aside, not deleted and not fatal.
@@ -326,7 +327,7 @@ def system_prompt(settings: Settings, model: Model) -> str | None:
     if settings.prompt_file is not None:
         from gemmachat.oneshot import read_prompt
 
-        if str(settings.prompt_file) == "-":
+        if settings.prompt_file == "-":
             raise UserError("-f - reads stdin, where the chat reads its messages: give the system prompt "
                             "with -p or in a file")
         return read_prompt(settings)

@@ -59,7 +59,7 @@ class Settings:
     hf_repo: str | None
     hf_file: str | None
     prompt: str | None
-    prompt_file: Path | None
+    prompt_file: str | None  # as typed: "-" is stdin, "./-" a file of that name
     system: str | None
     chat_turn: bool
     template: str
@@ -217,7 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="--cli: the prompt (else -f, else stdin); chat: the system prompt "
                             f"(default: \"{DEFAULT_SYSTEM_PROMPT}\"; none for a base model, which "
                             "only continues text)")
-    model.add_argument("-f", "--file", dest="prompt_file", type=Path, metavar="FILE",
+    model.add_argument("-f", "--file", dest="prompt_file", metavar="FILE",
                        help="read the prompt from FILE (- for stdin)")
     model.add_argument("--system", metavar="TEXT",
                        help="system prompt for --cli --chat-turn (the chat takes it from -p)")
@@ -391,8 +391,14 @@ def _origins(text: str) -> tuple[str, ...]:
     origins = []
     for item in filter(None, (part.strip().rstrip("/").lower() for part in text.split(","))):
         parts = urlsplit(item)
-        if parts.scheme not in ("http", "https") or not parts.netloc or parts.path or parts.query:
+        try:
+            port = parts.port
+        except ValueError:
+            port = -1
+        if parts.scheme not in ("http", "https") or not parts.hostname or parts.path or parts.query or port == -1:
             raise UserError(f"--allow-origin {item!r} is not an origin such as https://chat.example.com")
+        if port == {"http": 80, "https": 443}[parts.scheme]:  # browsers leave the default port out
+            item = f"{parts.scheme}://{parts.netloc.rpartition(':')[0]}"
         origins.append(item)
     return tuple(origins)
 
@@ -404,7 +410,7 @@ def _rpc_endpoints(text: str) -> tuple[str, ...]:
         raise UserError("--rpc expects HOST:PORT[,HOST:PORT...], for example 127.0.0.1:50052")
     for endpoint in endpoints:
         host, colon, port = endpoint.rpartition(":")
-        if not colon or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        if not colon or not host or not port.isdecimal() or not 0 < int(port) < 65536:
             raise UserError(f"--rpc expects HOST:PORT[,HOST:PORT...], not {endpoint!r}")
     return endpoints
 

@@ -9,6 +9,7 @@ llama.cpp: the web page and remote engines can share the store.
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import time
 from dataclasses import dataclass
@@ -139,6 +140,7 @@ class Store:
             folder.mkdir(mode=0o700, parents=True, exist_ok=True)  # conversations are private
         except OSError as error:
             raise StoreError(f"cannot create {folder}: {_reason(error)}") from None
+        _private(path)
         try:
             return cls(path, _connect(path))
         except sqlite3.DatabaseError as error:
@@ -224,7 +226,7 @@ class Store:
         """The conversation `reference` names: an id, else the latest whose title starts with it,
         else (empty) the latest of all."""
         reference = reference.strip()
-        if (reference.isdigit() and int(reference) <= MAX_ID
+        if (reference.isdecimal() and int(reference) <= MAX_ID
                 and self._query("SELECT 1 FROM conversations WHERE id = ?", (int(reference),))):
             return int(reference)
         escaped = reference.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
@@ -298,6 +300,17 @@ class _Transaction:
             raise StoreError(f"cannot write {self.path}: {_reason(error)}") from None
 
 
+def _private(path: Path) -> None:
+    """The database readable by its owner only, an existing one included (SQLite made it 0644, and
+    its folder 0755 before gemma-chat made that private): its own files, so nobody else's mode is
+    changed. SQLite gives the WAL and shared-memory files the database's mode."""
+    try:
+        with os.fdopen(os.open(path, os.O_RDWR | os.O_CREAT, 0o600)) as database:
+            os.fchmod(database.fileno(), 0o600)
+    except OSError:
+        pass  # not ours to change (a read-only folder, another owner): opening it says what is wrong
+
+
 def _connect(path: Path) -> sqlite3.Connection:
     """Open, check and migrate the database; sqlite3.DatabaseError if it is damaged."""
     # Autocommit mode: transactions are explicit (_Transaction), one per message.
@@ -330,8 +343,6 @@ def _migrate(db: sqlite3.Connection, path: Path) -> None:
             for statement in statements:
                 db.execute(statement)
             db.execute(f"PRAGMA user_version = {number}")
-        if problems := db.execute("PRAGMA foreign_key_check").fetchall():
-            raise StoreError(f"{path}: the schema change left messages without their conversation ({problems[:3]})")
         db.execute("COMMIT")
     except BaseException:
         db.execute("ROLLBACK")

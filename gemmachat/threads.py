@@ -43,7 +43,7 @@ def read_cpu_times(cpus: frozenset[int], proc: Path = Path("/proc")) -> CpuTimes
     busy = total = 0
     for line in stat.splitlines():
         name, _, rest = line.partition(" ")
-        if not (name.startswith("cpu") and name[3:].isdigit() and int(name[3:]) in cpus):
+        if not (name.startswith("cpu") and name[3:].isdecimal() and int(name[3:]) in cpus):
             continue
         # user nice system idle iowait irq softirq steal (guest time is already inside user)
         ticks = [int(value) for value in rest.split()[:8]]

@@ -13,7 +13,6 @@ go back to the model in the same JSON, as llama.cpp's template polyfill writes t
 from __future__ import annotations
 
 import json
-import re
 import uuid
 from dataclasses import dataclass
 from typing import Any
@@ -23,7 +22,6 @@ from gemmachat.structured import checked_schema, grammar_for_schema
 INSTRUCTION = ("Respond in JSON format, either with `tool_calls` (a request to call tools) or with "
                "`response` (a reply to the user's request).")
 MAX_TOOLS = 128
-TOOL_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
 class ToolsRefused(ValueError):
@@ -102,9 +100,6 @@ def _function(tool: Any, index: int) -> dict[str, Any]:
     name = function.get("name")
     if not isinstance(name, str) or not name:
         raise ToolsRefused(f"{where} has no function name")
-    if not TOOL_NAME.fullmatch(name):
-        raise ToolsRefused(f"{where}'s name {name!r} is not 1 to 64 letters, digits, '_' or '-', as OpenAI's API "
-                           "requires")
     parameters = function.get("parameters", {"type": "object", "properties": {}})
     if not isinstance(parameters, dict):
         raise ToolsRefused(f"{where}'s parameters are not a JSON schema object")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -110,7 +111,7 @@ def test_a_reply_taller_than_the_terminal_is_in_the_scrollback_once(cli_env: dic
     """tmux keeps what scrolls off its screen, as a terminal does: rich's Live, taller than the
     screen, left a copy of its top there at every refresh (over a hundred in an 8-line pane)."""
     dump = tmp_path / "dump.txt"
-    tmux = ["tmux", "-L", f"gemma-chat-test-{tmp_path.name}"]  # a server of its own: no other session sees it
+    tmux = ["tmux", "-L", f"gemma-chat-test-{os.getpid()}"]  # a server of its own: no other session sees it
     command = " ".join([sys.executable, "-m", "gemmachat", "--chat", "-n", "150", "--nologo"])
     env = {**cli_env, "PROMPT_TOOLKIT_NO_CPR": "1", "TERM": "xterm-256color"}
     subprocess.run([*tmux, "new-session", "-d", "-x", "60", "-y", "8", command], env=env, check=True, cwd=REPO)

@@ -155,6 +155,11 @@ def test_the_folder_made_for_conversations_is_private(tmp_path: Path) -> None:
     folder = tmp_path / "new" / "gemma-chat"
     Store.open(folder, pytest.fail).close()
     assert folder.stat().st_mode & 0o777 == 0o700
+    assert (folder / DATABASE_NAME).stat().st_mode & 0o777 == 0o600
+    # A database an earlier gemma-chat left readable by all becomes its owner's.
+    (folder / DATABASE_NAME).chmod(0o644)
+    Store.open(folder, pytest.fail).close()
+    assert (folder / DATABASE_NAME).stat().st_mode & 0o777 == 0o600
 
 
 def test_titles_come_from_the_first_user_line() -> None:
@@ -408,11 +413,11 @@ def test_ids_and_counts_past_sqlites_integers_are_plain_answers(run_cli, env: di
     # Numbers SQLite cannot hold were an OverflowError: a traceback, and the chat ended.
     huge = "9" * 23
     result = run_cli("--chat", "-n", "2", input=f"Hello\n/history {huge}\n/resume {huge}\n/delete {huge}\n"
-                     "/history 0\n/history\n", env=env)
+                     "/history 0\n/history \u00b2\n/history\n", env=env)
     assert result.returncode == 0 and "Traceback" not in result.stdout + result.stderr, result.stderr
     assert f"no stored conversation is '{huge}'" in result.stdout
     assert f"there is no conversation {huge}" in result.stdout
-    assert "usage: /history [COUNT] (COUNT: 1 or more)" in result.stdout
+    assert result.stdout.count("usage: /history [COUNT] (COUNT: 1 or more)") == 2  # 0, and "²" ("²".isdigit())
     assert len(re.findall(r"^\*\s+1\s.*Hello$", result.stdout, re.M)) == 2, result.stdout  # both /history
     cli = run_cli("--cli", "--resume", huge, "-p", "x", env=env)
     assert cli.returncode == 2 and cli.stderr == f"gemma-chat: no stored conversation is '{huge}' (/history lists them)\n"

@@ -33,7 +33,8 @@ def test_save_and_dump_replace_only_their_own_files(run_cli, tmp_path: Path) -> 
     poem, saved, dump, empty = (tmp_path / name for name in ("poem.txt", "saved.json", "dump.txt", "empty"))
     poem.write_text("Roses are red.\n")
     empty.write_bytes(b"")
-    result = piped_chat(run_cli, "\n".join(["Hello", f"/save {poem}", f"/dump {poem}", f"/save {saved}",
+    # The first dump is of an empty conversation: "<bos>" alone, which a later dump replaces.
+    result = piped_chat(run_cli, "\n".join([f"/dump {dump}", "Hello", f"/save {poem}", f"/dump {poem}", f"/save {saved}",
                                             "Again", f"/save {saved}", f"/dump {dump}", f"/dump {dump}",
                                             f"/save {empty}"]) + "\n")
     out = result.stdout
@@ -41,7 +42,7 @@ def test_save_and_dump_replace_only_their_own_files(run_cli, tmp_path: Path) -> 
     assert f"not replacing {poem}: it is not an earlier /dump" in out
     assert poem.read_text() == "Roses are red.\n"
     assert [m["content"] for m in json.loads(saved.read_text())["messages"]][::2] == ["Hello", "Again"]
-    assert out.count(f"to {dump}") == 2 and "<start_of_turn>user\nAgain" in dump.read_text()
+    assert out.count(f"to {dump}") == 3 and "<start_of_turn>user\nAgain" in dump.read_text()
     assert json.loads(empty.read_text())["format"] == "gemma-chat conversation"  # nothing in it to lose
 
 

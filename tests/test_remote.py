@@ -88,6 +88,9 @@ def test_remote_cli_prints_what_the_local_cli_prints(run_cli, model_path: Path, 
                    "--verbose")
     assert turn.returncode == 0 and turn.stdout.strip(), turn.stderr
     assert re.search(r"gemma-chat: prompt [1-9]\d* tokens, .* generated [1-8] tokens", turn.stderr), turn.stderr
+    # -n 0 is nothing, as locally (OpenAI's API refuses max_tokens 0; the server was asked for all).
+    nothing = run_cli("--remote", server.url, "--api-key", KEY, "--cli", "-p", "Hello", "-n", "0", timeout=30)
+    assert (nothing.returncode, nothing.stdout, nothing.stderr) == (0, "", "")
 
 
 def test_remote_cli_chat_turn_and_stored_turns_use_the_servers_template(run_cli, server: ServerProcess,

@@ -288,8 +288,7 @@ def test_tool_choice_auto_gives_calls_or_text_and_bad_tools_are_400(client: open
            ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {
                "type": "object", "properties": {"n": {"type": "integer", "minimum": 1}}}}}]}, r"'minimum' \(at tools\[0\].function.parameters/properties/n\)"),
            ({"tools": TOOLS, "response_format": {"type": "json_object"}}, "cannot be used together"),
-           ({"tool_choice": "required"}, "needs tools"),
-           ({"tools": [{"type": "function", "function": {"name": "get weather"}}]}, "'get weather'")]
+           ({"tool_choice": "required"}, "needs tools")]
     for fields, named in bad:
         with pytest.raises(openai.BadRequestError, match=named):
             client.chat.completions.create(model="gemma", messages=[{"role": "user", "content": "Hi"}],

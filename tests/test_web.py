@@ -522,8 +522,11 @@ def test_another_sites_page_cannot_write_and_a_rebound_name_gets_nothing(browser
     assert stored(data) == before
     # The requests did reach the server, which refused them (a browser that blocked them would
     # prove nothing about the server).
-    assert server.log_lines(f'"POST /conversations/{number}/messages" 403')
-    assert server.log_lines('"POST /conversations/import" 403')
+    deadline = time.monotonic() + 10  # the server's lines reach the test on a reader thread
+    while not (server.log_lines(f'"POST /conversations/{number}/messages" 403')
+               and server.log_lines('"POST /conversations/import" 403')):
+        assert time.monotonic() < deadline, server.lines[-5:]
+        time.sleep(0.1)
     # DNS rebinding: the attacker's own name, pointed at 127.0.0.1 (here by Chromium's resolver
     # rules), makes its page same-origin with the server; the name in the Host header gives it away.
     rebinding = browser.browser_type.launch(executable_path=str(CHROMIUM), args=[

@@ -80,7 +80,7 @@ class Gatekeeper:
                 return
         length = headers.get("content-length")
         if length is not None:
-            if not length.isdigit():
+            if not length.isdecimal():
                 await _error(send, scope, api.ApiError(400, "invalid Content-Length"))
                 return
             if int(length) > core.max_body:

@@ -30,12 +30,12 @@ def refusal(headers: dict[str, str], local_address: str | None, bind_host: str,
     """The 403 a request gets, or None when it may go on. `headers` are lower-cased names;
     `local_address` is the address the connection came in on; `allowed`, --allow-origin's origins."""
     host = headers.get("host", "")
-    if (bind_host not in EVERY_ADDRESS and _is_loopback(local_address) and host
-            and not _local_name(_hostname(host)) and host.lower() not in {urlsplit(o).netloc for o in allowed}):
+    named = _hostname(host).lower()
+    if (bind_host not in EVERY_ADDRESS and _is_loopback(local_address) and host and not _local_name(named)
+            and named not in {urlsplit(origin).hostname for origin in allowed}):
         return api.ApiError(403, f"refused a request for {host!r}: this server listens on a local "
                             "address and answers requests for local names and IP addresses (a guard "
-                            "against DNS rebinding); --host 0.0.0.0 serves other names, --allow-origin a "
-                            "reverse proxy's",
+                            "against DNS rebinding); --allow-origin http://NAME:PORT adds a name",
                             code="host_not_allowed")
     origin = headers.get("origin")
     if origin is not None and not _same_origin(origin, host) and origin.lower() not in allowed:
