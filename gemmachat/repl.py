@@ -57,6 +57,7 @@ class Chat:
     meter: str | None = None  # the bottom toolbar's line, None when there is no toolbar
     # What happened behind the chat since its last turn (the background server failing to start).
     notices: Callable[[], str | None] = no_notices
+    failures: int = 0  # lines refused with an error: the piped chat's exit status says whether any was
 
     def handle(self, line: str) -> None:
         """One line of input: a command or a message. User errors are shown, never fatal. Whatever
@@ -70,6 +71,7 @@ class Chat:
             else:
                 self.send(line[1:] if line.startswith("//") else line, editing)
         except UserError as error:
+            self.failures += 1
             self.printer.error(str(error))
         finally:
             self.recorder.sync()
@@ -308,7 +310,8 @@ def interactive(chat: Chat, printer: Printer, environ: dict[str, str]) -> int:
 
 
 def scripted(chat: Chat, lines: Iterable[str]) -> int:
-    """Input that is not a terminal: each line is a message (or a command); exit 0 at the end."""
+    """Input that is not a terminal: each line is a message (or a command), each one tried; exit 1
+    at the end if any was refused (its one line says why), else 0, so that a script can tell."""
     fatal.interrupts_to_python()  # start-up is over: ctrl-c stops a reply from here on
     for raw in lines:
         line = raw.rstrip("\r\n")
@@ -318,7 +321,7 @@ def scripted(chat: Chat, lines: Iterable[str]) -> int:
             chat.handle(line)
         except ExitChat:
             break
-    return 0
+    return 1 if chat.failures else 0
 
 
 def system_prompt(settings: Settings, model: Model) -> str | None:

@@ -15,9 +15,10 @@ from gemmachat.commands import UPLOAD_LIMIT_BYTES
 SYSTEM = "Be brief."
 
 
-def chat(run_cli, script: str, *args: str, env: dict[str, str] | None = None):
+def chat(run_cli, script: str, *args: str, env: dict[str, str] | None = None, refused: bool = False):
+    """The piped chat; `refused`: a line of the script is meant to fail, and the exit status says so."""
     result = run_cli("--chat", "-n", "6", "-p", SYSTEM, *args, input=script, env=env)
-    assert result.returncode == 0, result.stderr
+    assert result.returncode == (1 if refused else 0), result.stderr
     assert "Traceback" not in result.stdout + result.stderr
     return result
 
@@ -31,7 +32,7 @@ def turns(dump: Path) -> list[str]:
 
 def test_retry_replaces_the_last_reply_and_needs_one(run_cli, tmp_path: Path) -> None:
     dump = tmp_path / "dump.txt"
-    result = chat(run_cli, f"/retry\nWhat is a cat?\n/retry\n/dump {dump}\n/stats\n")
+    result = chat(run_cli, f"/retry\nWhat is a cat?\n/retry\n/dump {dump}\n/stats\n", refused=True)
     assert "there is no reply to retry" in result.stdout
     roles = [turn.split("\n")[0] for turn in turns(dump)]
     assert roles == ["user", "model"], "retry keeps one reply, not two"
@@ -48,7 +49,7 @@ def test_upload_shares_text_and_refuses_binary_huge_and_missing_files(run_cli, t
     huge.write_text("a" * (UPLOAD_LIMIT_BYTES + 1))
     dump = tmp_path / "dump.txt"
     result = chat(run_cli, f"/upload {binary}\n/upload {huge}\n/upload {tmp_path / 'nope.txt'}\n"
-                           f"/upload\n/upload {notes}\n/dump {dump}\n")
+                           f"/upload\n/upload {notes}\n/dump {dump}\n", refused=True)
     out = result.stdout
     assert f"{binary} is not a text file" in out
     assert f"{huge} is {len(huge.read_bytes()) // 1024} KiB; /upload takes text files up to" in out
@@ -69,7 +70,7 @@ def test_edit_sends_what_the_editor_wrote(run_cli, tmp_path: Path) -> None:
     assert turns(dump)[1].startswith("model"), "the edited message got a reply"
     result = chat(run_cli, f"/edit\n/dump {dump}\n", env={"EDITOR": empty_editor, "VISUAL": ""})
     assert "nothing sent" in result.stdout and turns(dump) == []
-    result = chat(run_cli, "/edit\n", env={"EDITOR": str(tmp_path / "no-such-editor"), "VISUAL": ""})
+    result = chat(run_cli, "/edit\n", env={"EDITOR": str(tmp_path / "no-such-editor"), "VISUAL": ""}, refused=True)
     assert "cannot run the editor" in result.stdout
 
 
@@ -81,7 +82,7 @@ def test_checkpoints_forget_system_and_settings(run_cli, tmp_path: Path) -> None
         "/set temp 0.5", "/set parameter top_k 7", "/set top_k many", "/set temp nan", "/set colour red",
         "/show settings",
         "/show model", "/halp", "/help undo",
-    ]) + "\n")
+    ]) + "\n", refused=True)
     out = result.stdout
     assert "checkpoint 1 saved" in out and "back to checkpoint 1" in out
     assert "no checkpoint to go back to" in out and "/undo takes no argument" in out
@@ -125,7 +126,7 @@ def test_set_format_holds_replies_to_json_or_a_schema(run_cli, tmp_path: Path) -
         f"/set format {json.dumps(schema)}", "Is the sky blue?", f"/save {dump}.2",
         '/set format {"type": "integer", "minimum": 1}', "/set format text", "/show settings",
     ]) + "\n")
-    assert result.returncode == 0, result.stderr
+    assert result.returncode == 1, result.stderr  # the schema with "minimum" is refused
     first = json.loads(dump.read_text())["messages"][-1]["content"]
     assert isinstance(json.loads(first), dict), first
     second = json.loads(Path(f"{dump}.2").read_text())["messages"][-1]["content"]

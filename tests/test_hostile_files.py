@@ -22,8 +22,9 @@ GREEDY = ("--temp", "0", "-t", "1")
 
 
 def piped_chat(run_cli, script: str, *args: str, timeout: float = 90):
+    """The piped chat, whose scripts here all hold lines that are refused: exit status 1."""
     result = run_cli("--chat", "-n", "2", *GREEDY, *args, input=script, timeout=timeout)
-    assert result.returncode == 0, result.stderr
+    assert result.returncode == 1, result.stderr
     assert "Traceback" not in result.stdout + result.stderr, result.stderr
     return result
 

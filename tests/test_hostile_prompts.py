@@ -63,7 +63,7 @@ def test_invalid_utf8_in_a_prompt_file_reads_as_replacement_characters(run_cli, 
 def test_chat_reads_bad_bytes_and_refuses_an_oversized_message_keeping_the_rest(run_cli) -> None:
     lines = b"Caf\xe9 \xff ok\n" + b"word " * 600 + b"\nStill here\n/dump\n"
     result = run_cli("--chat", "-c", "256", "-n", "4", *GREEDY, input=lines)
-    assert result.returncode == 0, result.stderr
+    assert result.returncode == 1, result.stderr  # the oversized message was refused
     out = result.stdout.decode()
     assert "that message needs" in out and "the context holds 256" in out
     dump = out[out.rindex("<bos>"):]
@@ -82,7 +82,7 @@ def test_text_over_the_context_is_refused_at_once_in_the_chat_and_the_cli(run_cl
     started = time.monotonic()
     result = run_cli("--chat", "-c", "256", "-n", "2", *GREEDY, timeout=60, input=(
         f"/upload {upload}\n" + "  x" * 3_000_000 + f"\n/load {saved}\n/context\nHello\n/dump {dump}\n"))
-    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
     assert f"{upload} is 256 tokens or more; the context holds 256" in result.stdout
     assert "that message needs 256 tokens or more with the system prompt, but the context holds 256" in result.stdout
     assert "loaded 2 messages" in result.stdout and "the conversation is more than the 256 tokens" in result.stdout
