@@ -134,8 +134,9 @@ class Chat:
         except PromptTooLong:  # a reply that filled the context: the next one drops the oldest messages
             used = f"over {total}"
         last = self.session.last_stats
-        speed = (f"{last.generation_tokens_per_second:.1f} tokens/s" if last and last.counted
-                 else "unknown speed" if last else "none yet")
+        speed = ("none yet" if not last else "unknown speed" if not last.counted
+                 else "stopped before its first token" if not last.generated_tokens  # not "0.0 tokens/s"
+                 else f"{last.generation_tokens_per_second:.1f} tokens/s")
         self.meter = f" context: {used}/{'unknown' if total is None else total} tokens · last reply: {speed} "
 
     def cycle_role(self) -> None:

@@ -11,6 +11,9 @@ from gemmachat.conversation import Conversation
 from gemmachat.engine import Engine, EngineOptions, PromptTooLong
 from gemmachat.errors import UserError
 from gemmachat.gguf import read_gguf
+from gemmachat.output import Printer
+from gemmachat.recorder import Recorder
+from gemmachat.repl import Chat
 from gemmachat.session import ChatSession
 from gemmachat.settings import DEFAULT_SYSTEM_PROMPT, Sampling
 from gemmachat.templates import Message, load_template, render
@@ -72,6 +75,17 @@ def test_interrupted_reply_is_kept_and_marked(engine: Engine) -> None:
         count += 1
     last = session.conversation.messages[-1]
     assert last.role == "assistant" and last.interrupted and last.content
+
+
+def test_a_reply_stopped_before_its_first_token_shows_no_speed(engine: Engine, tmp_path: Path) -> None:
+    # The toolbar said "last reply: 0.0 tokens/s" after a ctrl-c that came while the prompt was read.
+    session = ChatSession(engine, gemma_renderer(), GREEDY, n_predict=20)
+    session.say("Hello")
+    assert list(session.respond(lambda: True)) == []
+    chat = Chat(session=session, printer=Printer(plain=True), template_description="", meter="",
+                recorder=Recorder(None, None, tmp_path, print, "off"))  # type: ignore[arg-type]
+    chat.update_meter()
+    assert chat.meter is not None and chat.meter.endswith("last reply: stopped before its first token "), chat.meter
 
 
 def test_save_and_load_round_trip_and_bad_files(tmp_path: Path) -> None:
