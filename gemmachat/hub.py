@@ -42,6 +42,7 @@ _SPLIT = re.compile(r"-(\d{5})-of-(\d{5})\.gguf$")
 # A quantisation in a file name: Q4_K_M, IQ3_XXS, Q8_0, F16, BF16 (underscores belong to it).
 _QUANT = re.compile(r"(?:^|[-_.])((?:I?Q\d|BF16|F16|F32)\w*)", re.IGNORECASE)
 _RECORD = "gemma-chat-models.json"
+HUB_TIMEOUT_SECONDS = 30
 MB = 1_000_000
 
 
@@ -88,7 +89,8 @@ def _remember(cache: Path, key: str, entry: dict) -> None:
 
 def _downloaded(entry: object) -> bool:
     """A record entry whose files are all still there."""
-    return isinstance(entry, dict) and bool(entry.get("paths")) and all(Path(p).is_file() for p in entry["paths"])
+    paths = entry.get("paths") if isinstance(entry, dict) else None
+    return bool(paths) and isinstance(paths, list) and all(isinstance(p, str) and Path(p).is_file() for p in paths)
 
 
 def cached_models(cache: Path) -> list[tuple[str, dict]]:
@@ -106,10 +108,13 @@ def resolve(model: HubModel, cache: Path, environ: Mapping[str, str]) -> Path:
     if environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
         raise UserError(f"{model.key} is not in the cache {hub_dir(cache)} and HF_HUB_OFFLINE is set: "
                         "unset it to download the model")
+    if not environ.get("HF_TOKEN", "").isascii():  # an HTTP header: it failed deep in the client
+        raise UserError("HF_TOKEN holds characters that are not ASCII: a Hugging Face token has none")
     with _hub_errors(model):
         from huggingface_hub import HfApi
 
-        info = HfApi().model_info(model.repo, files_metadata=True)
+        # A server that takes the connection and never answers must not hold the start for ever.
+        info = HfApi().model_info(model.repo, files_metadata=True, timeout=HUB_TIMEOUT_SECONDS)
         files = _pick(model, {s.rfilename: s for s in info.siblings or []})
         paths = [_download(model.repo, info.sha, sibling, cache) for sibling in files]
     _remember(cache, model.key, {"repo": model.repo, "revision": info.sha, "files": [s.rfilename for s in files],
@@ -156,6 +161,10 @@ def _download(repo: str, revision: str, sibling, cache: Path) -> Path:
     size = sibling.size or (sibling.lfs.size if sibling.lfs else None)
     digest = sibling.lfs.sha256 if sibling.lfs and sibling.lfs.sha256 else revision
     target = hub_dir(cache) / repo / digest[:16] / sibling.rfilename
+    # The names come from the Hub, or from whatever HF_ENDPOINT names: "../" must not leave the cache.
+    root = os.path.normpath(hub_dir(cache))
+    if os.path.commonpath([os.path.normpath(target), root]) != root:
+        raise UserError(f"refused {repo}'s file {sibling.rfilename!r}: its path leads out of the cache")
     if target.is_file() and (size is None or target.stat().st_size == size):
         return target
     partial = target.with_name(target.name + ".partial")
@@ -234,6 +243,8 @@ def _hub_errors(model: HubModel) -> Iterator[None]:
 
     try:
         yield
+    except UserError:
+        raise
     except GatedRepoError:
         raise UserError(f"{model.repo} is gated: accept its licence at https://huggingface.co/{model.repo} "
                         "and set HF_TOKEN to a token of that account") from None
@@ -251,6 +262,9 @@ def _hub_errors(model: HubModel) -> Iterator[None]:
         raise UserError(f"the Hub refused {model.key}: {_first_line(error)}") from None
     except OSError as error:
         raise UserError(f"cannot download {model.key}: {error.strerror or _first_line(error)}") from None
+    except (ValueError, TypeError, KeyError, AttributeError) as error:  # an HF_ENDPOINT that is no Hub
+        raise UserError(f"{os.environ.get('HF_ENDPOINT') or 'the Hub'} answered {model.key} with what is not "
+                        f"the Hub's API ({type(error).__name__}: {_first_line(error)})") from None
 
 
 def _first_line(error: BaseException) -> str:

@@ -86,6 +86,14 @@ def serve(hub: Hub, bad_sums: set[str]) -> http.server.ThreadingHTTPServer:
             resolve = re.fullmatch(r"/([\w.-]+/[\w.-]+)/resolve/([\w.-]+)/(.+)", self.path)
             if info:
                 repo = info[1]
+                if repo == "test/not-the-hub":  # an HF_ENDPOINT that is some other web server
+                    body = b"<html><body>Welcome to nginx!</body></html>"
+                    self.send_response(200)
+                    self.send_header("Content-Type", "text/html")
+                    self.send_header("Content-Length", str(len(body)))
+                    self.end_headers()
+                    self.wfile.write(body)
+                    return
                 if not self.allowed(repo):
                     return
                 siblings = []
@@ -151,6 +159,8 @@ def hub(model_path: Path) -> Iterator[Hub]:
         "test/private-model": {"model-Q4_K_M.gguf": b"GGUF"},
         "test/gated-model": {"model-Q4_K_M.gguf": b"GGUF"},
         "test/not-a-model": {"model-Q4_K_M.gguf": b"this is not a GGUF at all" * 10},
+        # What a hostile mirror may list: a download into the user's folders, out of the cache.
+        "test/escape": {"../../../../../escaped-Q4_K_M.gguf": b"GGUF"},
     }
     hub = Hub("", files)
     server = serve(hub, bad_sums={"test/bad-sum"})
@@ -286,9 +296,14 @@ def test_a_wrong_checksum_is_refused_and_removed(hub: Hub, tmp_path: Path) -> No
     ("nonsense", {}, ("USER/REPO",)),
     ("test/gemma-3-270m:Q4_K_M", {"HF_HUB_OFFLINE": "1"}, ("HF_HUB_OFFLINE",)),
     ("test/not-a-model", {}, ("not a GGUF",)),
+    # These three were tracebacks, and the escape wrote its file out of the cache.
+    ("test/not-the-hub", {}, ("answered test/not-the-hub:Q4_K_M with what is not the Hub's API",)),
+    ("test/gemma-3-270m", {"HF_TOKEN": "s\u00e9cret"}, ("HF_TOKEN holds characters that are not ASCII",)),
+    ("test/escape", {}, ("refused test/escape's file '../../../../../escaped-Q4_K_M.gguf'", "out of the cache")),
 ])
 def test_errors_are_one_line(hub: Hub, tmp_path: Path, spec: str, extra: dict[str, str], words: tuple[str, ...]) -> None:
     assert_one_line(run(hub, tmp_path, "-hf", spec, *PROMPT, **extra), *words)
+    assert not list(tmp_path.rglob("escaped-*")), "nothing was written out of the cache"
 
 
 def test_unreachable_hub_is_one_line(hub: Hub, tmp_path: Path) -> None:
