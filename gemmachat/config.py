@@ -11,12 +11,12 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Callable, Mapping
+from typing import Mapping
 
 import platformdirs
 
 from gemmachat.errors import UserError
-from gemmachat.safe_io import MissingFile, read_file, set_aside
+from gemmachat.safe_io import MissingFile, read_file
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -36,8 +36,10 @@ def config_path(environ: Mapping[str, str]) -> Path:
     return Path(platformdirs.user_config_dir("gemma-chat")) / "config.toml"
 
 
-def read_config(path: Path, *, required: bool, warn: Callable[[str], None]) -> dict[str, object]:
-    """The file's table; {} if there is none. A file that does not parse is renamed to *.corrupt."""
+def read_config(path: Path, *, required: bool) -> dict[str, object]:
+    """The file's table; {} if there is none. One that does not parse is refused in one line and
+    left as it is, as a wrong key is: started without it, a server would have run without the
+    api-key it names (it was renamed aside with a warning)."""
     try:
         data = read_file(path, CONFIG_LIMIT, "a config file may be", name="config file")
     except MissingFile:
@@ -50,14 +52,7 @@ def read_config(path: Path, *, required: bool, warn: Callable[[str], None]) -> d
         reason = ("not UTF-8" if isinstance(error, UnicodeDecodeError) else
                   "not valid TOML (nested too deeply)" if isinstance(error, RecursionError) else
                   f"not valid TOML ({error})")
-        try:
-            aside = set_aside(path)
-        except OSError as move_error:
-            warn(f"config file {path} is {reason}; ignoring it (cannot move it aside: "
-                 f"{move_error.strerror or move_error})")
-        else:
-            warn(f"config file {path} is {reason}; moved it to {aside} and started without it")
-        return {}
+        raise UserError(f"config file {path} is {reason}: correct it, or move it away") from None
 
 
 def apply_config(parser: argparse.ArgumentParser, table: Mapping[str, object], path: Path) -> None:

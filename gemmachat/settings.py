@@ -13,12 +13,12 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
+from typing import Mapping, Sequence
 from urllib.parse import urlsplit
 
 from gemmachat import __version__
 from gemmachat.config import CONFIG_ENV, apply_config, config_path, read_config
-from gemmachat.errors import UserError, warn
+from gemmachat.errors import UserError
 from gemmachat.structured import grammar_from_flags
 from gemmachat.threads import usable_cpus
 
@@ -415,13 +415,12 @@ def _rpc_endpoints(text: str) -> tuple[str, ...]:
     return endpoints
 
 
-def parse_settings(argv: Sequence[str], environ: Mapping[str, str] | None = None,
-                   warn: Callable[[str], None] = warn) -> Settings:
+def parse_settings(argv: Sequence[str], environ: Mapping[str, str] | None = None) -> Settings:
     environ = dict(os.environ if environ is None else environ)
     parser = build_parser()
     # Each source replaces the parser's defaults in turn, so the flags parsed last win.
     path = config_path(environ)
-    apply_config(parser, read_config(path, required=bool(environ.get(CONFIG_ENV)), warn=warn), path)
+    apply_config(parser, read_config(path, required=bool(environ.get(CONFIG_ENV))), path)
     if environ.get("GEMMA_CHAT_MODEL"):
         parser.set_defaults(model=Path(environ["GEMMA_CHAT_MODEL"]))
     if environ.get("GEMMA_CHAT_REMOTE"):

@@ -11,9 +11,7 @@ from gemmachat.settings import parse_settings
 
 
 def settings_with(config: Path, *argv: str, **environ: str):
-    warnings: list[str] = []
-    settings = parse_settings(list(argv), {"GEMMA_CHAT_CONFIG": str(config), **environ}, warnings.append)
-    return settings, warnings
+    return parse_settings(list(argv), {"GEMMA_CHAT_CONFIG": str(config), **environ})
 
 
 def test_config_values_replace_the_defaults(tmp_path: Path) -> None:
@@ -21,8 +19,7 @@ def test_config_values_replace_the_defaults(tmp_path: Path) -> None:
     config.write_text('ctx-size = 4096\ntemp = 0.2\nmodel = "/models/x.gguf"\nport = 8081\n'
                       'mlock = true\nno-mmap = true\nstop = ["###", "END"]\nflash-attn = "off"\n'
                       'top-p = 1\nserver = true\n')
-    settings, warnings = settings_with(config)
-    assert warnings == []
+    settings = settings_with(config)
     assert settings.ctx_size == 4096 and settings.port == 8081
     assert settings.sampling.temperature == 0.2 and settings.temp_given
     assert settings.sampling.top_p == 1.0
@@ -35,11 +32,11 @@ def test_config_values_replace_the_defaults(tmp_path: Path) -> None:
 def test_flags_beat_environment_beat_config(tmp_path: Path) -> None:
     config = tmp_path / "config.toml"
     config.write_text('model = "/from/config.gguf"\napi-key = "config-key"\nport = 9000\n')
-    settings, _ = settings_with(config)
+    settings = settings_with(config)
     assert settings.model == Path("/from/config.gguf") and settings.api_key == "config-key"
-    settings, _ = settings_with(config, GEMMA_CHAT_MODEL="/from/env.gguf", GEMMA_CHAT_API_KEY="env-key")
+    settings = settings_with(config, GEMMA_CHAT_MODEL="/from/env.gguf", GEMMA_CHAT_API_KEY="env-key")
     assert settings.model == Path("/from/env.gguf") and settings.api_key == "env-key"
-    settings, _ = settings_with(config, "-m", "/from/flag.gguf", "--api-key", "flag-key", "--port", "9001",
+    settings = settings_with(config, "-m", "/from/flag.gguf", "--api-key", "flag-key", "--port", "9001",
                                 "--cli", GEMMA_CHAT_MODEL="/from/env.gguf", GEMMA_CHAT_API_KEY="env-key")
     assert settings.model == Path("/from/flag.gguf") and settings.api_key == "flag-key"
     assert settings.port == 9001 and settings.mode == "cli"
@@ -91,33 +88,20 @@ def test_the_cli_reports_a_bad_key_in_one_line_with_exit_2(run_cli, tmp_path: Pa
                             "names, see gemma-chat --help)\n"
 
 
-@pytest.mark.parametrize("content", [b"temp = = 0.2\n", b"model = \"\xff\xfe\"\n", b"[unclosed\n"])
-def test_a_corrupt_config_is_set_aside_with_one_warning(tmp_path: Path, content: bytes) -> None:
-    config = tmp_path / "config.toml"
-    config.write_bytes(content)
-    settings, warnings = settings_with(config, "--cli")
-    assert settings.port == 8080  # the defaults
-    assert len(warnings) == 1 and str(config) in warnings[0] and "moved it to" in warnings[0]
-    assert not config.exists() and (tmp_path / "config.toml.corrupt").read_bytes() == content
-    # Broken again: the first copy stays (the second one replaced it, and the user's file was gone).
-    config.write_bytes(b"[again\n")
-    assert "config.toml.corrupt-2 and started" in settings_with(config, "--cli")[1][0]
-    assert (tmp_path / "config.toml.corrupt").read_bytes() == content
-    assert (tmp_path / "config.toml.corrupt-2").read_bytes() == b"[again\n"
-
-
-def test_the_program_starts_past_a_corrupt_config_in_the_default_place(run_cli, tmp_path: Path) -> None:
+@pytest.mark.parametrize("content", [b"temp = = 0.2\n", b"model = \"\xff\xfe\"\n", b"[unclosed\n",
+                                     b'api-key = "s3cret"\nparallel = 2,\n'])
+def test_a_config_that_does_not_parse_is_refused_in_one_line_and_left_as_it_is(run_cli, tmp_path: Path,
+                                                                                content: bytes) -> None:
+    # It was renamed aside and the program ran without it: a server, without the api-key it names.
     home = tmp_path / "home"
     config = home / ".config" / "gemma-chat" / "config.toml"
     config.parent.mkdir(parents=True)
-    config.write_bytes(b"temp = = 0.2\n")
-    result = run_cli("--cli", "-p", "The capital of France is", "-n", "2", "--temp", "0", "-t", "1",
-                     env={"HOME": str(home), "XDG_CONFIG_HOME": str(home / ".config")})
-    assert result.returncode == 0, result.stderr
-    assert result.stdout  # it ran the model
-    lines = result.stderr.splitlines()
-    assert len(lines) == 1 and str(config) in lines[0] and "moved it to" in lines[0], lines
-    assert (config.parent / "config.toml.corrupt").read_bytes() == b"temp = = 0.2\n"
+    config.write_bytes(content)
+    result = run_cli("--server", "--nobrowser", "--port", "1", env={"HOME": str(home), "XDG_CONFIG_HOME": str(home / ".config")})
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.startswith(f"gemma-chat: config file {config} is not ") and result.stderr.count("\n") == 1
+    assert result.stderr.endswith(": correct it, or move it away\n"), result.stderr
+    assert config.read_bytes() == content and sorted(p.name for p in config.parent.iterdir()) == ["config.toml"]
 
 
 def test_help_documents_the_config_file(run_cli) -> None:
@@ -131,7 +115,7 @@ def test_one_model_source_wins_between_m_and_hf(tmp_path: Path) -> None:
     config.write_text('hf-repo = "gemma3:1b"\n')
     # hf-repo in the config file is the model unless a stronger source names a file ...
     def chosen(*argv: str, **environ: str) -> tuple[str | None, Path | None]:
-        settings = settings_with(config, "--cli", *argv, **environ)[0]
+        settings = settings_with(config, "--cli", *argv, **environ)
         return settings.hf_repo, settings.model
 
     assert chosen() == ("gemma3:1b", None)
