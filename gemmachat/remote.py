@@ -194,16 +194,21 @@ def stream_generation(server: Server, path: str, body: dict[str, Any], model: st
         first = 0.0
         try:
             for event in server.events(path, body, model, cancelled):
-                for choice in event.get("choices") or ():
-                    text = piece_of(choice)
-                    if text:
-                        if not first:
-                            first = time.perf_counter()
-                            stats.prompt_seconds = first - started
-                        yield text
-                    if choice.get("finish_reason"):
-                        stats.finish_reason = "length" if choice["finish_reason"] == "length" else "stop"
-                _count(stats, event)
+                try:
+                    for choice in event.get("choices") or ():
+                        text = piece_of(choice)
+                        if text is not None and not isinstance(text, str):
+                            raise TypeError(f"a piece of text that is {type(text).__name__}")
+                        if text:
+                            if not first:
+                                first = time.perf_counter()
+                                stats.prompt_seconds = first - started
+                            yield text
+                        if choice.get("finish_reason"):
+                            stats.finish_reason = "length" if choice["finish_reason"] == "length" else "stop"
+                    _count(stats, event)
+                except (AttributeError, TypeError, ValueError) as error:  # JSON, but not of OpenAI's shapes
+                    raise server.failure(ValueError(f"{type(error).__name__}: {error}")) from None
             if not stats.finish_reason and cancelled is not None and cancelled():
                 stats.finish_reason = "cancelled"
         finally:

@@ -5,12 +5,14 @@ the default model's GGUF; no model is loaded on the chat's side."""
 from __future__ import annotations
 
 import contextlib
+import http.server
 import json
 import re
 import socket
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -158,6 +160,49 @@ def test_errors_are_one_line(run_cli, server: ServerProcess) -> None:
         assert "did not answer within 1 s (--timeout)" in one_line_error(
             run_cli("--remote", url, "--timeout", "1", *prompt))
     assert "--remote expects an http:// or https:// URL" in one_line_error(run_cli("--remote", "127.0.0.1:8080", *prompt))
+
+
+class WrongShapes(http.server.BaseHTTPRequestHandler):
+    """A server that speaks OpenAI's API in form only: its stream's event is server.payload."""
+
+    def do_GET(self) -> None:  # /v1/models
+        self.answer(b'{"object": "list", "data": [{"id": "fake", "object": "model"}]}', "application/json")
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        self.answer(b"data: " + self.server.payload + b"\n\ndata: [DONE]\n\n", "text/event-stream")  # type: ignore[attr-defined]
+
+    def answer(self, body: bytes, kind: str) -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", kind)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.mark.parametrize("payload", [b"null", b'"text"', b'{"choices": [1]}',
+                                     b'{"choices": [{"delta": "x", "text": ["x"]}]}',
+                                     b'{"choices": [{"text": 5, "delta": {"content": 5}}]}',
+                                     b'{"usage": {"prompt_tokens": "x", "completion_tokens": 1}}',
+                                     b'{"timings": {"cache_n": 1, "prompt_ms": "abc"}}'])
+def test_a_server_sending_json_of_other_shapes_is_one_line(run_cli, payload: bytes) -> None:
+    # Each was a traceback (exit 1), in the chat too, which it ended.
+    fake = http.server.ThreadingHTTPServer(("127.0.0.1", 0), WrongShapes)
+    fake.payload = payload  # type: ignore[attr-defined]
+    threading.Thread(target=fake.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{fake.server_address[1]}"
+    try:
+        refused = f"the server at {url} sent what is not OpenAI's API"
+        assert refused in one_line_error(run_cli("--remote", url, "--cli", "-p", "Hi", "-n", "4", timeout=60))
+        chat = run_cli("--remote", url, "--chat", "-n", "4", input="Hi\n/stats\n", timeout=60)
+        assert chat.returncode == 1 and "Traceback" not in chat.stderr, chat.stderr  # the reply refused; /stats ran
+        lines = chat.stdout.strip().splitlines()
+        assert refused in lines[0] and len(lines) > 1, chat.stdout  # and the chat went on to /stats
+    finally:
+        fake.shutdown()
 
 
 def test_a_server_killed_mid_reply_leaves_the_partial_reply_and_one_line(server_env: dict[str, str],
