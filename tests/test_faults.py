@@ -155,17 +155,27 @@ def test_sigterm_mid_reply_ends_the_piped_chat_cleanly(cli_env: dict[str, str]) 
 
 def test_sigint_mid_stream_stops_the_server_with_status_0(cli_env: dict[str, str]) -> None:
     server = ServerProcess(cli_env, "-t", "1")
+    unstreamed: list[int] = []
     try:
+        waiting = threading.Thread(target=lambda: unstreamed.append(raw_request(
+            server.port, "POST", "/v1/completions", {"prompt": "1, 2, 3,", "max_tokens": 2000}, timeout=60)[0]))
+        waiting.start()
         stream = subprocess.Popen(["curl", "-sN", server.url + "/v1/completions", "-d",
-                                   json.dumps({"prompt": "1, 2, 3,", "max_tokens": 3000, "stream": True})],
+                                   json.dumps({"prompt": "1, 2, 3,", "max_tokens": 2000, "stream": True})],
                                   stdout=subprocess.PIPE)
         _started(stream)
         server.process.send_signal(signal.SIGINT)
         assert server.process.wait(15) == 0
         stream.wait(15)
+        received = stream.stdout.read()  # after _started's read(1): through the same buffer
+        waiting.join(15)
     finally:
         server.stop()
+    assert unstreamed == [503], unstreamed  # it was a 200 holding the reply as far as it got
     assert not [line for line in server.lines if "Traceback" in line], server.lines
+    # The stream ends in an error, not in finish_reason "stop": a client would take a cut reply as whole.
+    events = [line[len(b"data: "):] for line in received.splitlines() if line.startswith(b"data: ")]
+    assert events and json.loads(events[-1])["error"]["code"] == "shutting_down", received[-600:]
 
 
 def test_sigterm_while_requests_tokenize_detokenize_and_render_exits_0_in_time(cli_env: dict[str, str]) -> None:

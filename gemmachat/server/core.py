@@ -371,6 +371,8 @@ class ServerCore:
                     self.note(request, job, value)
                     if value.finish_reason == "cancelled" and await request.is_disconnected():
                         raise ClientGone()  # 499 in the access log: no answer reached anyone
+                    if value.finish_reason == "cancelled" and self.closing:
+                        raise shutting_down()  # a 503, not a cut reply passed off as whole
                     return "".join(parts), value
                 else:
                     raise value
@@ -397,6 +399,10 @@ class ServerCore:
                 yield json_line(chunk(value, None, logprobs))
                 logprobs = []
             elif kind == "done":
+                if value.finish_reason == "cancelled" and self.closing:
+                    # Cut by the server's own stop: an error, or a client would take the reply as whole.
+                    yield json_line(shutting_down().body())
+                    return
                 yield json_line(chunk(None, finish_reason(value), logprobs))
                 if include_usage:
                     last = chunk(None, None, [])
