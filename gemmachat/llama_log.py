@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import collections
 import ctypes
+import functools
 import os
 import sys
 import threading
@@ -123,16 +124,11 @@ def c_stderr_captured() -> Iterator[Callable[[], str]]:
     kept with it. Only on glibc and macOS, whose `stderr` is a variable (musl's is constant);
     elsewhere nothing is kept and llama.cpp prints as it does."""
     captured = {"text": ""}
-    pointer = None
-    if _glibc() or sys.platform == "darwin":
-        libc = ctypes.CDLL(None)
-        pointer = next((found for found in (_symbol(libc, name) for name in ("stderr", "__stderrp")) if found), None)
-    if pointer is None or not hasattr(libc, "open_memstream"):
+    found = _c_stderr()
+    if found is None:
         yield lambda: captured["text"]
         return
-    libc.open_memstream.restype = ctypes.c_void_p
-    libc.open_memstream.argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.POINTER(ctypes.c_size_t)]
-    libc.fclose.argtypes = libc.free.argtypes = [ctypes.c_void_p]
+    libc, pointer = found
     buffer, size = ctypes.c_void_p(), ctypes.c_size_t()
     with _c_stderr_lock:  # two swaps at once could leave stderr on a closed stream
         stream = libc.open_memstream(ctypes.byref(buffer), ctypes.byref(size))
@@ -147,6 +143,21 @@ def c_stderr_captured() -> Iterator[Callable[[], str]]:
             libc.fclose(stream)
             captured["text"] = ctypes.string_at(buffer.value, size.value).decode("utf-8", "replace")
             libc.free(buffer)
+
+
+@functools.cache
+def _c_stderr() -> tuple[ctypes.CDLL, ctypes.c_void_p] | None:
+    """The C library, set up for c_stderr_captured, and its `stderr` variable; looked up once."""
+    if not (_glibc() or sys.platform == "darwin"):
+        return None
+    libc = ctypes.CDLL(None)
+    pointer = next((found for found in (_symbol(libc, name) for name in ("stderr", "__stderrp")) if found), None)
+    if pointer is None or not hasattr(libc, "open_memstream"):
+        return None
+    libc.open_memstream.restype = ctypes.c_void_p
+    libc.open_memstream.argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.POINTER(ctypes.c_size_t)]
+    libc.fclose.argtypes = libc.free.argtypes = [ctypes.c_void_p]
+    return libc, pointer
 
 
 def _glibc() -> bool:

@@ -120,8 +120,8 @@ def _number(text: str) -> float:
 
 
 def _positive_number(text: str) -> float:
-    value = _number(text)
-    if not value > 0 or value == float("inf"):
+    value = _number(text)  # finite already
+    if not value > 0:
         raise argparse.ArgumentTypeError(f"expects a number of seconds above 0, not {text!r}")
     return value
 

@@ -369,10 +369,11 @@ class ServerCore:
                     job.logprobs += value
                 elif kind == "done":
                     self.note(request, job, value)
-                    if value.finish_reason == "cancelled" and await request.is_disconnected():
-                        raise ClientGone()  # 499 in the access log: no answer reached anyone
-                    if value.finish_reason == "cancelled" and self.closing:
-                        raise shutting_down()  # a 503, not a cut reply passed off as whole
+                    if value.finish_reason == "cancelled":
+                        if await request.is_disconnected():
+                            raise ClientGone()  # 499 in the access log: no answer reached anyone
+                        if self.closing:
+                            raise shutting_down()  # a 503, not a cut reply passed off as whole
                     return "".join(parts), value
                 else:
                     raise value
