@@ -151,7 +151,9 @@ def typeahead_kept(stream: TextIO) -> Iterator[None]:
 
     Between prompts the terminal is in cooked mode: it would echo the keys over the reply and turn
     Enter into ctrl-j, which the prompt takes as a line break, so a message typed ahead and sent
-    with Enter would sit unsent in the next prompt.
+    with Enter would sit unsent in the next prompt. Held for the whole chat, not line by line: the
+    prompt puts back the modes it found, so no moment between a prompt and its line is left in
+    which an Enter still becomes ctrl-j.
     """
     try:
         fd = stream.fileno()
@@ -286,6 +288,12 @@ def interactive(chat: Chat, printer: Printer, environ: dict[str, str]) -> int:
     )
     # Start-up is over: ctrl-c now stops a reply, clears the input or leaves at an empty prompt.
     fatal.interrupts_to_python()
+    with typeahead_kept(sys.stdin):
+        return _prompt_loop(chat, printer, prompt_session, history)
+
+
+def _prompt_loop(chat: Chat, printer: Printer, prompt_session: PromptSession[str],
+                 history: History) -> int:
     while True:
         label = f"{chat.role} >>> " if chat.manual else ">>> "
         try:
@@ -304,8 +312,7 @@ def interactive(chat: Chat, printer: Printer, environ: dict[str, str]) -> int:
                 chat.cycle_role()
             continue
         try:
-            with typeahead_kept(sys.stdin):
-                chat.handle(text)
+            chat.handle(text)
         except ExitChat:
             return 0
 

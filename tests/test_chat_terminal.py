@@ -61,7 +61,10 @@ def interrupt_a_long_reply(child: Terminal) -> None:
     says so and takes the next line."""
     child.send_line("Write a very long story about the sea.")
     child.expect("sea.")
-    time.sleep(3)  # 400 tokens take about 8 s here: this lands mid-reply
+    # 400 tokens take about 8 s here: this lands mid-reply. Read on meanwhile, as a terminal does:
+    # once (CI, beside the other worker; not reproduced since) a ctrl-c sent to a pty holding
+    # seconds of unread output left the chat silent, its last render cut where the flush cut it.
+    child.expect(pexpect.TIMEOUT, timeout=3)
     child.sendintr()
     child.expect("interrupted", timeout=10)
     child.expect(">>>")
