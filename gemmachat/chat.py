@@ -59,7 +59,8 @@ def run_chat(settings: Settings, stdin: TextIO | None = None, stdout: TextIO | N
     stdin = stdin or sys.stdin
     stdout = stdout or sys.stdout
     is_terminal = stdin.isatty() and stdout.isatty()
-    printer = Printer(plain=settings.plain or not stdout.isatty(), stream=stdout)
+    printer = Printer(plain=settings.plain or not stdout.isatty(), stream=stdout,
+                      errors=None if stdout.isatty() else sys.stderr)
     template = load_template(settings.template)
     if settings.remote is not None:
         return _chat_remotely(settings, template, printer, stdin, is_terminal)

@@ -4,6 +4,7 @@ a terminal."""
 
 import re
 import sys
+from typing import TextIO
 
 # Characters that end a line, move the cursor, recolour or retitle a terminal, or reorder what is
 # shown: C0 and C1 controls (ESC, NUL, CR, LF...), DEL, the Unicode line and paragraph separators,
@@ -38,8 +39,8 @@ def one_line(text: str, limit: int = 500) -> str:
     return text if len(text) <= limit else text[:limit] + "…"
 
 
-def warn(message: str) -> None:
-    print(f"gemma-chat: {one_line(message, 2000)}", file=sys.stderr)
+def warn(message: str, stream: TextIO | None = None) -> None:
+    print(f"gemma-chat: {one_line(message, 2000)}", file=stream or sys.stderr, flush=True)
 
 
 def report(error: UserError) -> int:

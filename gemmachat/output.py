@@ -21,14 +21,17 @@ from rich.segment import Segment
 from rich.table import Table
 from rich.text import Text
 
-from gemmachat.errors import escaped
+from gemmachat.errors import escaped, warn
 
 _FENCE = re.compile(r"^\s*(```|~~~)", re.MULTILINE)
 
 
 class Printer:
-    def __init__(self, plain: bool, stream: TextIO | None = None) -> None:
+    def __init__(self, plain: bool, stream: TextIO | None = None, errors: TextIO | None = None) -> None:
+        """`errors`: where error lines go instead of `stream`, as `gemma-chat: ...` lines (the piped
+        chat's stderr, so that a script's captured replies hold no error text)."""
         self.stream = stream or sys.stdout
+        self.errors = errors
         self.plain = plain
         self.console = Console(file=self.stream, no_color=plain, highlight=False,
                                force_terminal=None if not plain else False, soft_wrap=plain)
@@ -48,6 +51,9 @@ class Printer:
             self.console.print(Text(text, style="dim"))
 
     def error(self, text: str) -> None:
+        if self.errors is not None:
+            warn(text, self.errors)
+            return
         text = self._shown(text)
         if self.plain:
             self._plain_line(text)

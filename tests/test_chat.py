@@ -115,7 +115,8 @@ def test_piped_chat_is_scriptable(run_cli, tmp_path: Path) -> None:
     assert "\x1b[" not in result.stdout
     assert "context: " in result.stdout and "tokens used" in result.stdout
     assert "dropped 2 message(s)" in result.stdout
-    assert "unknown command /bogus" in result.stdout
+    # Refusals go to stderr, as `gemma-chat: ...` lines: the replies on stdout hold none of them.
+    assert result.stderr == "gemma-chat: unknown command /bogus; /help lists the commands\n", result.stderr
     document = json.loads(saved.read_text())
     assert [m["role"] for m in document["messages"]] == ["user", "assistant"]
     assert document["messages"][0]["content"] == "Hello there"
@@ -127,7 +128,7 @@ def test_load_of_a_bad_file_keeps_the_conversation(run_cli, tmp_path: Path) -> N
     bad = tmp_path / "bad.json"
     bad.write_text("{]")
     result = run_chat(run_cli, f"Hi\n/load {bad}\n/context\n/dump\n")
-    assert "cannot load" in result.stdout
+    assert "cannot load" in result.stderr and "cannot load" not in result.stdout
     assert result.stdout.count("<start_of_turn>user\n") == 1 and "Hi" in result.stdout
 
 

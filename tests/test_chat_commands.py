@@ -33,7 +33,7 @@ def turns(dump: Path) -> list[str]:
 def test_retry_replaces_the_last_reply_and_needs_one(run_cli, tmp_path: Path) -> None:
     dump = tmp_path / "dump.txt"
     result = chat(run_cli, f"/retry\nWhat is a cat?\n/retry\n/dump {dump}\n/stats\n", refused=True)
-    assert "there is no reply to retry" in result.stdout
+    assert "gemma-chat: there is no reply to retry" in result.stderr
     roles = [turn.split("\n")[0] for turn in turns(dump)]
     assert roles == ["user", "model"], "retry keeps one reply, not two"
     # Two replies were generated (the first and its retry): the session totals count both.
@@ -50,12 +50,12 @@ def test_upload_shares_text_and_refuses_binary_huge_and_missing_files(run_cli, t
     dump = tmp_path / "dump.txt"
     result = chat(run_cli, f"/upload {binary}\n/upload {huge}\n/upload {tmp_path / 'nope.txt'}\n"
                            f"/upload\n/upload {notes}\n/dump {dump}\n", refused=True)
-    out = result.stdout
-    assert f"{binary} is not a text file" in out
-    assert f"{huge} is {len(huge.read_bytes()) // 1024} KiB; /upload takes text files up to" in out
-    assert "cannot read" in out and "nope.txt" in out
-    assert "usage: /upload FILE" in out
-    assert "uploaded notes.txt" in out
+    refusals = result.stderr
+    assert f"{binary} is not a text file" in refusals
+    assert f"{huge} is {len(huge.read_bytes()) // 1024} KiB; /upload takes text files up to" in refusals
+    assert "cannot read" in refusals and "nope.txt" in refusals
+    assert "usage: /upload FILE" in refusals
+    assert "uploaded notes.txt" in result.stdout
     assert turns(dump) == ["user\nnotes.txt:\n```\nThe secret word is marmalade.\n```"], \
         "only the text file reaches the conversation, and no reply is asked for"
 
@@ -71,7 +71,7 @@ def test_edit_sends_what_the_editor_wrote(run_cli, tmp_path: Path) -> None:
     result = chat(run_cli, f"/edit\n/dump {dump}\n", env={"EDITOR": empty_editor, "VISUAL": ""})
     assert "nothing sent" in result.stdout and turns(dump) == []
     result = chat(run_cli, "/edit\n", env={"EDITOR": str(tmp_path / "no-such-editor"), "VISUAL": ""}, refused=True)
-    assert "cannot run the editor" in result.stdout
+    assert "cannot run the editor" in result.stderr
 
 
 def test_checkpoints_forget_system_and_settings(run_cli, tmp_path: Path) -> None:
@@ -83,9 +83,9 @@ def test_checkpoints_forget_system_and_settings(run_cli, tmp_path: Path) -> None
         "/show settings",
         "/show model", "/halp", "/help undo",
     ]) + "\n", refused=True)
-    out = result.stdout
+    out, refusals = result.stdout, result.stderr
     assert "checkpoint 1 saved" in out and "back to checkpoint 1" in out
-    assert "no checkpoint to go back to" in out and "/undo takes no argument" in out
+    assert "no checkpoint to go back to" in out and "/undo takes no argument" in refusals
     assert "You are a pirate." in out
     assert "forgot the oldest user message" in out
     # After /pop the second exchange is gone; /forget dropped the first question; the new system
@@ -93,13 +93,13 @@ def test_checkpoints_forget_system_and_settings(run_cli, tmp_path: Path) -> None
     remaining = turns(dump)
     assert len(remaining) == 1 and remaining[0].startswith("model\nYou are a pirate.\n\n"), remaining
     assert "temperature = 0.5" not in out and "temp = 0.5" in out
-    assert "'many' is not a valid value for top_k" in out and "'nan' is not a valid value for temp" in out
-    assert "unknown setting 'colour'" in out
+    assert "'many' is not a valid value for top_k" in refusals and "'nan' is not a valid value for temp" in refusals
+    assert "unknown setting 'colour'" in refusals
     settings = {line.split()[0]: line.split()[1] for line in out.splitlines()
                 if line.startswith("  ") and len(line.split()) == 2}
     assert settings["temperature"] == "0.5" and settings["top_k"] == "7"
     assert "architecture" in out and "gemma3" in out
-    assert "unknown command /halp; did you mean /help?" in out
+    assert "unknown command /halp; did you mean /help?" in refusals
     assert "/undo\n  drop the last exchange" in out
 
 

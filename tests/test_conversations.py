@@ -405,7 +405,7 @@ def test_a_damaged_store_and_no_history(run_cli, env: dict[str, str], tmp_path: 
     # --no-history: nothing stored, nothing created.
     fresh = {**env, "GEMMA_CHAT_DATA_DIR": str(tmp_path / "fresh")}
     result = run_cli("--chat", "-n", "3", "--no-history", input="Not kept\n/history\n", env=fresh)
-    assert result.returncode == 1 and "conversations are not kept (--no-history)" in result.stdout
+    assert result.returncode == 1 and "conversations are not kept (--no-history)" in result.stderr
     assert not (tmp_path / "fresh" / DATABASE_NAME).exists()
 
 
@@ -415,9 +415,9 @@ def test_ids_and_counts_past_sqlites_integers_are_plain_answers(run_cli, env: di
     result = run_cli("--chat", "-n", "2", input=f"Hello\n/history {huge}\n/resume {huge}\n/delete {huge}\n"
                      "/history 0\n/history \u00b2\n/history\n", env=env)
     assert result.returncode == 1 and "Traceback" not in result.stdout + result.stderr, result.stderr
-    assert f"no stored conversation is '{huge}'" in result.stdout
-    assert f"there is no conversation {huge}" in result.stdout
-    assert result.stdout.count("usage: /history [COUNT] (COUNT: 1 or more)") == 2  # 0, and "²" ("²".isdigit())
+    assert f"no stored conversation is '{huge}'" in result.stderr
+    assert f"there is no conversation {huge}" in result.stderr
+    assert result.stderr.count("usage: /history [COUNT] (COUNT: 1 or more)") == 2  # 0, and "²" ("²".isdigit())
     assert len(re.findall(r"^\*\s+1\s.*Hello$", result.stdout, re.M)) == 2, result.stdout  # both /history
     cli = run_cli("--cli", "--resume", huge, "-p", "x", env=env)
     assert cli.returncode == 2 and cli.stderr == f"gemma-chat: no stored conversation is '{huge}' (/history lists them)\n"

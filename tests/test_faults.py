@@ -66,8 +66,8 @@ def test_a_full_disk_is_a_clear_error_and_the_old_file_stays(full_disk, cli_env:
                             input=f"/save {target}\n", env=cli_env, cwd=REPO,
                             capture_output=True, text=True, timeout=120, **extra)
     assert result.returncode == 1, result.stderr  # the /save that failed
-    errors = [line for line in result.stdout.splitlines() if "cannot write" in line]
-    assert len(errors) == 1 and f"cannot write {target}" in errors[0], result.stdout
+    errors = [line for line in result.stderr.splitlines() if "cannot write" in line]
+    assert len(errors) == 1 and f"cannot write {target}" in errors[0], result.stderr
     assert "No space left on device" in errors[0] or "File too large" in errors[0]
     assert target.read_bytes() == OLD
     assert sorted(path.name for path in folder.iterdir()) == sorted(

@@ -39,8 +39,8 @@ def test_save_and_dump_replace_only_their_own_files(run_cli, tmp_path: Path) -> 
                                             "Again", f"/save {saved}", f"/dump {dump}", f"/dump {dump}",
                                             f"/save {empty}"]) + "\n")
     out = result.stdout
-    assert f"not replacing {poem}: it is not a saved conversation (choose another name" in out
-    assert f"not replacing {poem}: it is not an earlier /dump" in out
+    assert f"not replacing {poem}: it is not a saved conversation (choose another name" in result.stderr
+    assert f"not replacing {poem}: it is not an earlier /dump" in result.stderr
     assert poem.read_text() == "Roses are red.\n"
     assert [m["content"] for m in json.loads(saved.read_text())["messages"]][::2] == ["Hello", "Again"]
     assert out.count(f"to {dump}") == 3 and "<start_of_turn>user\nAgain" in dump.read_text()
@@ -78,20 +78,20 @@ def test_save_and_dump_write_through_links_keep_modes_and_never_replace_a_fifo_s
             f"/save {device}", f"/dump {fifo}", f"/dump {unread_fifo}", f"/dump {stdout_link}",
             f"/dump {device}"]) + "\n")
         reader.join(30)
-    out = result.stdout
+    out, refusals = result.stdout, result.stderr
     assert link.is_symlink() and json.loads(real.read_text())["messages"][0]["content"] == "Hello"
     assert stat.S_IMODE(real.stat().st_mode) == 0o644
-    assert f"cannot write {shared}: it has 2 hard links" in out and shared.read_text() == "{}"
-    assert f"cannot write {fifo}: it is a FIFO, not a regular file" in out
-    assert f"cannot write {tmp_path / 'sock'}: it is a socket, not a regular file" in out
-    assert f"cannot write {device}: it is a device, not a regular file" in out
+    assert f"cannot write {shared}: it has 2 hard links" in refusals and shared.read_text() == "{}"
+    assert f"cannot write {fifo}: it is a FIFO, not a regular file" in refusals
+    assert f"cannot write {tmp_path / 'sock'}: it is a socket, not a regular file" in refusals
+    assert f"cannot write {device}: it is a device, not a regular file" in refusals
     assert stat.S_ISFIFO(fifo.lstat().st_mode) and stat.S_ISSOCK((tmp_path / "sock").lstat().st_mode)
     assert stat.S_ISCHR(device.lstat().st_mode) and stdout_link.is_symlink()
     # /dump writes streams directly: the FIFO's reader and stdout get the prompt text.
     assert received and received[0].startswith(b"<bos><start_of_turn>user\n")
-    assert f"cannot write {unread_fifo}: nothing is reading it" in out
+    assert f"cannot write {unread_fifo}: nothing is reading it" in refusals
     assert out.count("<start_of_turn>user\n") >= 1 and f"characters to {stdout_link}" in out
-    assert f"cannot write {device}: No space left on device" in out
+    assert f"cannot write {device}: No space left on device" in refusals
     assert not list(tmp_path.glob(".*.tmp")), "no temporary file left"
 
 
@@ -108,15 +108,15 @@ def test_reads_of_endless_sparse_fifo_and_device_files_are_refused_at_once(run_c
     result = piped_chat(run_cli, "\n".join([
         "x" * ((10 << 20) + 1), "/upload /dev/zero", f"/upload {fifo}", f"/upload {sparse}", "/load /dev/zero", f"/load {fifo}",
         f"/load {sparse}", f"/upload {tmp_path}", f"/load {tmp_path}", f"/upload {notes}", f"/dump {dump}"]) + "\n")
-    out = result.stdout
+    refusals = result.stderr
     # A directory: the file reader's own opening gave a traceback, and the chat ended.
-    assert out.count(f"cannot read {tmp_path}: it is a directory, not a regular file") == 2, out
-    assert "skipped a line of input longer than 10240 KiB" in out
-    assert "cannot read /dev/zero: it is a device, not a regular file" in out
-    assert f"cannot read {fifo}: it is a FIFO, not a regular file" in out
-    assert f"{sparse} is {3 << 20} KiB; /upload takes text files up to 1024 KiB" in out
-    assert f"{sparse} is {3 << 20} KiB; /load takes conversations up to" in out
-    assert "uploaded notes.txt" in out and "marmalade" in dump.read_text()
+    assert refusals.count(f"cannot read {tmp_path}: it is a directory, not a regular file") == 2, refusals
+    assert "skipped a line of input longer than 10240 KiB" in refusals
+    assert "cannot read /dev/zero: it is a device, not a regular file" in refusals
+    assert f"cannot read {fifo}: it is a FIFO, not a regular file" in refusals
+    assert f"{sparse} is {3 << 20} KiB; /upload takes text files up to 1024 KiB" in refusals
+    assert f"{sparse} is {3 << 20} KiB; /load takes conversations up to" in refusals
+    assert "uploaded notes.txt" in result.stdout and "marmalade" in dump.read_text()
     # --cli -f, the config file and --template: one line and exit 2, before the model loads.
     for args, env, message in [
             (["--cli", "-f", "/dev/zero"], {}, "prompt file /dev/zero is more than 10240 KiB"),
@@ -145,7 +145,7 @@ def test_deep_nesting_is_one_line_and_keeps_the_conversation_and_the_config(run_
     deep_toml = "x = " + "[" * 50_000 + "]" * 50_000 + "\n"
     dump = tmp_path / "dump.txt"
     result = piped_chat(run_cli, f"Hello\n/load {deep_json}\n/dump {dump}\n")
-    assert f"cannot load {deep_json}: not a gemma-chat conversation (nested too deeply)" in result.stdout
+    assert f"cannot load {deep_json}: not a gemma-chat conversation (nested too deeply)" in result.stderr
     assert "<start_of_turn>user\nHello<end_of_turn>" in dump.read_text(), "the conversation is kept"
     template = tmp_path / "deep.toml"
     template.write_text(deep_toml)

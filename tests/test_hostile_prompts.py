@@ -64,11 +64,11 @@ def test_chat_reads_bad_bytes_and_refuses_an_oversized_message_keeping_the_rest(
     lines = b"Caf\xe9 \xff ok\n" + b"word " * 600 + b"\nStill here\n/dump\n"
     result = run_cli("--chat", "-c", "256", "-n", "4", *GREEDY, input=lines)
     assert result.returncode == 1, result.stderr  # the oversized message was refused
-    out = result.stdout.decode()
-    assert "that message needs" in out and "the context holds 256" in out
+    out, refusals = result.stdout.decode(), result.stderr.decode()
+    assert "that message needs" in refusals and "the context holds 256" in refusals
     dump = out[out.rindex("<bos>"):]
     assert "Caf\ufffd \ufffd ok" in dump and "Still here" in dump and "word word" not in dump
-    assert "Traceback" not in result.stderr.decode()
+    assert "Traceback" not in refusals
 
 
 def test_text_over_the_context_is_refused_at_once_in_the_chat_and_the_cli(run_cli, tmp_path: Path) -> None:
@@ -83,8 +83,8 @@ def test_text_over_the_context_is_refused_at_once_in_the_chat_and_the_cli(run_cl
     result = run_cli("--chat", "-c", "256", "-n", "2", *GREEDY, timeout=60, input=(
         f"/upload {upload}\n" + "  x" * 3_000_000 + f"\n/load {saved}\n/context\nHello\n/dump {dump}\n"))
     assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
-    assert f"{upload} is 256 tokens or more; the context holds 256" in result.stdout
-    assert "that message needs 256 tokens or more with the system prompt, but the context holds 256" in result.stdout
+    assert f"{upload} is 256 tokens or more; the context holds 256" in result.stderr
+    assert "that message needs 256 tokens or more with the system prompt, but the context holds 256" in result.stderr
     assert "loaded 2 messages" in result.stdout and "the conversation is more than the 256 tokens" in result.stdout
     assert "(context full: dropped the 2 oldest message(s)" in result.stdout
     assert "<b><b>" not in dump.read_text() and "Hello" in dump.read_text()

@@ -199,8 +199,9 @@ def test_a_server_sending_json_of_other_shapes_is_one_line(run_cli, payload: byt
         assert refused in one_line_error(run_cli("--remote", url, "--cli", "-p", "Hi", "-n", "4", timeout=60))
         chat = run_cli("--remote", url, "--chat", "-n", "4", input="Hi\n/stats\n", timeout=60)
         assert chat.returncode == 1 and "Traceback" not in chat.stderr, chat.stderr  # the reply refused; /stats ran
-        lines = chat.stdout.strip().splitlines()
-        assert refused in lines[0] and len(lines) > 1, chat.stdout  # and the chat went on to /stats
+        lines = chat.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith(f"gemma-chat: {refused}"), chat.stderr
+        assert chat.stdout.strip(), "the chat went on to /stats"
     finally:
         fake.shutdown()
 
