@@ -121,9 +121,41 @@ def test_a_request_with_nothing_to_say_only_loads_and_head_says_it_is_up(client:
     assert generated.done and generated.done_reason == "load" and generated.response == "" and not generated.eval_count
     chatted = client.chat(model="gemma", messages=[])
     assert chatted.done and chatted.done_reason == "load" and chatted.message.content == ""
+    # keep_alive 0 asks to unload (`ollama stop` sends it): said so, and the model stays to serve.
+    for keep_alive in (0, "0", "0s"):
+        assert client.generate(model="gemma", prompt="", keep_alive=keep_alive).done_reason == "unload"
+    assert client.chat(model="gemma", messages=[], keep_alive="0m").done_reason == "unload"
+    assert client.generate(model="gemma", prompt="", keep_alive="5m").done_reason == "load"
     # Ollama's clients check that the server is up with HEAD / before they list or run.
     for path in ("/", "/api/tags", "/api/version"):
         assert raw_request(server.port, "HEAD", path) == (200, b""), path
+
+
+def test_an_empty_format_is_no_format(client: ollama.Client) -> None:
+    # langchain's OllamaLLM sends format "" with every request (the ollama client's type allows it):
+    # each one was a 400.
+    options = {"temperature": 0, "num_predict": 6}
+    plain = client.generate(model="gemma", prompt=PROMPT, raw=True, options=options)
+    assert client.generate(model="gemma", prompt=PROMPT, raw=True, options=options, format="").response == plain.response
+    chatted = client.chat(model="gemma", messages=[{"role": "user", "content": "Hi"}], options=options, format="")
+    assert chatted.done and chatted.eval_count
+
+
+def test_what_would_be_silently_dropped_is_refused(client: ollama.Client) -> None:
+    # Each was accepted and ignored: an editor's fill-in-the-middle got a plain continuation, a
+    # template override was not applied, and thinking asked for never came.
+    for fields, message in [({"suffix": "    return result"}, "suffix is not supported"),
+                            ({"template": "{{ .Prompt }}"}, "template is not supported"),
+                            ({"think": True}, "thinking is not supported by this model"),
+                            ({"think": "high"}, "thinking is not supported by this model")]:
+        with pytest.raises(ollama.ResponseError) as error:
+            client.generate(model="gemma", prompt="def add(a, b):", options={"num_predict": 2}, **fields)
+        assert error.value.status_code == 400 and error.value.error.startswith(message), (fields, error.value)
+    with pytest.raises(ollama.ResponseError) as error:
+        client.chat(model="gemma", messages=[{"role": "user", "content": "x"}], think=True)
+    assert error.value.status_code == 400 and error.value.error == "thinking is not supported by this model"
+    # Their empty or false forms are what clients send by default: taken.
+    assert client.generate(model="gemma", prompt="x", options={"num_predict": 1}, suffix="", think=False).done
 
 
 def test_bad_requests_are_4xx_with_ollamas_error_shape(client: ollama.Client) -> None:

@@ -5,13 +5,15 @@ So that the `ollama` client libraries and Ollama-speaking apps work unchanged. E
 translated into the OpenAI request models (gemmachat/openai_api.py): the same validation,
 sampling, slots and structured output; the answers are Ollama's, one JSON object or, streaming
 (Ollama's default), one JSON object per line. `model` and `keep_alive` are accepted and ignored:
-the loaded model answers, and it stays loaded.
+the loaded model answers, and it stays loaded (a request to unload is answered as Ollama answers
+it). What would change the answer but cannot be done here (suffix, template, think) is refused.
 """
 
 from __future__ import annotations
 
 import datetime
 import json
+import re
 from typing import Any, AsyncIterator, Literal, TypeVar
 
 from fastapi import FastAPI, Request
@@ -33,6 +35,7 @@ OPTIONS = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "mi
            "repeat_penalty": "repeat_penalty", "presence_penalty": "presence_penalty",
            "frequency_penalty": "frequency_penalty", "num_predict": "max_tokens", "stop": "stop"}
 OPTION_NAMES = {openai: ollama for ollama, openai in OPTIONS.items()}
+_ZERO = re.compile(r"(0+\.?0*|\.0+)(ns|us|µs|ms|s|m|h)?")  # a keep_alive of no time, in Go's duration units
 Request_ = TypeVar("Request_", api.ChatCompletionRequest, api.CompletionRequest)
 
 
@@ -40,9 +43,23 @@ class _Ollama(BaseModel):
     model_config = ConfigDict(extra="ignore")
     model: str | None = Field(None, description="accepted and ignored: the loaded model answers")
     stream: bool = True
-    format: Literal["json"] | dict[str, Any] | None = Field(None, description='"json" or a JSON schema')
+    # "" is no format, as in Ollama: its clients (langchain's OllamaLLM) send it by default.
+    format: Literal["", "json"] | dict[str, Any] | None = Field(None, description='"json" or a JSON schema')
     options: dict[str, Any] | None = None
     keep_alive: str | int | float | None = Field(None, description="accepted and ignored: the model stays loaded")
+    think: bool | str | None = Field(None, description="refused unless false: the model here does not think")
+
+    def refuse_thinking(self) -> None:
+        # Refused, as Ollama refuses it for a model without thinking, rather than a reply that
+        # silently lacks the thinking a client asked for.
+        if self.think not in (None, False):
+            raise api.ApiError(400, "thinking is not supported by this model", code="unsupported_value",
+                               param="think")
+
+    @property
+    def unloads(self) -> bool:
+        """keep_alive 0 ("0", "0s", "0m"): a request with nothing to generate then asks to unload."""
+        return isinstance(self.keep_alive, (int, float, str)) and bool(_ZERO.fullmatch(str(self.keep_alive).strip()))
 
     def openai_fields(self, context: int) -> dict[str, Any]:
         """The OpenAI request's fields; `context` is what a sequence's context holds."""
@@ -56,7 +73,7 @@ class _Ollama(BaseModel):
                 del fields["max_tokens"]
             else:  # Ollama stops where the context is full, however many more were asked for
                 fields["max_tokens"] = min(limit, context)
-        if self.format is not None:
+        if self.format:
             fields["json_schema"] = JSON_OBJECT_SCHEMA if self.format == "json" else self.format
         return fields
 
@@ -119,6 +136,17 @@ class OllamaGenerateRequest(_Ollama):
     system: str | None = None
     images: list[Any] | None = Field(None, description="refused: the model here reads text only")
     raw: bool = Field(False, description="true: the prompt as it is, without the chat template")
+    suffix: str | None = Field(None, description="refused: no fill-in-the-middle here")
+    template: str | None = Field(None, description="refused: the model's own chat template applies (or raw)")
+
+    def refuse_unsupported(self) -> None:
+        # Refused, not ignored: an editor's completion that sends a suffix would get a plain
+        # continuation that overwrites the code after the cursor.
+        if self.suffix:
+            raise api.ApiError(400, "suffix is not supported", code="unsupported_value", param="suffix")
+        if self.template:
+            raise api.ApiError(400, "template is not supported: the model's own chat template applies "
+                               "(raw: true sends the prompt as it is)", code="unsupported_value", param="template")
 
 
 class OllamaShowRequest(BaseModel):
@@ -187,15 +215,18 @@ def add_routes(app: FastAPI, core: ServerCore) -> None:
         return StreamingResponse((json.dumps(line, ensure_ascii=False) + "\n" for line in lines),
                                  media_type="application/x-ndjson")
 
-    def loaded(piece: dict[str, Any]) -> dict[str, Any]:
+    def loaded(body: _Ollama, piece: dict[str, Any]) -> dict[str, Any]:
         """Ollama's answer to a request with nothing to generate, which clients send to load a model
-        before it is needed (`ollama run` does): at once, as the model is loaded already."""
-        return {"model": core.model_id, "created_at": _now(), **piece, "done": True, "done_reason": "load"}
+        before it is needed (`ollama run` does) or, with keep_alive 0, to unload it: at once, as the
+        model stays loaded."""
+        return {"model": core.model_id, "created_at": _now(), **piece, "done": True,
+                "done_reason": "unload" if body.unloads else "load"}
 
     @app.post("/api/chat", summary="Ollama's chat (NDJSON unless stream: false)")
     async def ollama_chat(body: OllamaChatRequest, request: Request) -> Any:
+        body.refuse_thinking()
         if not body.messages:
-            return loaded({"message": {"role": "assistant", "content": ""}})
+            return loaded(body, {"message": {"role": "assistant", "content": ""}})
         chat = as_openai(api.ChatCompletionRequest, messages=[m.openai() for m in body.messages], tools=body.tools,
                          **body.openai_fields(core.engine.n_ctx_seq))
         job = await core.chat_job(chat)
@@ -208,8 +239,10 @@ def add_routes(app: FastAPI, core: ServerCore) -> None:
     async def ollama_generate(body: OllamaGenerateRequest, request: Request) -> Any:
         if body.images:
             raise images_refused("images")
+        body.refuse_thinking()
+        body.refuse_unsupported()
         if not body.prompt:
-            return loaded({"response": ""})
+            return loaded(body, {"response": ""})
         fields = body.openai_fields(core.engine.n_ctx_seq)
         if body.raw:
             job, _ = await core.completion_job(as_openai(api.CompletionRequest, prompt=body.prompt,
