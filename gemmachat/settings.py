@@ -11,6 +11,7 @@ import argparse
 import difflib
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -331,9 +332,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="require 'Authorization: Bearer KEY' (also $GEMMA_CHAT_API_KEY); with "
                              "--remote, the key sent to the server")
     server.add_argument("--allow-origin", metavar="URL[,URL...]",
-                        help="web origins the server answers besides its own address, such as the "
-                             "public address of a reverse proxy in front of it "
-                             "(https://chat.example.com); requests from other sites' pages are refused")
+                        help="web origins the server answers, with CORS headers, besides its own page: "
+                             "a reverse proxy's public address (https://chat.example.com), a web app "
+                             "(http://localhost:* for every port), a browser extension "
+                             "(chrome-extension://*), or * for every site; other sites' pages are refused")
     server.add_argument("-np", "--parallel", type=_positive_int, default=4, metavar="N",
                         help="requests decoded at once, in one batch (default 4)")
     server.add_argument("--nobrowser", action="store_true",
@@ -387,17 +389,22 @@ def _remote_url(url: str | None) -> str | None:
 
 
 def _origins(text: str) -> tuple[str, ...]:
-    """`--allow-origin` as origins spelled as browsers send them: scheme://host[:port], lower case."""
+    """`--allow-origin` as origins spelled as browsers send them: scheme://host[:port], lower case;
+    or the patterns gemmachat/server/same_origin.py matches: *, scheme://*, scheme://host:*."""
     origins = []
     for item in filter(None, (part.strip().rstrip("/").lower() for part in text.split(","))):
-        parts = urlsplit(item)
+        if item == "*" or re.fullmatch(r"[a-z][a-z0-9+.-]*://\*", item):
+            origins.append(item)
+            continue
+        parts = urlsplit(item.removesuffix(":*"))
         try:
             port = parts.port
         except ValueError:
             port = -1
-        if parts.scheme not in ("http", "https") or not parts.hostname or parts.path or parts.query or port == -1:
+        if not parts.scheme or not parts.hostname or "*" in parts.hostname or parts.path or parts.query or (
+                port == -1 or item.endswith(":*") and port is not None):
             raise UserError(f"--allow-origin {item!r} is not an origin such as https://chat.example.com")
-        if port == {"http": 80, "https": 443}[parts.scheme]:  # browsers leave the default port out
+        if port is not None and port == {"http": 80, "https": 443}.get(parts.scheme):  # browsers leave it out
             item = f"{parts.scheme}://{parts.netloc.rpartition(':')[0]}"
         origins.append(item)
     return tuple(origins)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import re
 import signal
 import socket
 import subprocess
@@ -445,8 +446,17 @@ def test_a_server_listening_everywhere_answers_any_name_but_not_other_pages() ->
         assert refusal({"host": host, "origin": "https://chat.example.com"}, "127.0.0.1", "127.0.0.1", proxy) is None
     assert refusal({"host": "127.0.0.1:8080", "origin": "https://evil.example"}, "127.0.0.1", "127.0.0.1",
                    proxy).code == "cross_origin_refused"
-    with pytest.raises(UserError, match="--allow-origin 'chat.example.com' is not an origin"):
-        parse_settings(["--server", "--allow-origin", "chat.example.com"])
+    for bad in ("chat.example.com", "http://*.example.com", "http://localhost:3000:*"):
+        with pytest.raises(UserError, match=f"--allow-origin '{re.escape(bad)}' is not an origin"):
+            parse_settings(["--server", "--allow-origin", bad])
+    # Patterns: every port of a host, every origin of a scheme (a browser extension's), every origin.
+    patterns = parse_settings(["--server", "--allow-origin", "http://localhost:*,chrome-extension://*"]).allow_origins
+    for origin, taken in [("http://localhost:3000", True), ("http://localhost", True), ("chrome-extension://abc", True),
+                          ("http://localhost:3000.evil.example", False), ("http://localhost.evil.example", False),
+                          ("https://localhost:3000", False), ("moz-extension://abc", False)]:
+        assert (refusal({"host": "127.0.0.1:8080", "origin": origin}, "127.0.0.1", "127.0.0.1", patterns)
+                is None) == taken, origin
+    assert refusal({"host": "127.0.0.1:8080", "origin": "https://any.example"}, "127.0.0.1", "127.0.0.1", ("*",)) is None
 
 
 def test_a_failing_request_is_one_500_and_one_log_line() -> None:

@@ -600,6 +600,51 @@ def test_with_an_api_key_the_page_asks_once_and_keeps_it(browser: Browser, serve
         running.stop()
 
 
+def test_a_web_app_allowed_by_allow_origin_reads_the_api_and_others_cannot(
+        browser: Browser, server_env: dict[str, str], tmp_path: Path) -> None:
+    """A web app on another port (a chat UI, a browser extension's page) calling the API: allowed by
+    --allow-origin, it gets CORS headers and its preflight answered, so the browser lets it read the
+    replies. Before, every such fetch failed in the browser ("blocked by CORS policy")."""
+    running = ServerProcess({**server_env, "GEMMA_CHAT_DATA_DIR": str(tmp_path)}, "--api-key", "sesame",
+                            "--allow-origin", "http://localhost:*")
+    site = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Cats)
+    threading.Thread(target=site.serve_forever, daemon=True).start()
+    context = browser.new_context()
+    calls = """async (url) => {
+        const call = async (path, init) => {
+            try {
+                const response = await fetch(url + path, init);
+                return [response.status, await response.json()];
+            } catch (error) { return ["failed", String(error)]; }
+        };
+        const key = {"Authorization": "Bearer sesame"};
+        return [
+            await call("/v1/models", {headers: key}),
+            await call("/v1/chat/completions", {method: "POST", headers: {...key, "Content-Type": "application/json"},
+                body: JSON.stringify({messages: [{role: "user", content: "Hi"}], max_tokens: 2})}),
+            await call("/v1/models", {headers: {"Authorization": "Bearer wrong"}}),
+        ];
+    }"""
+    try:
+        app = context.new_page()
+        app.goto(f"http://localhost:{site.server_address[1]}/")
+        models, chat, wrong_key = app.evaluate(calls, running.url)
+        assert models[0] == 200 and models[1]["data"][0]["id"], models
+        assert chat[0] == 200 and chat[1]["usage"]["completion_tokens"] == 2, chat
+        assert wrong_key[0] == 401 and wrong_key[1]["error"]["code"] == "invalid_api_key", wrong_key  # readable
+        assert running.log_lines('"OPTIONS /v1/chat/completions" 204')  # the preflight, answered
+        # Another origin (this machine by its address, not the name allowed) is refused by the server,
+        # and its pages read nothing.
+        other = context.new_page()
+        other.goto(f"http://127.0.0.1:{site.server_address[1]}/")
+        assert all(result[0] == "failed" for result in other.evaluate(calls, running.url))
+        assert running.log_lines('"OPTIONS /v1/chat/completions" 403')
+    finally:
+        context.close()
+        site.shutdown()
+        running.stop()
+
+
 def test_the_page_works_with_the_network_cut_off(server_env: dict[str, str], tmp_path: Path,
                                                  model_path: Path) -> None:
     """The issue's last "done when": in a network namespace with only loopback, a server and a

@@ -69,6 +69,11 @@ class Gatekeeper:
             await _drain(receive, 1 << 20)
             await _error(send, scope, refused)
             return
+        if (origin := same_origin.cors_origin(headers, core.settings.allow_origins)) is not None:
+            if scope["method"] == "OPTIONS" and "access-control-request-method" in headers:
+                await _preflight(send, origin, headers.get("access-control-request-headers"))
+                return
+            send = _with_cors(send, origin)
         if core.api_key and scope["path"] != "/health" and not page_routes.is_page(scope["path"]):
             given = headers.get("authorization", "")
             scheme, _, token = given.partition(" ")
@@ -171,6 +176,32 @@ def _error_response(scope: Scope, error: api.ApiError, headers: dict[str, str] |
     scope["gemma.error"] = error.message
     body = {"error": error.message} if scope["path"].startswith("/api/") else error.body()
     return JSONResponse(body, status_code=error.status, headers=headers)
+
+
+def _with_cors(send: Send, origin: str) -> Send:
+    """`send`, its answers readable by the page at `origin` (errors too: a page can then say why)."""
+
+    async def send_with_cors(message: AsgiMessage) -> None:
+        if message["type"] == "http.response.start":
+            message = {**message, "headers": [*message.get("headers", []), *_cors_headers(origin)]}
+        await send(message)
+
+    return send_with_cors
+
+
+def _cors_headers(origin: str) -> list[tuple[bytes, bytes]]:
+    return [(b"access-control-allow-origin", origin.encode("latin-1")), (b"vary", b"Origin")]
+
+
+async def _preflight(send: Send, origin: str, asked_headers: str | None) -> None:
+    """A browser's question before a request a page may not send unasked (JSON, an API key): yes.
+    It needs no API key, as browsers send it without one."""
+    headers = [*_cors_headers(origin), (b"access-control-allow-methods", b"GET, HEAD, POST, PUT, PATCH, DELETE"),
+               (b"access-control-max-age", b"600"), (b"content-length", b"0")]
+    if asked_headers:
+        headers.append((b"access-control-allow-headers", asked_headers.encode("latin-1")))
+    await send({"type": "http.response.start", "status": 204, "headers": headers})
+    await send({"type": "http.response.body", "body": b""})
 
 
 async def _error(send: Send, scope: Scope, error: api.ApiError, headers: dict[str, str] | None = None) -> None:

@@ -11,7 +11,9 @@ DNS rebinding gets past that check: a site re-points its own name at 127.0.0.1, 
 site's name; so a server listening on a loopback address answers only requests for a loopback name.
 A server asked to listen on every address (or a LAN address) is reached by names of its own; there
 the Origin check alone stands. `--allow-origin` names origins to take besides (a reverse proxy's
-public address), and their names as Host.
+public address, a web app or a browser extension that calls the API), and their names as Host.
+Their pages also get CORS headers, and their preflight requests an answer, so that a browser lets
+them read the replies; the server's own page needs neither.
 """
 
 from __future__ import annotations
@@ -38,11 +40,37 @@ def refusal(headers: dict[str, str], local_address: str | None, bind_host: str,
                             "against DNS rebinding); --allow-origin http://NAME:PORT adds a name",
                             code="host_not_allowed")
     origin = headers.get("origin")
-    if origin is not None and not _same_origin(origin, host) and origin.lower() not in allowed:
+    if origin is not None and not _same_origin(origin, host) and not is_allowed(origin, allowed):
         return api.ApiError(403, f"refused a request from another web page (Origin: {origin}): this "
                             "server takes browser requests from its own page only (--allow-origin names others)",
                             code="cross_origin_refused")
     return None
+
+
+def cors_origin(headers: dict[str, str], allowed: tuple[str, ...]) -> str | None:
+    """The Origin to name in Access-Control-Allow-Origin: that of another page --allow-origin
+    takes; None for the server's own page and for clients that are not browsers."""
+    origin = headers.get("origin")
+    if origin is None or _same_origin(origin, headers.get("host", "")) or not is_allowed(origin, allowed):
+        return None
+    return origin
+
+
+def is_allowed(origin: str, allowed: tuple[str, ...]) -> bool:
+    """Whether --allow-origin's list takes `origin`: named as it is, or by a pattern: `*` (every
+    origin), `SCHEME://*` (every origin of a scheme, as chrome-extension://*) or
+    `SCHEME://HOST:*` (every port of a host)."""
+    origin = origin.lower()
+    if origin in allowed or "*" in allowed:
+        return True
+    scheme, separator, rest = origin.partition("://")
+    if not separator:
+        return False
+    if f"{scheme}://*" in allowed:
+        return True
+    host = rest[1:].partition("]")[0].join("[]") if rest.startswith("[") else rest.partition(":")[0]
+    port = rest[len(host):]
+    return (port == "" or (port[:1] == ":" and port[1:].isdecimal())) and f"{scheme}://{host}:*" in allowed
 
 
 def _same_origin(origin: str, host: str) -> bool:
