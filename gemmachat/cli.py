@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import io
 import os
 import signal
 import sys
-from typing import Sequence
+from typing import Any, Sequence
 
 from gemmachat import cache, fatal
 from gemmachat.errors import UserError, report
@@ -52,7 +53,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _interrupted)
     cache.clean_in_background(os.environ)
     try:
-        return run(parse_settings(sys.argv[1:] if argv is None else argv))
+        settings = parse_settings(sys.argv[1:] if argv is None else argv)
+        if sys.stdout is None:  # started with `>&-`
+            if settings.mode != "server":
+                raise UserError("standard output is closed: there is nowhere to write the output "
+                                "(>/dev/null discards it)")
+        else:
+            _guard_stdout()
+        status = run(settings)
+        if sys.stdout is not None:
+            sys.stdout.flush()  # here, where a failure is told, not at the interpreter's exit
+        return status
     except UserError as error:
         return report(error)
     except KeyboardInterrupt:
@@ -60,6 +71,41 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except BrokenPipeError:
         # The reader went away (`gemma-chat --cli ... | head`): nothing left to say to anyone.
-        # Point stdout at /dev/null so the interpreter's final flush does not complain.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        _stdout_to_null()
         return 0
+    except OutputFailed as error:
+        # Output to a full disk or a failing device (`> /dev/full`): said, not a traceback.
+        _stdout_to_null()
+        return report(UserError(f"cannot write the output: {error.strerror or error}", status=1))
+
+
+class OutputFailed(OSError):
+    """A write to stdout failed: told apart from every other OSError, which names some file."""
+
+
+class _Output(io.FileIO):
+    def write(self, data: Any) -> int | None:
+        try:
+            return super().write(data)
+        except BrokenPipeError:
+            raise
+        except OSError as error:
+            raise OutputFailed(error.errno, error.strerror) from None
+
+
+def _guard_stdout() -> None:
+    """stdout, the same file with the same encoding and buffering, whose failed writes raise
+    OutputFailed."""
+    out = sys.stdout
+    try:
+        descriptor = out.fileno()
+        out.flush()
+    except (AttributeError, OSError, ValueError):  # not a real file (an embedding host's stand-in)
+        return
+    sys.stdout = io.TextIOWrapper(io.BufferedWriter(_Output(descriptor, "w", closefd=False)), encoding=out.encoding,
+                                  errors=out.errors, line_buffering=out.line_buffering)
+
+
+def _stdout_to_null() -> None:
+    # So that the interpreter's final flush of what stdout still holds does not complain.
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

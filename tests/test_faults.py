@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import resource
 import signal
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -225,3 +226,24 @@ def test_stdout_closed_early_exits_quietly(cli_env: dict[str, str]) -> None:
     process.stdout.close()
     assert process.wait(60) == 0
     assert process.stderr.read() == b""
+
+
+def test_output_that_cannot_be_written_is_one_line_and_the_conversation_is_kept(cli_env: dict[str, str],
+                                                                                tmp_path: Path) -> None:
+    # `> /dev/full` (a full disk under a redirection) was a traceback in every mode, two chained in
+    # the chat; stdout closed with `>&-` was an AttributeError.
+    env = {**cli_env, "GEMMA_CHAT_DATA_DIR": str(tmp_path)}
+    full = "gemma-chat: cannot write the output: No space left on device\n"
+    for args, stdin in [(["--cli", "-p", "Once upon a time", "-n", "8"], None),
+                        (["--chat", "-n", "8"], "Hello there\n"),
+                        (["--list-models"], None), (["--cache-info"], None)]:
+        with open("/dev/full", "w") as device:
+            result = subprocess.run([*GEMMA_CHAT, *args], input=stdin, stdout=device, stderr=subprocess.PIPE,
+                                    text=True, env=env, cwd=REPO, timeout=120)
+        assert (result.returncode, result.stderr) == (1, full), args
+    with sqlite3.connect(tmp_path / "conversations.db") as db:
+        assert db.execute("SELECT role, content FROM messages ORDER BY position").fetchall()[0] == ("user", "Hello there")
+    closed = subprocess.run(f"{' '.join(GEMMA_CHAT)} --cli -p Hi -n 2 >&-", shell=True, stderr=subprocess.PIPE,
+                            text=True, env=env, cwd=REPO, timeout=120)
+    assert (closed.returncode, closed.stderr) == (2, "gemma-chat: standard output is closed: there is nowhere "
+                                                     "to write the output (>/dev/null discards it)\n")
