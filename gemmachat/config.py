@@ -1,9 +1,11 @@
 """The config file: a TOML file whose keys are the long flag names, read into the parser's defaults.
 
 Precedence is flags > environment > config file > built-in defaults; the config file only ever
-replaces a default, so a flag always wins. A file that is not TOML at all is set aside and the
-program starts (a broken config must never lock the user out); a key or value that is wrong is
-an error naming the file and the key, since guessing what was meant would hide the mistake.
+replaces a default, so a flag always wins. A file that is not TOML, a key or a value that is
+wrong is an error naming the file (and the key), the file left as it is: guessing what was meant
+would hide the mistake, and starting without it, a server would run without the api-key it names.
+The prompt (-p, -f) of a config file is the chat's system prompt; --cli takes its prompt from each
+call (gemmachat/settings.py).
 """
 
 from __future__ import annotations

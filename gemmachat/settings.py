@@ -344,16 +344,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _one_model(args: argparse.Namespace, argv: Sequence[str], environ: Mapping[str, str]) -> tuple[Path | None, str | None]:
-    """-m or -hf, whichever comes from the stronger source (flags, then environment, then config)."""
-    def on_command_line(*names: str) -> bool:
-        return any(word in names or word.startswith(tuple(f"{n}=" for n in names if n.startswith("--")))
-                   for word in argv)
+def _given_on_command_line(argv: Sequence[str]) -> dict[str, object]:
+    """The settings the command line itself gives, as argparse reads it (abbreviations, -mFILE,
+    --flag=value): where a flag must beat what the environment or the config file gave."""
+    parser = build_parser()
+    for action in parser._actions:  # argparse has no public list of its options
+        action.default = argparse.SUPPRESS
+    return vars(parser.parse_args(list(argv)))
 
+
+def _one_model(args: argparse.Namespace, given: Mapping[str, object],
+               environ: Mapping[str, str]) -> tuple[Path | None, str | None]:
+    """-m or -hf, whichever comes from the stronger source (flags, then environment, then config)."""
     if not args.hf_repo or not args.model:
         return args.model, args.hf_repo
-    model_rank = 3 if on_command_line("-m", "--model") else 2 if environ.get("GEMMA_CHAT_MODEL") else 1
-    hf_rank = 3 if on_command_line("-hf", "--hf-repo") else 1
+    model_rank = 3 if "model" in given else 2 if environ.get("GEMMA_CHAT_MODEL") else 1
+    hf_rank = 3 if "hf_repo" in given else 1
     if model_rank == hf_rank:
         where = "the command line" if model_rank == 3 else "the config file"
         raise UserError(f"{where} gives both a model (-m) and a Hugging Face repository (-hf): give one")
@@ -437,16 +443,24 @@ def parse_settings(argv: Sequence[str], environ: Mapping[str, str] | None = None
     if "GEMMA_CHAT_API_KEY" in environ:  # set but empty is refused below, not taken as "no key"
         parser.set_defaults(api_key=environ["GEMMA_CHAT_API_KEY"])
     args = parser.parse_args(list(argv))
+    given = _given_on_command_line(argv)
     mode = args.mode or "chat"
     in_chat = mode in ("chat", "chat-only")
     temperature = args.temp if args.temp is not None else (0.0 if in_chat else 0.8)
-    if args.prompt is not None and args.prompt_file is not None:
+    prompt, prompt_file = args.prompt, args.prompt_file
+    if mode == "cli":
+        # The prompt is each call's own: a config file's -p or -f (the chat's system prompt) is not
+        # it, and stdin is still read.
+        prompt, prompt_file = given.get("prompt"), given.get("prompt_file")
+    elif prompt is not None and prompt_file is not None and ("prompt" in given) != ("prompt_file" in given):
+        prompt, prompt_file = (prompt, None) if "prompt" in given else (None, prompt_file)
+    if prompt is not None and prompt_file is not None:
         raise UserError("give the prompt with -p or -f, not both")
     if args.repeat_penalty <= 0:
         raise UserError("--repeat-penalty must be greater than 0")
     if args.hf_file and not args.hf_repo:
         raise UserError("--hf-file names a file of the repository given with -hf")
-    model, hf_repo = _one_model(args, argv, environ)
+    model, hf_repo = _one_model(args, given, environ)
     if args.resume is not None and args.save_to is not None:
         raise UserError("give --resume or --save-to, not both")
     if args.keep_history is False and (args.resume is not None or args.save_to is not None):
@@ -468,8 +482,8 @@ def parse_settings(argv: Sequence[str], environ: Mapping[str, str] | None = None
         model=model,
         hf_repo=hf_repo,
         hf_file=args.hf_file if hf_repo else None,
-        prompt=args.prompt,
-        prompt_file=args.prompt_file,
+        prompt=prompt,
+        prompt_file=prompt_file,
         system=args.system,
         chat_turn=args.chat_turn,
         template=args.template,
@@ -486,7 +500,8 @@ def parse_settings(argv: Sequence[str], environ: Mapping[str, str] | None = None
         no_repack=args.no_repack,
         n_predict=args.n_predict,
         ignore_eos=args.ignore_eos,
-        stop=tuple(s for s in args.stop if s),
+        # Flags replace the config file's list: argparse would have added to it.
+        stop=tuple(s for s in given.get("stop", args.stop) if s),  # type: ignore[union-attr]
         sampling=Sampling(
             temperature=temperature,
             top_k=args.top_k,

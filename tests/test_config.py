@@ -120,6 +120,9 @@ def test_one_model_source_wins_between_m_and_hf(tmp_path: Path) -> None:
 
     assert chosen() == ("gemma3:1b", None)
     assert chosen("-m", "x.gguf") == (None, Path("x.gguf"))
+    # As argparse reads them: attached, abbreviated, with "=" (each was "the config file gives both").
+    for spelling in (["-mx.gguf"], ["--mod", "x.gguf"], ["--model=x.gguf"]):
+        assert chosen(*spelling) == (None, Path("x.gguf")), spelling
     assert chosen(GEMMA_CHAT_MODEL="y.gguf") == (None, Path("y.gguf"))
     # ... and -hf on the command line beats a file from the environment; both flags at once is an error.
     assert chosen("-hf", "a/b", GEMMA_CHAT_MODEL="y.gguf") == ("a/b", None)
@@ -128,3 +131,23 @@ def test_one_model_source_wins_between_m_and_hf(tmp_path: Path) -> None:
     config.write_text("")
     with pytest.raises(UserError, match="--hf-file"):
         chosen("--hf-file", "x.gguf")
+
+
+def test_flags_replace_the_config_files_lists_and_its_prompt_is_the_chats(tmp_path: Path) -> None:
+    config = tmp_path / "config.toml"
+    config.write_text('stop = ["girl"]\nprompt = "You are a pirate."\n')
+    # --stop replaces the config file's list (argparse had added to it).
+    assert settings_with(config, "--cli", "--stop", "ZZZ").stop == ("ZZZ",)
+    assert settings_with(config, "--cli").stop == ("girl",)
+    # The config file's prompt is the chat's system prompt. In --cli, where the prompt is each
+    # call's own, it had been completed instead of stdin, and -f was "not both" with it.
+    assert settings_with(config).prompt == "You are a pirate."
+    cli = settings_with(config, "--cli")
+    assert cli.prompt is None and cli.prompt_file is None
+    assert settings_with(config, "--cli", "-f", "p.txt").prompt_file == "p.txt"
+    assert settings_with(config, "--cli", "--prom", "Hi").prompt == "Hi"
+    # A -f on the command line beats the config file's -p in the chat too.
+    chat = settings_with(config, "-f", "system.txt")
+    assert (chat.prompt, chat.prompt_file) == (None, "system.txt")
+    with pytest.raises(UserError, match="-p or -f, not both"):
+        settings_with(config, "--cli", "-p", "a", "-f", "b")
