@@ -12,6 +12,7 @@ import math
 import os
 import shlex
 import subprocess
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, fields, replace
@@ -189,13 +190,19 @@ def _manual(chat: Chat, argument: str) -> None:
          "empty line or a command instead leaves the conversation as it was. /edit alone opens "
          "$VISUAL or $EDITOR to write the next message.")
 def _edit(chat: Chat, argument: str) -> None:
-    if argument.isdecimal():
+    if argument:
+        if not argument.isdecimal():  # `/edit -1` or `/edit 2 new text` went to the editor as text
+            raise UserError("usage: /edit [N] (N: the number of one of your messages, from 1)")
         _edit_message(chat, int(argument))
         return
+    if not (sys.stdin.isatty() and sys.stdout.isatty()):
+        # vi on a pipe wrote its screen into the script's output and read the script's lines as keys.
+        raise UserError("/edit alone opens an editor, which needs a terminal: in a script, send the "
+                        "message as a line")
     editor = os.environ.get("VISUAL") or os.environ.get("EDITOR") or "vi"
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "message.md"
-        path.write_text(argument)
+        path.touch()
         try:
             status = subprocess.call([*shlex.split(editor), str(path)])
         except OSError as error:

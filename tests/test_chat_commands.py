@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from test_chat_terminal import leave, open_chat
+
 from gemmachat.commands import UPLOAD_LIMIT_BYTES
 
 
@@ -60,18 +62,33 @@ def test_upload_shares_text_and_refuses_binary_huge_and_missing_files(run_cli, t
         "only the text file reaches the conversation, and no reply is asked for"
 
 
-def test_edit_sends_what_the_editor_wrote(run_cli, tmp_path: Path) -> None:
-    # A real editor process: a shell that writes the message into the file it is given.
+def test_edit_sends_what_the_editor_wrote(run_cli, cli_env: dict[str, str], tmp_path: Path) -> None:
+    # A real editor process in a real terminal: a shell that writes the message into the file it is given.
     editor = "sh -c 'printf \"Written in the editor\\nsecond line\\n\" > \"$1\"' editor"
-    empty_editor = "sh -c ': > \"$1\"' editor"
     dump = tmp_path / "dump.txt"
-    result = chat(run_cli, f"/edit\n/dump {dump}\n", env={"EDITOR": editor, "VISUAL": ""})
+    child = open_chat(cli_env, "--chat", "-n", "4", "-p", SYSTEM, env={"EDITOR": editor, "VISUAL": ""})
+    child.expect(">>>")
+    child.send_line("/edit")
+    child.expect(">>>")
+    child.send_line(f"/dump {dump}")
+    child.expect("wrote")
+    leave(child)
     assert turns(dump)[0] == "user\nWritten in the editor\nsecond line"
     assert turns(dump)[1].startswith("model"), "the edited message got a reply"
-    result = chat(run_cli, f"/edit\n/dump {dump}\n", env={"EDITOR": empty_editor, "VISUAL": ""})
-    assert "nothing sent" in result.stdout and turns(dump) == []
-    result = chat(run_cli, "/edit\n", env={"EDITOR": str(tmp_path / "no-such-editor"), "VISUAL": ""}, refused=True)
-    assert "cannot run the editor" in result.stderr
+    for other_editor, said in [("sh -c ': > \"$1\"' editor", "nothing sent"),
+                               (str(tmp_path / "no-such-editor"), "cannot run the editor")]:
+        child = open_chat(cli_env, "--chat", "-n", "4", env={"EDITOR": other_editor, "VISUAL": ""})
+        child.expect(">>>")
+        child.send_line("/edit")
+        child.expect(said)
+        leave(child)
+    # Piped, there is no terminal for an editor (vi wrote its screen into the output), and an
+    # argument that is not a number is no longer text for it.
+    result = chat(run_cli, "First\n/edit\n/edit -1\n/edit 1 new text\n", env={"EDITOR": editor}, refused=True)
+    assert result.stderr.splitlines() == [
+        "gemma-chat: /edit alone opens an editor, which needs a terminal: in a script, send the message as a line",
+        *["gemma-chat: usage: /edit [N] (N: the number of one of your messages, from 1)"] * 2], result.stderr
+    assert "Written in the editor" not in result.stdout
 
 
 def test_checkpoints_forget_system_and_settings(run_cli, tmp_path: Path) -> None:
