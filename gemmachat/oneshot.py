@@ -25,6 +25,8 @@ def read_prompt(settings: Settings) -> str:
         # A stream is fine here: -f <(command), -f /dev/stdin.
         data = read_file(Path(settings.prompt_file), PROMPT_LIMIT, "a prompt may be", streams=True, name="prompt file")
     else:
+        if sys.stdin.isatty():  # else it looks hung: no prompt was given, and it waits for one
+            warn("reading the prompt from the terminal; ctrl-d on a line of its own ends it (or give -p TEXT)")
         data = read_stream(sys.stdin.buffer, PROMPT_LIMIT, "stdin", "a prompt may be")
     # Bytes that are not UTF-8 become U+FFFD rather than an error: a prompt is text to the model.
     return data.decode("utf-8", errors="replace")

@@ -75,9 +75,12 @@ def read_stream(stream: BinaryIO, limit: int, name: str, rule: str) -> bytes:
     more; never more than limit + 1 bytes are read."""
     chunks: list[bytes] = []
     remaining = limit + 1
+    # read1: what one read of the file gives. read() goes on to fill its size, so on a terminal
+    # the ctrl-d that ends a line of text was taken as more to wait for, and it took a second one.
+    read = getattr(stream, "read1", stream.read)
     try:
         while remaining > 0:
-            chunk = stream.read(min(remaining, _CHUNK))
+            chunk = read(min(remaining, _CHUNK))
             if not chunk:
                 break
             chunks.append(chunk)

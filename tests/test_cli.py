@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pexpect
 import pytest
 
 from gemmachat.engine import Engine
@@ -73,6 +74,20 @@ def test_prompt_from_stdin_and_from_a_file(run_cli, tmp_path: Path) -> None:
     chat = run_cli("--chat", "-f", "-", input="Hello\n")
     assert chat.returncode == 2 and chat.stderr == ("gemma-chat: -f - reads stdin, where the chat reads its "
                                                     "messages: give the system prompt with -p or in a file\n")
+
+
+def test_a_prompt_typed_in_a_terminal_ends_with_one_ctrl_d(run_cli, cli_env: dict[str, str]) -> None:
+    # It took two (the read went on to fill its size), and nothing said what it was waiting for.
+    by_flag = run_cli("--cli", "-p", "Once upon a time\n", "-n", "6", *GREEDY).stdout
+    child = pexpect.spawn(sys.executable, ["-m", "gemmachat", "--cli", "-n", "6", *GREEDY], env=cli_env,
+                          encoding="utf-8", timeout=60)
+    child.expect("reading the prompt from the terminal; ctrl-d on a line of its own ends it")
+    child.sendline("Once upon a time")
+    child.expect("Once upon a time")  # the terminal's echo
+    child.sendeof()
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0 and by_flag.strip() and by_flag.strip() in child.before.replace("\r\n", "\n")
 
 
 def test_invalid_utf8_on_stdin_is_not_an_error(run_cli) -> None:
