@@ -20,7 +20,6 @@ Environment:
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import pathlib
@@ -30,8 +29,8 @@ import subprocess
 import sys
 import tarfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+
+from gemmachat.safe_io import locked
 
 RPC_MODULE = "libggml-rpc.so"
 # The module only: ggml-base is built because the module links it, never shipped or loaded.
@@ -76,18 +75,6 @@ def jobs() -> int:
         return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:
         return os.cpu_count() or 1
-
-
-@contextmanager
-def locked(path: pathlib.Path) -> Iterator[None]:
-    # Several processes may ask for a build at once (benches, two workers); only one may build.
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def run(cmd: list[str], logfile: pathlib.Path, what: str, cwd: pathlib.Path | None = None) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from pathlib import Path
 from typing import Iterable
@@ -11,6 +12,7 @@ from gemmachat.errors import UserError, warn
 from gemmachat.models import Model, open_model
 from gemmachat.recorder import Recorder
 from gemmachat.safe_io import read_file, read_stream
+from gemmachat.session import Session
 from gemmachat.settings import Settings
 from gemmachat.templates import Template, load_template
 
@@ -74,6 +76,17 @@ def _stored_turn(settings: Settings, model: Model, template: Template, prompt: s
     session = model.chat_session(settings, template, settings.n_predict)
     session.conversation.system = settings.system
     recorder = Recorder.open(session, settings, warn, required=True)
+    # Calls that continue a stored conversation at once take turns, each turn whole. Without that,
+    # one read the conversation while another's message waited for its reply, and then went on
+    # as a new conversation, leaving its own message unanswered in the first (the check for
+    # another writer comes only at the write). One lock for all: --save-to and --resume may name
+    # one conversation in different ways, or make it.
+    with recorder.turn_lock(), contextlib.closing(recorder):
+        _take_turn(settings, session, recorder, prompt)
+    return 0
+
+
+def _take_turn(settings: Settings, session: Session, recorder: Recorder, prompt: str) -> None:
     try:
         if settings.resume is not None:
             _, how = recorder.resume(settings.resume)
@@ -88,5 +101,3 @@ def _stored_turn(settings: Settings, model: Model, template: Template, prompt: s
         _print(session.respond())
     finally:
         recorder.sync()
-        recorder.close()
-    return 0

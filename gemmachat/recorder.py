@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Callable
+from typing import Callable, ContextManager
 
 from gemmachat import kvstate
 from gemmachat.engine import common_prefix
 from gemmachat.errors import UserError
+from gemmachat.safe_io import locked
 from gemmachat.session import Session
 from gemmachat.settings import Settings
 from gemmachat.store import ConversationChanged, Store, StoreError, Summary, Version, data_dir, title_from
@@ -70,6 +71,10 @@ class Recorder:
             notify(f"conversations are not kept: {error}")
             return cls(session, None, folder, notify, f"conversations are not kept: {error}")
         return cls(session, store, folder, notify, "", recorded)
+
+    def turn_lock(self) -> ContextManager[None]:
+        """Held, other processes that take it wait: for --cli's turns in stored conversations."""
+        return locked(self.folder / "turn.lock")
 
     def require(self) -> Store:
         if self.store is None:
@@ -139,10 +144,12 @@ class Recorder:
         self.off_reason = f"conversations are no longer kept: {error}"
         self.notify(f"{self.off_reason} (this one stays in memory: /save FILE keeps it)")
 
-    def _attach(self, conversation_id: int | None, written: list[Key], system: str | None) -> None:
+    def _attach(self, conversation_id: int | None, written: list[Key], system: str | None,
+                version: Version | None = None) -> None:
+        """`version`: the stored conversation's, read before `written` was."""
         self.conversation_id = conversation_id
         self._written, self._written_system, self._offset = written, system, 0
-        self._version = self.store.version(conversation_id) if self.store and conversation_id is not None else None
+        self._version = version
 
     # -- switching -------------------------------------------------------------------------------
 
@@ -156,11 +163,15 @@ class Recorder:
         """Make the stored conversation `reference` names the session's; returns it and one line
         on how its next reply starts (from the saved cache, or evaluating it again, and why)."""
         store = self.require()
-        summary, conversation = store.load(store.find(reference))
+        found = store.find(reference)
+        # The version first: read after the messages, it could be of a write they do not hold,
+        # which this chat's next write would then overwrite.
+        version = store.version(found)
+        summary, conversation = store.load(found)
         self.save_state()
         session = self.session
         session.conversation = conversation
-        self._attach(summary.id, [_key(m) for m in conversation.messages], conversation.system)
+        self._attach(summary.id, [_key(m) for m in conversation.messages], conversation.system, version)
         self._state_tokens = []
         cache = session.kv
         if cache is None:

@@ -442,6 +442,25 @@ def test_cli_holds_a_conversation_across_calls(run_cli, env: dict[str, str], tmp
     assert refused.returncode == 2 and refused.stderr.count("\n") == 1
 
 
+def test_cli_calls_at_once_on_one_conversation_take_turns(env: dict[str, str], tmp_path: Path) -> None:
+    # Each call had read the conversation while another's message waited for its reply, then went
+    # on as a new conversation: "notes" was left with messages nobody answered, one after another.
+    first = subprocess.run([sys.executable, "-m", "gemmachat", "--cli", "--save-to", "notes", "-p", "start",
+                            "-n", "2"], env=env, cwd=REPO, capture_output=True, timeout=120)
+    assert first.returncode == 0, first.stderr
+    calls = [subprocess.Popen([sys.executable, "-m", "gemmachat", "--cli", "--save-to", "notes", "-p",
+                               f"message {number}", "-n", "2"], env=env, cwd=REPO, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE) for number in range(4)]
+    for call in calls:
+        _, error = call.communicate(timeout=240)
+        assert call.returncode == 0 and not error, error
+    rows = stored(tmp_path / "data")
+    assert {number for number, *_ in rows} == {1}, "no call went on as a new conversation"
+    assert [role for _, role, _, _ in rows] == ["user", "assistant"] * 5
+    assert sorted(content for _, role, content, _ in rows if role == "user") == [
+        *(f"message {number}" for number in range(4)), "start"]
+
+
 def test_only_the_latest_saved_caches_are_kept(tmp_path: Path) -> None:
     for number in range(kvstate.KEPT_STATES + 3):
         kvstate.save(kvstate.path_for(tmp_path, number), "same", [1, 2], b"state", [])
