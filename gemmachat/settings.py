@@ -461,6 +461,8 @@ def parse_settings(argv: Sequence[str], environ: Mapping[str, str] | None = None
     if args.hf_file and not args.hf_repo:
         raise UserError("--hf-file names a file of the repository given with -hf")
     model, hf_repo = _one_model(args, given, environ)
+    if args.save_to is not None and not args.save_to.strip():  # each call would start a new conversation
+        raise UserError("--save-to needs a title: --save-to notes continues the conversation titled notes")
     if args.resume is not None and args.save_to is not None:
         raise UserError("give --resume or --save-to, not both")
     if args.keep_history is False and (args.resume is not None or args.save_to is not None):

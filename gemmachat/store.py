@@ -138,6 +138,8 @@ class Store:
         path = folder / DATABASE_NAME
         try:
             folder.mkdir(mode=0o700, parents=True, exist_ok=True)  # conversations are private
+        except FileExistsError:  # mkdir's word for "a file of that name is there": not the reason to show
+            raise StoreError(f"cannot use {folder} for the conversations: it is not a folder") from None
         except OSError as error:
             raise StoreError(f"cannot create {folder}: {_reason(error)}") from None
         _private(path)

@@ -205,6 +205,8 @@ def test_bad_flags_and_prompts(run_cli, tmp_path: Path) -> None:
     assert_one_line_error(run_cli("--cli", "-f", str(tmp_path / "none.txt")), "none.txt")
     assert_one_line_error(run_cli("--cli", "-p", "a", "-f", str(tmp_path)), "-p or -f")
     assert_one_line_error(run_cli("--cli", "-p", "x", "--template", "nope"), "unknown template")
+    # An empty title started a new conversation at every call: nothing was ever continued.
+    assert_one_line_error(run_cli("--cli", "-p", "x", "--save-to", " "), "--save-to needs a title")
 
 
 FLAG_ERRORS = {

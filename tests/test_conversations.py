@@ -148,6 +148,10 @@ def test_an_unusable_folder_is_one_error(tmp_path: Path) -> None:
     (tmp_path / "file").write_text("")
     with pytest.raises(StoreError, match="cannot create .*file/data: Not a directory"):
         Store.open(tmp_path / "file" / "data", pytest.fail)
+    # mkdir's own words for a file or a device in the folder's place were "File exists".
+    for not_a_folder in (tmp_path / "file", Path("/dev/null")):
+        with pytest.raises(StoreError, match=f"^cannot use {not_a_folder} for the conversations: it is not a folder$"):
+            Store.open(not_a_folder, pytest.fail)
 
 
 def test_the_folder_made_for_conversations_is_private(tmp_path: Path) -> None:
