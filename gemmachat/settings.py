@@ -320,6 +320,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "keep working, no model is loaded and no server started here; -m NAME picks "
                              "the server's model (default: the first it lists), --api-key is sent to it "
                              "(also $GEMMA_CHAT_REMOTE; config key: remote = \"URL\")")
+    remote.add_argument("--local", action="store_true",
+                        help="load the model here even though $GEMMA_CHAT_REMOTE or the config file "
+                             "names a server")
     remote.add_argument("--timeout", type=_positive_number, default=600.0, metavar="SECONDS",
                         help="--remote: how long to wait for the server's answer or for its next piece "
                              "of a reply (default 600)")
@@ -468,7 +471,14 @@ def parse_settings(argv: Sequence[str], environ: Mapping[str, str] | None = None
     if args.keep_history is False and (args.resume is not None or args.save_to is not None):
         raise UserError("--resume and --save-to need the stored conversations, which --no-history "
                         "(or history = false in the config) turns off")
-    remote = _remote_url(args.remote)
+    if args.local and "remote" in given:
+        raise UserError("give --remote URL or --local, not both")
+    # A server named by the environment or the config file is for the chat and --cli: --server and
+    # --rpc-worker load the model here whatever it says.
+    loads_here = args.local or (mode in ("server", "rpc-worker") and "remote" not in given)
+    remote = None if loads_here else _remote_url(args.remote)
+    if remote is not None and "model" not in given and environ.get("GEMMA_CHAT_MODEL"):
+        model = None  # $GEMMA_CHAT_MODEL names a file here, not one of the server's models
     if remote is not None and hf_repo is not None:
         raise UserError("--remote uses a model of the server's: name it with -m NAME, not -hf")
     if remote is not None and mode == "server":

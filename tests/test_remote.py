@@ -277,3 +277,23 @@ def test_config_file_names_the_remote(run_cli, cli_env: dict[str, str], tmp_path
     other = f"http://127.0.0.1:{free_port()}"
     line = one_line_error(run_cli("--cli", "-p", "Hi", env={"GEMMA_CHAT_CONFIG": str(config), "GEMMA_CHAT_REMOTE": other}))
     assert f"cannot connect to {other}" in line
+    # --local loads the model here whatever they say (there was no way back to it for one run).
+    local = run_cli("--cli", "--local", "-p", "Hi", "-n", "2", env={"GEMMA_CHAT_CONFIG": str(config)})
+    assert local.returncode == 0 and local.stdout.strip() and not local.stderr, local.stderr
+    assert "--remote URL or --local, not both" in one_line_error(run_cli("--cli", "--local", "--remote", other,
+                                                                         "-p", "Hi"))
+
+
+def test_a_remote_from_the_environment_leaves_the_server_and_the_model_file_alone(tmp_path: Path) -> None:
+    from gemmachat.settings import parse_settings
+
+    environ = {"GEMMA_CHAT_REMOTE": "http://127.0.0.1:9", "GEMMA_CHAT_MODEL": "/models/local.gguf",
+               "GEMMA_CHAT_CONFIG": str(tmp_path / "none.toml")}
+    (tmp_path / "none.toml").write_text("")
+    # $GEMMA_CHAT_MODEL names a file here: it was sent to the server as its model's name.
+    chat = parse_settings([], environ)
+    assert chat.remote == "http://127.0.0.1:9" and chat.model is None
+    assert parse_settings(["-m", "gemma3:4b"], environ).model == Path("gemma3:4b")
+    # --server serves what it loads here (it was refused: "--remote is for the chat and --cli").
+    server = parse_settings(["--server"], environ)
+    assert server.remote is None and server.model == Path("/models/local.gguf")
