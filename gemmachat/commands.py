@@ -418,13 +418,10 @@ def _history(chat: Chat, argument: str) -> None:
     if not summaries:
         chat.printer.info("no conversation is stored yet")
         return
-    lines = [f"  {'id':>5}  {'updated':<16}  {'turns':>5}  {'model':<28}  title"]
-    for summary in summaries:
-        mark = "*" if summary.id == chat.recorder.conversation_id else " "
-        updated = time.strftime("%Y-%m-%d %H:%M", time.localtime(summary.updated))
-        lines.append(f"{mark} {summary.id:>5}  {updated:<16}  {summary.turns:>5}  {summary.model[:28]:<28}  "
-                     f"{summary.title or '(untitled)'}")
-    chat.printer.text("\n".join(lines))
+    rows = [("*" if summary.id == chat.recorder.conversation_id else "", str(summary.id),
+             time.strftime("%Y-%m-%d %H:%M", time.localtime(summary.updated)), str(summary.turns),
+             summary.model, summary.title or "(untitled)") for summary in summaries]
+    chat.printer.table(("", "id", "updated", "turns", "model", "title"), rows, right=(1, 3))
 
 
 @command("resume", "/resume N|TITLE", "continue stored conversation N (or the latest whose title "

@@ -15,6 +15,7 @@ import re
 import sys
 from typing import Iterable, TextIO
 
+from rich.cells import cell_len, set_cell_size
 from rich.console import Console, ConsoleOptions, RenderableType, RenderResult
 from rich.padding import Padding
 from rich.segment import Segment
@@ -82,6 +83,28 @@ class Printer:
             table.add_row(Text(name), Text(value))
         self.console.print(Padding(table, (0, 0, 0, 2)))
 
+    def table(self, header: tuple[str, ...], rows: list[tuple[str, ...]], right: tuple[int, ...] = ()) -> None:
+        """Columns under a header, those numbered in `right` aligned right. On a terminal every row
+        stays one line: the last two columns are cut short (…) to fit its width, where a row had
+        wrapped over two or three lines. A pipe gets the whole text."""
+        rows = [header, *(tuple(self._shown(cell) for cell in row) for row in rows)]
+        widths = [max(cell_len(row[index]) for row in rows) for index in range(len(header))]
+        if not self.plain:
+            # What the first columns leave, shared by the last two: the second-to-last (a model's
+            # file name) gets a third of it, or what the last leaves.
+            room = max(2, self.console.size.width - 1 - sum(widths[:-2]) - 2 * (len(widths) - 1))
+            widths[-2] = max(1, min(widths[-2], max(room // 3, room - widths[-1])))
+            widths[-1] = max(1, min(widths[-1], room - widths[-2]))
+        lines = []
+        for row in rows:
+            cells = [_fitted(cell, width) for cell, width in zip(row, widths)]
+            lines.append("  ".join(cell.rjust(width) if index in right else cell + " " * (width - cell_len(cell))
+                                   for index, (cell, width) in enumerate(zip(cells, widths))).rstrip())
+        if self.plain:
+            self._plain_line("\n".join(lines))
+        else:
+            self.console.print(Text("\n".join(lines)), no_wrap=True, crop=True)
+
     def to_clipboard(self, text: str) -> None:
         """Hand `text` to the terminal's clipboard with OSC 52 (ESC ] 52 ; c ; base64 BEL), which
         terminals honour over SSH too, where no local clipboard tool could reach."""
@@ -122,6 +145,13 @@ class Printer:
                     live.update(_Tail(Markdown(_line_breaks_kept(written[committed:]))), refresh=True)
             finally:
                 live.update(Markdown(_line_breaks_kept(written[committed:])))
+
+
+def _fitted(text: str, width: int) -> str:
+    """`text` cut to `width` cells, with … where it was cut."""
+    if cell_len(text) <= width:
+        return text
+    return set_cell_size(text, width - 1) + "…"
 
 
 def _line_breaks_kept(text: str) -> str:

@@ -6,6 +6,7 @@ import io
 import re
 from typing import Iterator
 
+from rich.cells import cell_len
 from rich.console import Console
 
 from gemmachat.output import Printer
@@ -95,3 +96,22 @@ def test_control_characters_from_a_model_or_a_file_reach_a_terminal_escaped_and_
     piped = io.StringIO()
     Printer(plain=True, stream=piped).text(hostile)
     assert piped.getvalue() == hostile + "\n"
+
+
+def test_a_table_keeps_each_row_on_one_line_of_a_narrow_terminal_and_whole_in_a_pipe() -> None:
+    # /history at 60 columns: each row wrapped over two or three lines.
+    rows = [("*", "1", "2026-12-02 07:27", "1", "gemma-3-270m-q4_k_m-a5fd3b62230aa5ec.gguf",
+             "Hello there 日本語, a title that goes on and on"), ("", "12", "2026-12-02 07:28", "14", "m", "Short")]
+    header = ("", "id", "updated", "turns", "model", "title")
+    buffer = io.StringIO()
+    printer = Printer(plain=False, stream=buffer)
+    printer.console = Console(file=buffer, width=60, highlight=False)
+    printer.table(header, rows, right=(1, 3))
+    lines = buffer.getvalue().splitlines()
+    assert len(lines) == 3 and all(cell_len(line) <= 59 for line in lines), lines
+    assert lines[1].startswith("*   1  2026-12-02 07:27      1  gemma") and lines[1].endswith("…")
+    assert lines[2].startswith("   12  2026-12-02 07:28     14  m") and lines[2].endswith("Short")
+    piped = io.StringIO()
+    Printer(plain=True, stream=piped).table(header, rows, right=(1, 3))
+    assert piped.getvalue().splitlines()[1].endswith(
+        "gemma-3-270m-q4_k_m-a5fd3b62230aa5ec.gguf  Hello there 日本語, a title that goes on and on")
