@@ -137,14 +137,16 @@ class OllamaGenerateRequest(_Ollama):
     images: list[Any] | None = Field(None, description="refused: the model here reads text only")
     raw: bool = Field(False, description="true: the prompt as it is, without the chat template")
     suffix: str | None = Field(None, description="refused: no fill-in-the-middle here")
-    template: str | None = Field(None, description="refused: the model's own chat template applies (or raw)")
+    # Ollama's `template` is read from the extra fields, never declared: no request field names a
+    # template or a file (tests/test_hostile_server.py).
+    model_config = ConfigDict(extra="allow")
 
     def refuse_unsupported(self) -> None:
         # Refused, not ignored: an editor's completion that sends a suffix would get a plain
         # continuation that overwrites the code after the cursor.
         if self.suffix:
             raise api.ApiError(400, "suffix is not supported", code="unsupported_value", param="suffix")
-        if self.template:
+        if (self.model_extra or {}).get("template"):
             raise api.ApiError(400, "template is not supported: the model's own chat template applies "
                                "(raw: true sends the prompt as it is)", code="unsupported_value", param="template")
 
