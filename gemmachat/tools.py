@@ -13,6 +13,7 @@ go back to the model in the same JSON, as llama.cpp's template polyfill writes t
 from __future__ import annotations
 
 import json
+import re
 import uuid
 from dataclasses import dataclass
 from typing import Any
@@ -38,11 +39,12 @@ class ToolPlan:
     def calls(self, text: str) -> tuple[str | None, list[dict[str, Any]]]:
         """The reply's content and its calls as the model wrote them ({"name", "arguments"}: Ollama's
         shape), from the JSON the grammar allowed. A reply cut short by max_tokens is not JSON yet:
-        it is returned as content, as it came."""
+        its content is the text of its response so far (the client showed the JSON wrapper), and a
+        call cut short is no call."""
         try:
             reply = json.loads(text)
         except ValueError:
-            return text, []
+            return _response_so_far(text), []
         if "tool_calls" in reply:
             return None, reply["tool_calls"]
         return reply["response"], []
@@ -53,6 +55,24 @@ class ToolPlan:
         return content, [{"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
                           "function": {"name": call["name"], "arguments": json.dumps(call["arguments"])}}
                          for call in calls]
+
+
+_RESPONSE_START = re.compile(r'\s*\{\s*"response"\s*:\s*"')
+
+
+def _response_so_far(cut: str) -> str:
+    """The text of a `{"response": "...` cut anywhere, an escape sequence included; "" for a cut
+    tool call."""
+    start = _RESPONSE_START.match(cut)
+    if start is None:
+        return ""
+    body = cut[start.end():]
+    for end in range(len(body), max(-1, len(body) - 7), -1):  # a cut escape is at most 6 long: \u00e9
+        try:
+            return json.loads(f'"{body[:end]}"')
+        except ValueError:
+            continue
+    return ""
 
 
 def plan_for(tools: list[Any], tool_choice: Any, parallel: bool | None) -> ToolPlan | None:

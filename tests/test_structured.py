@@ -21,6 +21,7 @@ from pydantic import BaseModel, Field
 from test_server import ServerProcess, client, server  # noqa: F401  one server per module, as there
 
 from gemmachat.structured import SchemaRefused, grammar_for_schema
+from gemmachat.tools import _response_so_far
 
 Name = Field(max_length=24)  # the base model could otherwise write one string to the token limit
 
@@ -273,6 +274,21 @@ def test_the_openai_sdks_tool_call_loop_round_trips(client: openai.OpenAI, serve
     assert calls and {call.function.name for call in calls} == {"get_time"}
     for call in calls:
         jsonschema.validate(json.loads(call.function.arguments), schemas["get_time"])
+
+
+def test_a_tool_reply_cut_by_max_tokens_is_its_text_so_far(client: openai.OpenAI) -> None:
+    # Its content was the grammar's JSON wrapper as it stood: '{"response": "The wea'.
+    for seed in range(3):
+        reply = client.chat.completions.create(
+            model="gemma", messages=[{"role": "user", "content": "Weather in Oslo, or a joke?"}], tools=TOOLS,
+            temperature=1.0, seed=seed, max_tokens=6).choices[0]
+        assert reply.finish_reason == "length" and reply.message.tool_calls is None
+        assert '"response"' not in (reply.message.content or "") and "{" not in (reply.message.content or "")
+    # Where the cut falls: mid-escape, after the string, inside a call.
+    assert _response_so_far('{ "response" : "Caf\\u00') == "Caf"
+    assert _response_so_far('{"response": "one\\ntwo\\') == "one\ntwo"
+    assert _response_so_far('{"response": "done" ') == "done"
+    assert _response_so_far('{"tool_calls": [{"name": "get_') == ""
 
 
 def test_tool_choice_auto_gives_calls_or_text_and_bad_tools_are_400(client: openai.OpenAI) -> None:
