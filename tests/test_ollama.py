@@ -167,6 +167,11 @@ def test_bad_requests_are_4xx_with_ollamas_error_shape(client: ollama.Client) ->
     with pytest.raises(ollama.ResponseError) as error:
         client.chat(model="gemma", messages=[{"role": "user", "content": "What is this?", "images": [b"GIF89a"]}])
     assert error.value.status_code == 400 and error.value.error == "images are not supported (text only)"
+    # A client's num_ctx cannot make a request's context larger here: the 400 says what can.
+    with pytest.raises(ollama.ResponseError) as error:
+        client.generate(model="gemma", prompt="hello " * 2500, options={"num_ctx": 8192, "num_predict": 2})
+    assert error.value.status_code == 400 and error.value.error.endswith(
+        "(a request gets 2048 tokens here: the server's context of 4096 over 2 slots; -c and -np set them)"), error.value
     # Ollama's options are free-form in its schema: a bad value is a 400 that names the option. A
     # num_predict past the context is not one: Ollama stops where the context is full.
     assert OllamaGenerateRequest(options={"num_predict": 10**9}).openai_fields(2048)["max_tokens"] == 2048

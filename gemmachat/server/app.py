@@ -251,7 +251,7 @@ def create_app(core: ServerCore) -> FastAPI:
     # Text over the context, found while tokenizing it (a prompt, messages, /tokenize).
     @app.exception_handler(PromptTooLong)
     async def on_too_long(request: Request, error: PromptTooLong) -> JSONResponse:
-        return error_response(request, api.ApiError(400, str(error), code="context_length_exceeded"))
+        return error_response(request, core.too_long(str(error)))
 
     @app.exception_handler(EngineClosed)
     async def on_closed(request: Request, error: EngineClosed) -> JSONResponse:

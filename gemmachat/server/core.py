@@ -116,10 +116,19 @@ class ServerCore:
         return to_tokens(self.engine, [Segment(text, trusted=False)], special=self.settings.special,
                          limit=self.engine.n_ctx_seq), text
 
+    def too_long(self, message: str, param: str | None = None,
+                 code: str = "context_length_exceeded") -> api.ApiError:
+        """The 400 for text or a reply the context cannot hold, saying where a request's context
+        comes from: a client's num_ctx or model limit cannot change it."""
+        engine = self.engine
+        return api.ApiError(400, f"{message} (a request gets {engine.n_ctx_seq} tokens here: the server's "
+                            f"context of {engine.n_ctx} over {engine.n_ctx // engine.n_ctx_seq} slots; -c and -np "
+                            "set them)", code=code, param=param)
+
     def check_tokens(self, tokens: list[int], param: str) -> None:
         if len(tokens) > self.engine.n_ctx_seq:
-            raise api.ApiError(400, f"{len(tokens)} tokens are more than the {self.engine.n_ctx_seq} the context "
-                               "holds", code="context_length_exceeded", param=param)
+            raise self.too_long(f"{len(tokens)} tokens are more than the {self.engine.n_ctx_seq} the context holds",
+                                param)
         bad = next((token for token in tokens if not 0 <= token < self.n_vocab), None)
         if bad is not None:
             raise api.ApiError(400, f"token {bad} is not in the vocabulary (0..{self.n_vocab - 1})",
@@ -128,15 +137,15 @@ class ServerCore:
     def check_max_tokens(self, max_tokens: int | None) -> int:
         limit = self.engine.n_ctx_seq
         if max_tokens is not None and max_tokens > limit:
-            raise api.ApiError(400, f"max_tokens is too large: {max_tokens}; the context holds {limit} "
-                               "tokens, prompt and reply together", code="invalid_value", param="max_tokens")
+            raise self.too_long(f"max_tokens is too large: {max_tokens}; the context holds {limit} tokens, "
+                                "prompt and reply together", "max_tokens", code="invalid_value")
         return -1 if max_tokens is None else max_tokens
 
     def check_fits(self, prompt: list[int], param: str) -> None:
         limit = self.engine.n_ctx_seq
         if len(prompt) >= limit:
-            raise api.ApiError(400, f"the prompt is {len(prompt)} tokens, but the context holds {limit} "
-                               "(prompt and reply together)", code="context_length_exceeded", param=param)
+            raise self.too_long(f"the prompt is {len(prompt)} tokens, but the context holds {limit} "
+                                "(prompt and reply together)", param)
 
     def sampling_for(self, body: api._Generation) -> Sampling:
         changes: dict[str, Any] = {}
@@ -241,7 +250,7 @@ class ServerCore:
         try:
             final = self._generate(job, sequence, put)
         except PromptTooLong as error:
-            final = ("error", api.ApiError(400, str(error), code="context_length_exceeded"))
+            final = ("error", self.too_long(str(error)))
         except EngineClosed:
             final = ("error", shutting_down())
         except UserError as error:
