@@ -20,6 +20,7 @@ except ImportError:  # Windows: its console keeps typed-ahead keys as typed
     termios = None  # type: ignore[assignment]
 
 from prompt_toolkit import PromptSession
+from prompt_toolkit.application import get_app
 from prompt_toolkit.completion import CompleteEvent, Completer, Completion, PathCompleter
 from prompt_toolkit.document import Document
 from prompt_toolkit.history import FileHistory, History, InMemoryHistory
@@ -258,6 +259,15 @@ def input_history(environ: dict[str, str] | None = None) -> tuple[History, str |
     return AtomicFileHistory(str(path)), None
 
 
+def fitted_meter(meter: str, width: int) -> str:
+    """The toolbar's line for a terminal `width` columns wide: without its labels if it is too
+    wide, then the context alone (prompt_toolkit cut it at the edge: "context: 21/8192 tokens · la")."""
+    if len(meter) <= width:
+        return meter
+    short = meter.replace(" context: ", " ", 1).replace(" · last reply: ", " · ", 1)
+    return short if len(short) <= width else short.split(" · ")[0] + " "
+
+
 def read_message(prompt: Callable[[str], str], first: str) -> str | None:
     """Completes a `\"\"\"` block: lines up to the one that ends with `\"\"\"`. None if cancelled."""
     if not first.startswith('"""'):
@@ -284,7 +294,8 @@ def interactive(chat: Chat, printer: Printer, environ: dict[str, str]) -> int:
     prompt_session: PromptSession[str] = PromptSession(
         history=history, completer=ChatCompleter(), key_bindings=_key_bindings(),
         complete_while_typing=False, enable_history_search=False,
-        bottom_toolbar=(lambda: chat.meter) if chat.meter is not None else None,
+        bottom_toolbar=(lambda: fitted_meter(chat.meter or "", get_app().output.get_size().columns))
+        if chat.meter is not None else None,
     )
     # Start-up is over: ctrl-c now stops a reply, clears the input or leaves at an empty prompt.
     fatal.interrupts_to_python()

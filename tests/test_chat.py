@@ -13,7 +13,7 @@ from gemmachat.errors import UserError
 from gemmachat.gguf import read_gguf
 from gemmachat.output import Printer
 from gemmachat.recorder import Recorder
-from gemmachat.repl import Chat
+from gemmachat.repl import Chat, fitted_meter
 from gemmachat.session import ChatSession
 from gemmachat.settings import DEFAULT_SYSTEM_PROMPT, Sampling
 from gemmachat.templates import Message, load_template, render
@@ -146,3 +146,11 @@ def test_a_base_model_gets_no_default_system_prompt(run_cli) -> None:
 def test_help_shows_the_default_system_prompt(run_cli) -> None:
     help_text = " ".join(run_cli("--help").stdout.split())
     assert DEFAULT_SYSTEM_PROMPT in help_text and "none for a base model" in help_text
+
+
+def test_the_toolbar_fits_a_narrow_terminal() -> None:
+    # At 40 columns prompt_toolkit cut it at the edge: " context: 21/8192 tokens · last reply: 4".
+    meter = " context: 21/8192 tokens · last reply: 49.8 tokens/s "
+    assert fitted_meter(meter, 80) == meter
+    assert fitted_meter(meter, 40) == " 21/8192 tokens · 49.8 tokens/s "
+    assert fitted_meter(meter, 20) == " 21/8192 tokens "
