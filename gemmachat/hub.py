@@ -110,6 +110,10 @@ def resolve(model: HubModel, cache: Path, environ: Mapping[str, str]) -> Path:
                         "unset it to download the model")
     if not environ.get("HF_TOKEN", "").isascii():  # an HTTP header: it failed deep in the client
         raise UserError("HF_TOKEN holds characters that are not ASCII: a Hugging Face token has none")
+    if "HF_ENDPOINT" in os.environ and not os.environ["HF_ENDPOINT"].strip():
+        # Set but empty (`HF_ENDPOINT= gemma-chat ...`) means the Hub itself, as the error line says;
+        # huggingface_hub, which reads it when imported, took "" as the address.
+        del os.environ["HF_ENDPOINT"]
     with _hub_errors(model):
         from huggingface_hub import HfApi
 

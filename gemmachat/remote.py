@@ -11,8 +11,10 @@ HTTP is httpx2, which huggingface_hub (for -hf) already brings: nothing new to i
 
 from __future__ import annotations
 
+import html
 import json
 import queue
+import re
 import threading
 import time
 from dataclasses import dataclass, field
@@ -56,7 +58,9 @@ class Server:
         if isinstance(error, httpx2.TimeoutException):
             return UserError(f"the server at {self.url} did not answer within {self.timeout:g} s (--timeout)")
         if isinstance(error, (httpx2.RemoteProtocolError, httpx2.ReadError)):
-            return UserError(f"the server at {self.url} closed the connection mid-reply ({_reason(error)})")
+            # Mid-reply, events() says so itself; here no answer began (a port that is not HTTP's,
+            # a server that crashed on the request).
+            return UserError(f"the server at {self.url} closed the connection without answering ({_reason(error)})")
         if isinstance(error, httpx2.HTTPError):
             return UserError(f"the server at {self.url}: {_reason(error)}")
         if isinstance(error, ValueError):  # JSON that does not parse
@@ -99,8 +103,10 @@ class Server:
         stop = threading.Event()
 
         def read() -> None:
+            answering = False
             try:
                 with self.client.stream("POST", path, json=body) as response:
+                    answering = True
                     if response.status_code >= 400:
                         response.read()
                         events.put(("error", self.refusal(response, model)))
@@ -116,6 +122,9 @@ class Server:
                             return
                         events.put(("event", json.loads(data)))
                 raise httpx2.RemoteProtocolError("the stream ended before [DONE]")
+            except (httpx2.RemoteProtocolError, httpx2.ReadError) as error:
+                events.put(("error", UserError(f"the server at {self.url} closed the connection mid-reply "
+                                               f"({_reason(error)})") if answering else error))
             except BaseException as error:  # noqa: BLE001 - handed to the reading thread, which raises it
                 events.put(("error", error))
 
@@ -148,12 +157,21 @@ def _reason(error: BaseException) -> str:
     return one_line(text.split("] ", 1)[-1] if text.startswith("[Errno") else text, 200)
 
 
+_TITLE = re.compile(r"<title[^>]*>\s*(.*?)\s*</title>", re.IGNORECASE | re.DOTALL)
+_TAG = re.compile(r"<[^>]*>")
+
+
 def _error_message(response: httpx2.Response) -> str:
     """The message of OpenAI's error object, of Ollama's ({"error": "..."}), or FastAPI's."""
     try:
         body = response.json()
     except ValueError:
-        return one_line(response.text.strip() or response.reason_phrase, 200)
+        text = response.text.strip()
+        if "html" in response.headers.get("content-type", "") or text[:1] == "<":
+            # A proxy's or a web server's page: its title, or its text, rather than its markup.
+            title = _TITLE.search(text)
+            text = html.unescape(title.group(1) if title else " ".join(_TAG.sub(" ", text).split()))
+        return one_line(text or response.reason_phrase, 200)
     detail = body.get("error", body.get("detail", body)) if isinstance(body, dict) else body
     if isinstance(detail, dict):
         detail = detail.get("message", detail)

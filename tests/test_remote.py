@@ -206,6 +206,42 @@ def test_a_server_sending_json_of_other_shapes_is_one_line(run_cli, payload: byt
         fake.shutdown()
 
 
+class ProxyError(http.server.BaseHTTPRequestHandler):
+    """A reverse proxy whose server is down: nginx's HTML page."""
+
+    def do_GET(self) -> None:
+        body = (b"<html><head><title>502 Bad Gateway</title></head><body><center><h1>502 Bad Gateway</h1>"
+                b"</center><hr><center>nginx</center></body></html>")
+        self.send_response(502)
+        self.send_header("Content-Type", "text/html")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def test_a_proxys_page_and_a_port_that_is_not_http_are_plain_lines(run_cli) -> None:
+    proxy = http.server.ThreadingHTTPServer(("127.0.0.1", 0), ProxyError)
+    threading.Thread(target=proxy.serve_forever, daemon=True).start()
+    # Not HTTP: accepts, then closes without a word (a port of something else).
+    mute = socket.create_server(("127.0.0.1", 0))
+    threading.Thread(target=lambda: [mute.accept()[0].close() for _ in range(2)], daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{proxy.server_address[1]}"
+        # The page's markup was quoted whole.
+        assert one_line_error(run_cli("--remote", url, "--cli", "-p", "Hi")) == (
+            f"gemma-chat: the server at {url} answered 502: 502 Bad Gateway")
+        url = f"http://127.0.0.1:{mute.getsockname()[1]}"
+        # "closed the connection mid-reply": no reply had begun.
+        assert one_line_error(run_cli("--remote", url, "--cli", "-p", "Hi")).startswith(
+            f"gemma-chat: the server at {url} closed the connection without answering (")
+    finally:
+        proxy.shutdown()
+        mute.close()
+
+
 def test_a_server_killed_mid_reply_leaves_the_partial_reply_and_one_line(server_env: dict[str, str],
                                                                        model_path: Path, cli_env: dict[str, str]) -> None:
     doomed = ServerProcess(server_env, "-m", str(model_path))
