@@ -225,3 +225,20 @@ def test_server_keeps_nothing_unless_asked_and_the_key_guards_the_api_not_the_pa
     finally:
         running.stop()
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_write_against_a_version_changed_since_is_409(server: ServerProcess, data: Path) -> None:
+    number = new(server)["id"]
+    shown = server.request("GET", f"/conversations/{number}")[1]["version"]
+    written_elsewhere(data, number, 0, "from the terminal")
+    for path, body in [(f"/conversations/{number}/messages", {"content": "Hi", "max_tokens": 1, "version": shown}),
+                       (f"/conversations/{number}/reply", {"max_tokens": 1, "version": shown})]:
+        status, reply = server.request("POST", path, body)
+        assert status == 409 and reply["error"]["code"] == "conversation_changed", reply
+    assert [content for n, _, content, _ in stored(data) if n == number] == ["from the terminal"]
+    # The version read now is taken; one the server never gave is not.
+    current = server.request("GET", f"/conversations/{number}")[1]["version"]
+    assert current != shown
+    status, events = server.request("POST", f"/conversations/{number}/reply", {"max_tokens": 1, "version": current})
+    assert status == 200 and '"type":"done"' in events, events
+    assert server.request("POST", f"/conversations/{number}/reply", {"max_tokens": 1, "version": "x"})[0] == 409

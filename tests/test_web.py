@@ -481,6 +481,100 @@ def test_a_reply_the_terminal_wrote_past_goes_on_in_a_new_conversation(page: Pag
     assert [(r, c) for n, r, c, _ in rows if n == forked] == [("user", "Once upon a time"), ("assistant", reply)]
 
 
+def test_a_reader_who_scrolls_up_mid_reply_stays_there(page: Page, data: Path, server: ServerProcess) -> None:
+    # The page put the view back at the end at every frame of the reply.
+    number = store_conversation(data, [f"Reply number {n}.\n\n" + "Some text. " * 40 for n in range(12)], "long")
+    page.goto(f"{server.url}/#{number}")
+    expect(page.locator("#title")).to_have_text("long")
+    send(page, "Once upon a time", "250", wait=False)
+    expect(page.locator("#messages .message.assistant.streaming .body")).to_have_text(re.compile(r"\S"),
+                                                                                     timeout=60_000)
+    page.evaluate("document.querySelector('#messages').scrollTop = 0")
+    page.wait_for_timeout(800)  # many frames of the reply
+    assert page.evaluate("document.querySelector('#messages').scrollTop") < 50
+    page.keyboard.press("Escape")
+    expect(page.locator("#send")).to_be_visible()
+
+
+def test_a_conversation_changed_elsewhere_is_shown_as_stored_before_a_send_goes_to_it(
+        page: Page, data: Path, server: ServerProcess) -> None:
+    """Another tab or the terminal wrote to the conversation the page shows: the page's send (or
+    regenerate, or edit) was taken, under messages it never showed, and an edit could delete them."""
+    number = store_conversation(data, ["First reply."], "shared")
+    page.goto(f"{server.url}/#{number}")
+    expect(page.locator("#title")).to_have_text("shared")
+    written_elsewhere(data, number, 2, "typed in the terminal")
+    page.fill("#input", "from the page")
+    page.keyboard.press("Enter")
+    expect(page.locator("#error")).to_contain_text("changed elsewhere")
+    expect(page.locator("#input")).to_have_value("from the page")
+    expect(page.locator("#messages .message.user .body").last).to_have_text("typed in the terminal")
+    assert [content for n, _, content, _ in stored(data) if n == number] == [
+        "show me", "First reply.", "typed in the terminal"]
+    # Now that it shows them, it sends: its reply follows the terminal's message.
+    page.keyboard.press("Enter")
+    finished(page)
+    assert [role for n, role, _, _ in stored(data) if n == number][-2:] == ["user", "assistant"]
+    assert [content for n, _, content, _ in stored(data) if n == number][2:4] == [
+        "typed in the terminal", "from the page"]
+
+
+def test_escape_leaves_an_edit_and_back_shows_what_the_address_names(page: Page, server: ServerProcess,
+                                                                   data: Path) -> None:
+    number = store_conversation(data, ["A reply."], "editable")
+    page.goto(f"{server.url}/")
+    page.click(f"#list [data-id='{number}']")
+    expect(page.locator("#title")).to_have_text("editable")
+    page.click("#edit")
+    expect(page.locator("#input")).to_have_value("show me")
+    expect(page.locator("#send")).to_have_text("Resend")
+    page.keyboard.press("Escape")  # there was no way out: the next message replaced the edited one
+    expect(page.locator("#input")).to_have_value("")
+    expect(page.locator("#send")).to_have_text("Send")
+    # Back to the address without a conversation: the conversation stayed on the screen.
+    page.go_back()
+    expect(page.locator("#title")).to_have_text("New conversation")
+    expect(page.locator("#messages .message")).to_have_count(0)
+    page.go_forward()
+    expect(page.locator("#title")).to_have_text("editable")
+
+
+def test_tables_scroll_whole_and_right_to_left_text_reads_from_the_right(page: Page, server: ServerProcess,
+                                                                         data: Path) -> None:
+    table = "| Column A | Column B |\n|---|---|\n| alpha | beta |\n\nשלום עולם."
+    number = store_conversation(data, [table], "table")
+    page.goto(f"{server.url}/#{number}")
+    frame = last_reply(page).locator(".table-frame")
+    expect(frame.locator("th").first).to_have_text("Column A")
+    # Its words whole (the headers broke as "Colum / n A"), the frame scrolling when it is too wide.
+    header = frame.locator("th").first.bounding_box()
+    assert header is not None and header["height"] < 40, header
+    assert frame.evaluate("e => getComputedStyle(e).overflowX") == "auto"
+    expect(last_reply(page).locator("p[dir=auto]")).to_have_text("שלום עולם.")
+    expect(last_reply(page)).to_have_attribute("aria-label", "The model")
+
+
+def test_a_server_that_stopped_is_one_plain_line_and_nothing_looks_sent(browser: Browser,
+                                                                     server_env: dict[str, str],
+                                                                     tmp_path: Path) -> None:
+    running = ServerProcess({**server_env, "GEMMA_CHAT_DATA_DIR": str(tmp_path)})
+    context = browser.new_context()
+    try:
+        page = context.new_page()
+        page.goto(running.url + "/")
+        send(page, "Hello", "2")
+        running.stop()
+        page.fill("#input", "are you there?")
+        page.keyboard.press("Enter")
+        # It said "Failed to fetch", and left the message and an empty reply on the screen.
+        expect(page.locator("#error")).to_have_text("the server does not answer: is gemma-chat still running?")
+        expect(page.locator("#messages .message")).to_have_count(2)
+        expect(page.locator("#input")).to_have_value("are you there?")
+    finally:
+        context.close()
+        running.stop()
+
+
 class Cats(http.server.BaseHTTPRequestHandler):
     """Another site's page: nothing but cats, on the face of it."""
 

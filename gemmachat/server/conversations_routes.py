@@ -58,6 +58,8 @@ class ConversationChange(_Body):
 class Generation(_Body):
     temperature: float | None = Field(None, ge=0, le=2, allow_inf_nan=False)
     max_tokens: int | None = Field(None, ge=1, le=2**63 - 1)
+    version: str | None = Field(None, max_length=100, description="the conversation's version as a GET gave it, "
+                                "which the client shows: refused (409 conversation_changed) if it changed since")
 
 
 class NewMessage(Generation):
@@ -65,6 +67,12 @@ class NewMessage(Generation):
     at: int | None = Field(None, ge=0, le=2**63 - 1, description="replace the user message at this index, and drop "
                            "everything after it (edit and resend); default: append")
     system: str | None = Field(None, description="set the system prompt first; \"\" for none")
+
+
+def version_token(version: Version) -> str:
+    """A stored conversation's version as the API hands it out, opaque to clients."""
+    updated, count = version
+    return f"{updated!r}/{count}"
 
 
 def open_store(core: ServerCore) -> tuple[Store, str]:
@@ -116,11 +124,15 @@ def add_routes(app: FastAPI, core: ServerCore) -> None:
         with stored():
             return store.load(conversation_id)
 
-    def load_to_write(conversation_id: int) -> tuple[Conversation, Version | None]:
+    def load_to_write(conversation_id: int, seen: str | None = None) -> tuple[Conversation, Version | None]:
         """The conversation and its version, read first: a write that expects it fails, rather than
-        overwrite, if the terminal chat (another process) writes in between."""
+        overwrite, if the terminal chat (another process) writes in between. `seen`: the version the
+        client shows, if it says: a conversation changed since is refused, rather than written to
+        under messages the client never showed (a second tab's, the terminal's)."""
         with stored():
             version = store.version(conversation_id)
+            if seen is not None and version is not None and seen != version_token(version):
+                raise ConversationChanged(conversation_id)
             return store.load(conversation_id)[1], version
 
     async def context_used(conversation: Conversation) -> int:
@@ -132,8 +144,11 @@ def add_routes(app: FastAPI, core: ServerCore) -> None:
         return await run_in_threadpool(count) if conversation.messages else 0
 
     async def document(conversation_id: int) -> dict[str, Any]:
+        with stored():
+            version = store.version(conversation_id)  # first, as load_to_write reads it
         summary, conversation = load(conversation_id)
         return {**dataclasses.asdict(summary), "system": conversation.system, "writing": conversation_id in writing,
+                "version": version_token(version) if version is not None else None,
                 "messages": [{"role": m.role, "content": m.content, "interrupted": m.interrupted}
                              for m in conversation.messages],
                 "context": {"used": await context_used(conversation), "size": core.engine.n_ctx_seq}}
@@ -209,7 +224,7 @@ def add_routes(app: FastAPI, core: ServerCore) -> None:
     @app.post("/conversations/{conversation_id}/messages",
               summary="Append a user message (or replace one, with `at`) and stream the reply as server-sent events")
     async def send_message(conversation_id: ConversationId, body: NewMessage, request: Request) -> Any:
-        conversation, version = load_to_write(conversation_id)
+        conversation, version = load_to_write(conversation_id, body.version)
         messages = conversation.messages
         at = len(messages) if body.at is None else body.at
         if at > len(messages) or (at < len(messages) and messages[at].role != "user"):
@@ -222,7 +237,7 @@ def add_routes(app: FastAPI, core: ServerCore) -> None:
     @app.post("/conversations/{conversation_id}/reply",
               summary="Write the last user message's reply again (regenerate), streamed as server-sent events")
     async def regenerate(conversation_id: ConversationId, body: Generation, request: Request) -> Any:
-        conversation, version = load_to_write(conversation_id)
+        conversation, version = load_to_write(conversation_id, body.version)
         last_user = max((i for i, m in enumerate(conversation.messages) if m.role == "user"), default=None)
         if last_user is None:
             raise api.ApiError(400, f"conversation {conversation_id} has no user message to reply to",
@@ -264,16 +279,18 @@ def add_routes(app: FastAPI, core: ServerCore) -> None:
             finally:
                 # Also when the client stopped it (this generator is then closed mid-way): what was
                 # written stays, marked interrupted, as the terminal keeps a reply cut by ctrl-c.
-                writing.discard(conversation_id)
+                # "writing" until it is stored: the page waits for that to read the conversation.
                 cut = done is None or done.finish_reason == "cancelled"
                 text = "".join(parts)
                 kept_in = conversation_id
-                if done is not None or text:
-                    try:
+                try:
+                    if done is not None or text:
                         kept_in = keep_reply(conversation_id, version, Conversation(conversation.system, messages),
                                              Message("assistant", text, interrupted=cut))
-                    except StoreError as error:
-                        core.log(f"gemma-chat: a reply of conversation {conversation_id} was not kept: {error}")
+                except StoreError as error:
+                    core.log(f"gemma-chat: a reply of conversation {conversation_id} was not kept: {error}")
+                finally:
+                    writing.discard(conversation_id)
             if done is not None:
                 yield json_line({"type": "done", "conversation": kept_in,
                                  "finish_reason": "cancelled" if cut else finish_reason(done),

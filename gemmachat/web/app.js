@@ -32,15 +32,23 @@ async function api(path, options = {}) {
     const key = localStorage.getItem(KEY_STORE);
     const headers = { "Content-Type": "application/json", ...(options.headers || {}) };
     if (key) headers.Authorization = `Bearer ${key}`;
-    const response = await fetch(path, { ...options, headers });
+    let response;
+    try {
+      response = await fetch(path, { ...options, headers });
+    } catch (error) {
+      if (error.name === "AbortError") throw error;
+      // The browser's own words ("Failed to fetch") say nothing of what to do.
+      throw Object.assign(new Error("the server does not answer: is gemma-chat still running?"), { unreachable: true });
+    }
     if (response.status === 401) {
       await askForKey(Boolean(key));
       continue;
     }
     if (!response.ok) {
       let message = `${response.status} ${response.statusText}`;
-      try { message = (await response.json()).error.message; } catch (_) { /* not JSON */ }
-      throw Object.assign(new Error(message), { status: response.status });
+      let code = null;
+      try { ({ message, code } = (await response.json()).error); } catch (_) { /* not JSON */ }
+      throw Object.assign(new Error(message), { status: response.status, code });
     }
     return response;
   }
@@ -86,8 +94,17 @@ function renderMarkdown(element, text) {
     // Without the newline that ends every block: a command pasted into a terminal with it would
     // run before its reader could look at it.
     const copy = button("Copy", "copy-code", () => copyText(code.textContent.replace(/\n$/, ""), copy));
+    copy.setAttribute("aria-label", "Copy this code");
     code.parentElement.prepend(copy);
   }
+  // A wide table scrolls sideways, as code does, rather than breaking its words to fit.
+  for (const table of element.querySelectorAll("table")) {
+    const frame = document.createElement("div");
+    frame.className = "table-frame";
+    table.replaceWith(frame);
+    frame.append(table);
+  }
+  for (const block of element.querySelectorAll("p, li, td, th, blockquote, h1, h2, h3, h4, h5, h6")) block.dir = "auto";
 }
 
 function button(label, className, onClick) {
@@ -109,14 +126,20 @@ async function copyText(text, source) {
   setTimeout(() => { source.textContent = "Copy"; }, 1500);
 }
 
+const SPEAKERS = { user: "You", assistant: "The model", system: "System" };
+
 function messageElement(message) {
   const element = document.createElement("article");
   element.className = `message ${message.role}`;
+  element.setAttribute("aria-label", SPEAKERS[message.role] || message.role);
   const body = document.createElement("div");
   body.className = "body";
+  body.dir = "auto";  // right-to-left text (Hebrew, Arabic) reads from the right
   element.append(body);
   if (message.role === "assistant") {
-    element.append(button("Copy", "copy-reply", (event) => copyText(element.dataset.text, event.target)));
+    const copy = button("Copy", "copy-reply", () => copyText(element.dataset.text, copy));
+    copy.setAttribute("aria-label", "Copy this reply");
+    element.append(copy);
   }
   const note = document.createElement("p");
   note.className = "note interrupted";
@@ -134,9 +157,10 @@ function updateMessage(element, message) {
   element.querySelector(".interrupted").hidden = !message.interrupted;
 }
 
-function renderConversation() {
+function renderConversation(toEnd = true) {
   const conversation = state.current;
   const box = $("messages");
+  const position = box.scrollTop;
   box.replaceChildren(...(conversation ? conversation.messages.map(messageElement) : []));
   $("title").textContent = conversation ? conversation.title || "(untitled)" : "New conversation";
   $("system").value = conversation ? conversation.system || "" : $("system").value;
@@ -144,7 +168,11 @@ function renderConversation() {
   if (conversation) showContext(conversation.context);
   else $("context").textContent = "context: –";
   updateButtons();
-  box.scrollTop = box.scrollHeight;
+  box.scrollTop = toEnd ? box.scrollHeight : position;
+}
+
+function atEnd(box) {
+  return box.scrollHeight - box.scrollTop - box.clientHeight < 48;
 }
 
 function showContext(context) {
@@ -162,6 +190,8 @@ function renderList() {
     item.append(open);
     return item;
   }));
+  const current = list.querySelector("[aria-current]");
+  if (current) current.scrollIntoView({ block: "nearest" });
 }
 
 function updateButtons() {
@@ -227,6 +257,7 @@ async function send(text, at) {
   if (state.busy || !text.trim()) return;
   showError(null);
   const system = $("system").value;
+  const shown = state.current && [...state.current.messages];
   try {
     if (state.id === null) {
       state.current = await json("/conversations", { method: "POST", body: JSON.stringify({ system }) });
@@ -238,13 +269,13 @@ async function send(text, at) {
     messages.push({ role: "user", content: text, interrupted: false });
     $("input").value = "";
     renderConversation();
-    const body = { content: text, system, ...generation() };
+    const body = { content: text, system, version: state.current.version, ...generation() };
     if (at !== undefined) body.at = at;
     await stream(`/conversations/${state.id}/messages`, body);
   } catch (error) {
-    showError(error);
+    failed(error, shown);
     // Refused before anything was stored (say, the conversation changed elsewhere): kept to send again.
-    if (error.refused && !$("input").value) $("input").value = text;
+    if ((error.refused || error.unreachable) && !$("input").value) $("input").value = text;
     await reload();
   }
 }
@@ -252,15 +283,32 @@ async function send(text, at) {
 async function regenerate() {
   if (state.busy || !state.current) return;
   const messages = state.current.messages;
+  const shown = [...messages];
   let last = messages.length - 1;
   while (last >= 0 && messages[last].role !== "user") last -= 1;
   messages.splice(last + 1);
   renderConversation();
   try {
-    await stream(`/conversations/${state.id}/reply`, generation());
+    await stream(`/conversations/${state.id}/reply`, { version: state.current.version, ...generation() });
   } catch (error) {
-    showError(error);
+    failed(error, shown);
     await reload();
+  }
+}
+
+function failed(error, shown) {
+  if (error.code === "conversation_changed") {
+    showError("This conversation was changed elsewhere (the terminal, or another tab) since this page showed " +
+              "it: here it is as stored now; what you sent is back in the box.");
+  } else {
+    showError(error);
+  }
+  // Nothing was stored: until the conversation is read again (the server may be gone), what the
+  // page showed before, not a message that was not sent. (A reply cut off mid-way stays shown,
+  // marked interrupted: its message was stored.)
+  if (state.current && shown && (error.refused || error.unreachable)) {
+    state.current.messages = shown;
+    renderConversation(false);
   }
 }
 
@@ -269,7 +317,7 @@ async function reload() {
   if (state.id === null) return;
   try {
     state.current = await json(`/conversations/${state.id}`);
-    renderConversation();
+    renderConversation(false);
   } catch (error) {
     // The error shown already says what went wrong. A conversation deleted elsewhere (another tab)
     // is gone from this page too, the message that could not be sent to it included.
@@ -308,12 +356,18 @@ async function stream(path, body) {
   $("messages").append(element);
   state.controller = new AbortController();
   state.busy = true;
+  // A screen reader waits for the reply to end rather than reading it again at every redraw.
+  $("messages").setAttribute("aria-busy", "true");
   updateButtons();
   let pending = false;
+  let finished = false;
   const draw = () => {
     pending = false;
+    const box = $("messages");
+    // Follows the reply only while the reader is at its end: one who scrolled up to read stays.
+    const following = atEnd(box);
     updateMessage(element, reply);
-    $("messages").scrollTop = $("messages").scrollHeight;
+    if (following) box.scrollTop = box.scrollHeight;
   };
   try {
     const response = await api(path, { method: "POST", body: JSON.stringify(body), signal: state.controller.signal })
@@ -333,6 +387,7 @@ async function stream(path, body) {
           reply.content += event.text;
           if (!pending) { pending = true; requestAnimationFrame(draw); }
         } else if (event.type === "done") {
+          finished = true;
           if (event.conversation !== state.id) {
             // The terminal chat wrote to this conversation meanwhile: the reply went to a new one.
             showError(`conversation ${state.id} was changed elsewhere while this reply was written: ` +
@@ -349,23 +404,53 @@ async function stream(path, body) {
         }
       }
     }
+    // The stream ended without its last event: the server stopped (or was stopped) mid-reply.
+    if (!finished) throw new Error("the reply was cut off: the server stopped before it ended");
   } catch (error) {
-    if (error.name !== "AbortError") throw error;
     reply.interrupted = true;  // the server keeps what was written, marked so, as the terminal does
-  } finally {
-    state.busy = false;
-    state.controller = null;
-    element.classList.remove("streaming");
-    state.current.messages.push(reply);
-    draw();
-    updateButtons();
-    refreshList().catch(showError);
+    if (error.name !== "AbortError") {
+      if (!reply.content) element.remove();  // no empty reply, with its Copy button, left behind
+      done(element, reply);
+      throw error;
+    }
   }
-  if (!reply.interrupted) {
-    // The stored conversation, as a reload would show it; its meter counts the next prompt.
-    state.current = await json(`/conversations/${state.id}`);
-    $("title").textContent = state.current.title || "(untitled)";
-    showContext(state.current.context);
+  state.controller = null;  // Stop has nothing more to stop; the page stays busy until it is stored
+  try {
+    await showStored();
+  } finally {
+    done(element, reply);
+  }
+}
+
+function done(element, reply) {
+  // The reply is over: shown as it ended (unless the stored conversation already took its place),
+  // and the page free for the next one.
+  if (element.classList.contains("streaming")) {
+    element.classList.remove("streaming");
+    if (element.isConnected) {
+      state.current.messages.push(reply);
+      updateMessage(element, reply);
+    }
+  }
+  state.busy = false;
+  state.controller = null;
+  $("messages").setAttribute("aria-busy", "false");
+  updateButtons();
+  refreshList().catch(() => {});
+}
+
+async function showStored() {
+  // The stored conversation, as a reload would show it: messages written elsewhere meanwhile, the
+  // version the next message is sent against, and a meter that counts the next prompt. A reply
+  // stopped here is stored once the server notices: until then it says it is writing.
+  for (let tries = 0; tries < 50; tries += 1) {
+    const stored = await json(`/conversations/${state.id}`);
+    if (!stored.writing || tries === 49) {
+      state.current = stored;
+      renderConversation(atEnd($("messages")));
+      return;
+    }
+    await new Promise((resolve) => setTimeout(resolve, 100));
   }
 }
 
@@ -430,6 +515,7 @@ const ALT_KEYS = { n: newConversation, arrowup: () => openNeighbour(-1), arrowdo
 document.addEventListener("keydown", (event) => {
   if (event.key === "Escape") {
     if (state.busy) stop();
+    else if (state.editing !== undefined) cancelEdit();
     else leaveSidebar();
   }
   const action = event.altKey && !event.ctrlKey && !event.metaKey && ALT_KEYS[event.key.toLowerCase()];
@@ -437,6 +523,7 @@ document.addEventListener("keydown", (event) => {
 });
 
 $("stop").addEventListener("click", stop);
+$("skip").addEventListener("click", () => $("input").focus());
 $("regenerate").addEventListener("click", regenerate);
 $("edit").addEventListener("click", editLast);
 $("new").addEventListener("click", newConversation);
@@ -494,8 +581,15 @@ $("import-file").addEventListener("change", async () => {
 
 // The address names the conversation (#ID): back, forward and a pasted link open it.
 window.addEventListener("hashchange", () => {
-  const wanted = parseInt(location.hash.slice(1), 10);
-  if (wanted && wanted !== state.id) refreshList().then(() => openConversation(wanted), showError);
+  const wanted = parseInt(location.hash.slice(1), 10) || null;
+  if (wanted === state.id) return;
+  if (state.busy) {
+    // Not while a reply is written: the address goes back to the conversation on the screen.
+    history.replaceState(null, "", state.id ? `#${state.id}` : location.pathname);
+    return;
+  }
+  if (wanted) refreshList().then(() => openConversation(wanted), showError);
+  else newConversation();
 });
 
 async function start() {
