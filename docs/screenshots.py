@@ -39,6 +39,11 @@ def reverse(text: str) -> str:
 
 - **slicing** with a step of `-1` walks the string backwards;
 - it works for any sequence, lists included.
+
+| way | cost |
+|---|---|
+| `text[::-1]` | one copy |
+| `"".join(reversed(text))` | an iterator, then a copy |
 """
 SHOTS = {"web-light.png": ("light", 1280, 800), "web-dark.png": ("dark", 1280, 800),
          "web-phone-light.png": ("light", 390, 844), "web-phone-dark.png": ("dark", 390, 844)}
