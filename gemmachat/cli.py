@@ -52,6 +52,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     fatal.exit_on_interrupt()
     signal.signal(signal.SIGTERM, _interrupted)
     cache.clean_in_background(os.environ)
+    caller_stdout = sys.stdout
     try:
         settings = parse_settings(sys.argv[1:] if argv is None else argv)
         if sys.stdout is None:  # started with `>&-`
@@ -60,6 +61,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                                 "(>/dev/null discards it)")
         else:
             _guard_stdout()
+        if sys.stdin is None:  # `<&-`: read as an empty stdin, as </dev/null is
+            sys.stdin = open(os.devnull)
         status = run(settings)
         if sys.stdout is not None:
             sys.stdout.flush()  # here, where a failure is told, not at the interpreter's exit
@@ -77,6 +80,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Output to a full disk or a failing device (`> /dev/full`): said, not a traceback.
         _stdout_to_null()
         return report(UserError(f"cannot write the output: {error.strerror or error}", status=1))
+    finally:
+        # The caller's own stream back (main() run in a process of its own making): dropped, it
+        # would be collected, and closed under the descriptor the wrapper writes to.
+        sys.stdout = caller_stdout
 
 
 class OutputFailed(OSError):

@@ -87,7 +87,9 @@ class Printer:
         """Columns under a header, those numbered in `right` aligned right. On a terminal every row
         stays one line: the last two columns are cut short (…) to fit its width, where a row had
         wrapped over two or three lines. A pipe gets the whole text."""
-        rows = [header, *(tuple(self._shown(cell) for cell in row) for row in rows)]
+        # Each cell one line of single spaces: a tab in a title, zero cells wide to cell_len, was
+        # widened by the terminal past the column's end.
+        rows = [header, *(tuple(self._shown(" ".join(cell.split())) for cell in row) for row in rows)]
         widths = [max(cell_len(row[index]) for row in rows) for index in range(len(header))]
         if not self.plain:
             # What the first columns leave, shared by the last two: the second-to-last (a model's

@@ -74,7 +74,8 @@ class Recorder:
 
     def turn_lock(self) -> ContextManager[None]:
         """Held, other processes that take it wait: for --cli's turns in stored conversations."""
-        return locked(self.folder / "turn.lock")
+        return locked(self.folder / "turn.lock", lambda: self.notify(
+            "waiting for another gemma-chat call to finish its turn in the stored conversations"))
 
     def require(self) -> Store:
         if self.store is None:

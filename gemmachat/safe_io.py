@@ -188,9 +188,9 @@ def _replace(target: Path, data: bytes, existing: os.stat_result | None, shown: 
 
 
 @contextmanager
-def locked(path: Path) -> Iterator[None]:
+def locked(path: Path, waiting: Callable[[], None] | None = None) -> Iterator[None]:
     """Holds an exclusive lock on the file `path` (made if missing), waiting for another process
-    that holds it. Without fcntl (Windows), nothing is locked."""
+    that holds it (`waiting` is called first, to say so). Without fcntl (Windows), nothing is locked."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         descriptor = os.open(path, os.O_RDWR | os.O_CREAT | _CLOEXEC, 0o600)
@@ -198,7 +198,12 @@ def locked(path: Path) -> Iterator[None]:
         raise UserError(f"cannot lock {path}: {error.strerror or error}") from None
     try:
         if fcntl is not None:
-            fcntl.flock(descriptor, fcntl.LOCK_EX)
+            try:
+                fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                if waiting is not None:
+                    waiting()
+                fcntl.flock(descriptor, fcntl.LOCK_EX)
         yield
     finally:
         os.close(descriptor)  # which releases the lock

@@ -122,7 +122,7 @@ def test_a_request_with_nothing_to_say_only_loads_and_head_says_it_is_up(client:
     chatted = client.chat(model="gemma", messages=[])
     assert chatted.done and chatted.done_reason == "load" and chatted.message.content == ""
     # keep_alive 0 asks to unload (`ollama stop` sends it): said so, and the model stays to serve.
-    for keep_alive in (0, "0", "0s"):
+    for keep_alive in (0, "0", "0s", "0h0m0s"):
         assert client.generate(model="gemma", prompt="", keep_alive=keep_alive).done_reason == "unload"
     assert client.chat(model="gemma", messages=[], keep_alive="0m").done_reason == "unload"
     assert client.generate(model="gemma", prompt="", keep_alive="5m").done_reason == "load"

@@ -101,14 +101,16 @@ def test_control_characters_from_a_model_or_a_file_reach_a_terminal_escaped_and_
 def test_a_table_keeps_each_row_on_one_line_of_a_narrow_terminal_and_whole_in_a_pipe() -> None:
     # /history at 60 columns: each row wrapped over two or three lines.
     rows = [("*", "1", "2026-12-02 07:27", "1", "gemma-3-270m-q4_k_m-a5fd3b62230aa5ec.gguf",
-             "Hello there 日本語, a title that goes on and on"), ("", "12", "2026-12-02 07:28", "14", "m", "Short")]
+             "Hello there 日本語, a title that goes on and on"), ("", "12", "2026-12-02 07:28", "14", "m", "Short"),
+            ("", "13", "2026-12-02 07:29", "2", "m", "pasted\tcolumns\tof\ttext and a long tail of words")]
     header = ("", "id", "updated", "turns", "model", "title")
     buffer = io.StringIO()
     printer = Printer(plain=False, stream=buffer)
     printer.console = Console(file=buffer, width=60, highlight=False)
     printer.table(header, rows, right=(1, 3))
     lines = buffer.getvalue().splitlines()
-    assert len(lines) == 3 and all(cell_len(line) <= 59 for line in lines), lines
+    assert len(lines) == 4 and all(cell_len(line.expandtabs()) <= 59 for line in lines), lines
+    assert lines[3].endswith("…") and "\t" not in lines[3]  # a tab widened it past the edge
     assert lines[1].startswith("*   1  2026-12-02 07:27      1  gemma") and lines[1].endswith("…")
     assert lines[2].startswith("   12  2026-12-02 07:28     14  m") and lines[2].endswith("Short")
     piped = io.StringIO()

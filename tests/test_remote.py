@@ -333,3 +333,12 @@ def test_a_remote_from_the_environment_leaves_the_server_and_the_model_file_alon
     # --server serves what it loads here (it was refused: "--remote is for the chat and --cli").
     server = parse_settings(["--server"], environ)
     assert server.remote is None and server.model == Path("/models/local.gguf")
+    # A config file written for the remote: its model is the server's model's name, whichever side
+    # $GEMMA_CHAT_MODEL names; --local and --server do not take it for a file here.
+    config = tmp_path / "remote.toml"
+    config.write_text('remote = "http://127.0.0.1:9"\nmodel = "gemma3:4b"\n')
+    environ = {"GEMMA_CHAT_CONFIG": str(config)}
+    assert parse_settings([], {**environ, "GEMMA_CHAT_MODEL": "/x.gguf"}).model == Path("gemma3:4b")
+    for argv in (["--local"], ["--server"]):
+        assert parse_settings(argv, environ).model is None, argv
+    assert parse_settings(["--local"], {**environ, "GEMMA_CHAT_MODEL": "/x.gguf"}).model == Path("/x.gguf")

@@ -35,7 +35,8 @@ OPTIONS = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "mi
            "repeat_penalty": "repeat_penalty", "presence_penalty": "presence_penalty",
            "frequency_penalty": "frequency_penalty", "num_predict": "max_tokens", "stop": "stop"}
 OPTION_NAMES = {openai: ollama for ollama, openai in OPTIONS.items()}
-_ZERO = re.compile(r"(0+\.?0*|\.0+)(ns|us|µs|ms|s|m|h)?")  # a keep_alive of no time, in Go's duration units
+# A keep_alive of no time: a number, or Go's durations ("0s", "0h0m0s").
+_ZERO = re.compile(r"(?:(?:0+\.?0*|\.0+)(?:ns|us|µs|ms|s|m|h))+|0+\.?0*|\.0+")
 Request_ = TypeVar("Request_", api.ChatCompletionRequest, api.CompletionRequest)
 
 
