@@ -473,13 +473,18 @@ def test_a_failing_request_is_one_500_and_one_log_line() -> None:
         raise RuntimeError("boom")
 
     lines: list[str] = []
-    core = SimpleNamespace(api_key=None, max_body=1 << 20, verbose=False, log=lines.append,
+    core = SimpleNamespace(api_key=None, max_body=1 << 20, verbose=False, log=lines.append, closing=False,
                            settings=SimpleNamespace(host="127.0.0.1", allow_origins=()))
     response = TestClient(Gatekeeper(failing, core)).post("/v1/completions", json={"prompt": "x"})
     assert response.status_code == 500
     assert response.json()["error"]["message"] == "internal error: RuntimeError"
     assert lines[0] == "gemma-chat: POST /v1/completions failed: RuntimeError: boom"
     assert len(lines) == 2 and '"POST /v1/completions" 500 ' in lines[1], lines
+    # Once the server is stopping, a request whose work it took away is a 503, as those it refuses.
+    core.closing = True
+    response = TestClient(Gatekeeper(failing, core)).post("/v1/completions", json={"prompt": "x"})
+    assert response.status_code == 503 and response.json()["error"]["code"] == "shutting_down"
+    assert lines[2] == "gemma-chat: POST /v1/completions was cut by the shutdown: RuntimeError: boom"
 
 
 def test_the_access_log_has_one_compact_line_per_request(server: ServerProcess) -> None:

@@ -52,10 +52,14 @@ class Gatekeeper:
         except Exception as error:  # noqa: BLE001 - a bug in one request must not reach uvicorn's log
             # Here, not in an app exception handler: Starlette runs that one outside this layer and
             # then re-raises, so the access line said 499 and uvicorn logged a whole traceback.
-            self.core.log(f"gemma-chat: {scope['method']} {scope['path']} failed: "
-                          f"{type(error).__name__}: {error}")
+            # Once the server is stopping, what it takes away under a request (its worker threads)
+            # is why the request failed: a 503, as for the requests it refuses.
+            closing = self.core.closing
+            self.core.log(f"gemma-chat: {scope['method']} {scope['path']} "
+                          f"{'was cut by the shutdown' if closing else 'failed'}: {type(error).__name__}: {error}")
             if status == 0:
-                await _error(send_and_note, scope, api.ApiError(500, f"internal error: {type(error).__name__}"))
+                await _error(send_and_note, scope, shutting_down() if closing else
+                             api.ApiError(500, f"internal error: {type(error).__name__}"))
         finally:
             self._log(scope, status, time.perf_counter() - started)
 
