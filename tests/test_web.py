@@ -539,6 +539,16 @@ def test_escape_leaves_an_edit_and_back_shows_what_the_address_names(page: Page,
     expect(page.locator("#title")).to_have_text("editable")
 
 
+def test_a_system_prompt_typed_during_a_reply_stays(page: Page) -> None:
+    # The page now reads the stored conversation after a reply: it reset the box to the stored one.
+    page.click("#new")
+    send(page, "Once upon a time", "40", wait=False)
+    page.fill("#system", "Answer in French.")
+    finished(page)
+    expect(page.locator("#system")).to_have_value("Answer in French.")
+    page.fill("#system", "")
+
+
 def test_tables_scroll_whole_and_right_to_left_text_reads_from_the_right(page: Page, server: ServerProcess,
                                                                          data: Path) -> None:
     table = "| Column A | Column B |\n|---|---|\n| alpha | beta |\n\nשלום עולם."

@@ -248,13 +248,15 @@ def add_routes(app: FastAPI, core: ServerCore) -> None:
                     start: int, new: list[Message], body: Generation) -> Any:
         """Store `new` from position `start` on (what was there goes), then stream the reply."""
         not_writing(conversation_id)
-        messages = conversation.messages[:start] + new
-        job, dropped = await fitted_job(conversation.system, messages, body)
-        with stored():
-            version = store.write(conversation_id, start, new, conversation.system, title_from(messages),
-                                  expected=version)
+        # Writing from here on: fitting a long conversation to the context takes a while, and a
+        # reader meanwhile (the page, after its stop) must wait for what this stores.
         writing.add(conversation_id)
         try:
+            messages = conversation.messages[:start] + new
+            job, dropped = await fitted_job(conversation.system, messages, body)
+            with stored():
+                version = store.write(conversation_id, start, new, conversation.system, title_from(messages),
+                                      expected=version)
             job.stream = True
             first = await core.begin(request, job)
         except BaseException:

@@ -256,11 +256,14 @@ function generation() {
 async function send(text, at) {
   if (state.busy || !text.trim()) return;
   showError(null);
+  state.busy = true;  // from here: a second Enter while a new conversation is made made two
+  updateButtons();
   const system = $("system").value;
   const shown = state.current && [...state.current.messages];
   try {
     if (state.id === null) {
-      state.current = await json("/conversations", { method: "POST", body: JSON.stringify({ system }) });
+      state.current = await json("/conversations", { method: "POST", body: JSON.stringify({ system }) })
+        .catch((error) => { error.refused = true; throw error; });
       state.id = state.current.id;
       location.hash = `#${state.id}`;
     }
@@ -273,10 +276,13 @@ async function send(text, at) {
     if (at !== undefined) body.at = at;
     await stream(`/conversations/${state.id}/messages`, body);
   } catch (error) {
-    failed(error, shown);
+    failed(error, shown, "what you sent is back in the box.");
     // Refused before anything was stored (say, the conversation changed elsewhere): kept to send again.
-    if ((error.refused || error.unreachable) && !$("input").value) $("input").value = text;
+    if (error.refused && !$("input").value) $("input").value = text;
     await reload();
+  } finally {
+    state.busy = false;  // as the reply left it, or as it was if none began
+    updateButtons();
   }
 }
 
@@ -291,22 +297,22 @@ async function regenerate() {
   try {
     await stream(`/conversations/${state.id}/reply`, { version: state.current.version, ...generation() });
   } catch (error) {
-    failed(error, shown);
+    failed(error, shown, "regenerate again to write its reply.");
     await reload();
   }
 }
 
-function failed(error, shown) {
+function failed(error, shown, again) {
   if (error.code === "conversation_changed") {
     showError("This conversation was changed elsewhere (the terminal, or another tab) since this page showed " +
-              "it: here it is as stored now; what you sent is back in the box.");
+              `it: here it is as stored now; ${again}`);
   } else {
     showError(error);
   }
-  // Nothing was stored: until the conversation is read again (the server may be gone), what the
-  // page showed before, not a message that was not sent. (A reply cut off mid-way stays shown,
-  // marked interrupted: its message was stored.)
-  if (state.current && shown && (error.refused || error.unreachable)) {
+  // Refused, nothing stored: until the conversation is read again (the server may be gone), what
+  // the page showed before, not a message that was not sent. (Past that, what was stored stays
+  // shown: a reply cut off mid-way, marked interrupted, or a whole one whose reading failed.)
+  if (state.current && shown && error.refused) {
     state.current.messages = shown;
     renderConversation(false);
   }
@@ -375,7 +381,11 @@ async function stream(path, body) {
     const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
     let buffer = "";
     for (;;) {
-      const { value, done } = await reader.read();
+      const { value, done } = await reader.read().catch((error) => {
+        if (error.name === "AbortError") throw error;
+        // The connection broke: "network error" says less than this.
+        throw new Error("the reply was cut off: the server stopped before it ended");
+      });
       if (done) break;
       buffer += value;
       const lines = buffer.split("\n");
@@ -437,6 +447,7 @@ function done(element, reply) {
   $("messages").setAttribute("aria-busy", "false");
   updateButtons();
   refreshList().catch(() => {});
+  followAddress();  // a Back pressed while the reply was written
 }
 
 async function showStored() {
@@ -446,8 +457,10 @@ async function showStored() {
   for (let tries = 0; tries < 50; tries += 1) {
     const stored = await json(`/conversations/${state.id}`);
     if (!stored.writing || tries === 49) {
+      const system = $("system").value;  // what the user may have typed there meanwhile stays
       state.current = stored;
       renderConversation(atEnd($("messages")));
+      $("system").value = system;
       return;
     }
     await new Promise((resolve) => setTimeout(resolve, 100));
@@ -580,17 +593,14 @@ $("import-file").addEventListener("change", async () => {
 });
 
 // The address names the conversation (#ID): back, forward and a pasted link open it.
-window.addEventListener("hashchange", () => {
+function followAddress() {
   const wanted = parseInt(location.hash.slice(1), 10) || null;
-  if (wanted === state.id) return;
-  if (state.busy) {
-    // Not while a reply is written: the address goes back to the conversation on the screen.
-    history.replaceState(null, "", state.id ? `#${state.id}` : location.pathname);
-    return;
-  }
+  if (wanted === state.id || state.busy) return;  // during a reply: followed once it ends (done())
   if (wanted) refreshList().then(() => openConversation(wanted), showError);
   else newConversation();
-});
+}
+
+window.addEventListener("hashchange", followAddress);
 
 async function start() {
   try {
