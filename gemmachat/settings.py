@@ -437,7 +437,7 @@ def parse_settings(argv: Sequence[str], environ: Mapping[str, str] | None = None
     # Each source replaces the parser's defaults in turn, so the flags parsed last win.
     path = config_path(environ)
     apply_config(parser, read_config(path, required=bool(environ.get(CONFIG_ENV))), path)
-    config_model = parser.get_default("model")
+    config_model, config_remote = parser.get_default("model"), parser.get_default("remote")
     if environ.get("GEMMA_CHAT_MODEL"):
         parser.set_defaults(model=Path(environ["GEMMA_CHAT_MODEL"]))
     if environ.get("GEMMA_CHAT_REMOTE"):
@@ -479,11 +479,11 @@ def parse_settings(argv: Sequence[str], environ: Mapping[str, str] | None = None
     loads_here = args.local or (mode in ("server", "rpc-worker") and "remote" not in given)
     remote = None if loads_here else _remote_url(args.remote)
     if "model" not in given and hf_repo is None:
-        # Beside a remote, the config file's model is the server's model's name, and
-        # $GEMMA_CHAT_MODEL a file here: each is for its own side.
+        # A config file that names a remote names its model's name on that server with it;
+        # $GEMMA_CHAT_MODEL names a file here: each is for its own side.
         if remote is not None:
-            model = config_model
-        elif args.remote and model == config_model:  # --local, --server: not the server's name
+            model = config_model if config_remote else None
+        elif config_remote and model == config_model:  # --local, --server: not the server's name
             model = None
     if remote is not None and hf_repo is not None:
         raise UserError("--remote uses a model of the server's: name it with -m NAME, not -hf")

@@ -342,3 +342,7 @@ def test_a_remote_from_the_environment_leaves_the_server_and_the_model_file_alon
     for argv in (["--local"], ["--server"]):
         assert parse_settings(argv, environ).model is None, argv
     assert parse_settings(["--local"], {**environ, "GEMMA_CHAT_MODEL": "/x.gguf"}).model == Path("/x.gguf")
+    # A config file for here, and a remote from the environment: --server loads the config's file.
+    config.write_text('model = "/models/here.gguf"\n')
+    here = parse_settings(["--server"], {**environ, "GEMMA_CHAT_REMOTE": "http://127.0.0.1:9"})
+    assert here.remote is None and here.model == Path("/models/here.gguf")
