@@ -549,6 +549,24 @@ def test_a_system_prompt_typed_during_a_reply_stays(page: Page) -> None:
     page.fill("#system", "")
 
 
+def test_a_message_stopped_before_the_server_took_it_goes_back_to_the_box(page: Page) -> None:
+    # The box was emptied and nothing stored: the message was lost.
+    page.click("#new")
+    send(page, "First", "2")
+    held = []
+    page.route("**/messages", lambda route: held.append(route))  # it waits here, never reaching the server
+    page.fill("#input", "Second")
+    page.keyboard.press("Enter")
+    expect(page.locator("#stop")).to_be_visible()
+    page.wait_for_timeout(200)
+    page.keyboard.press("Escape")
+    expect(page.locator("#send")).to_be_visible()
+    page.unroute("**/messages")
+    expect(page.locator("#input")).to_have_value("Second")
+    expect(page.locator("#messages .message.user .body")).to_have_text(["First"])
+    page.fill("#input", "")
+
+
 def test_tables_scroll_whole_and_right_to_left_text_reads_from_the_right(page: Page, server: ServerProcess,
                                                                          data: Path) -> None:
     table = "| Column A | Column B |\n|---|---|\n| alpha | beta |\n\nשלום עולם."

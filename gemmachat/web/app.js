@@ -275,6 +275,9 @@ async function send(text, at) {
     const body = { content: text, system, version: state.current.version, ...generation() };
     if (at !== undefined) body.at = at;
     await stream(`/conversations/${state.id}/messages`, body);
+    // Stopped before the server took it: not stored, so back in the box rather than lost.
+    const last = state.current.messages.filter((message) => message.role === "user").pop();
+    if ((!last || last.content !== text) && !$("input").value) $("input").value = text;
   } catch (error) {
     failed(error, shown, "what you sent is back in the box.");
     // Refused before anything was stored (say, the conversation changed elsewhere): kept to send again.
