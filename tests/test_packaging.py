@@ -304,6 +304,32 @@ def test_an_unwritable_cache_names_the_variable(built: Built, home: Path, tmp_pa
     assert_one_line_error(result, "GEMMA_CHAT_CACHE_DIR", str(blocker))
 
 
+def test_a_full_cache_disk_is_left_as_it_was_and_two_first_starts_leave_one_program(
+        built: Built, tmp_path: Path, expected: str) -> None:
+    """The launcher's own unpacking folder goes when it fails (a full disk stayed full, every retry
+    adding one) and when another start finished first (it stayed, 100 MB, while its start ran)."""
+    small = tmp_path / "small"
+    small.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=50m", "tmpfs", str(small)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("mounting a small tmpfs needs root, as here and in CI")
+    try:
+        for _ in range(2):
+            full = run_bare(built.file, "--help", home=tmp_path, cwd=tmp_path, extra={"GEMMA_CHAT_CACHE_DIR": str(small)})
+            assert_one_line_error(full, "No space left on device", "GEMMA_CHAT_CACHE_DIR")
+            assert not [p.name for p in (small / "app").iterdir() if ".partial" in p.name], "none left"
+    finally:
+        subprocess.run(["umount", str(small)], check=True)
+    cache = tmp_path / "cache"
+    starts = [subprocess.Popen([str(built.file), *PROMPT], cwd=tmp_path, stdout=subprocess.PIPE, text=True,
+                               env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "GEMMA_CHAT_CACHE_DIR": str(cache)})
+              for _ in range(2)]
+    for start in starts:
+        out, _ = start.communicate(timeout=300)
+        assert start.returncode == 0 and out == expected
+    assert len(program_folders(cache)) == 1, sorted(p.name for p in (cache / "app").iterdir())
+
+
 def test_external_model_runs_beside_its_gguf(built: Built, tmp_path: Path, model_path: Path,
                                              expected: str) -> None:
     build = build_module()

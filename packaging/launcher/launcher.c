@@ -30,6 +30,7 @@
 #define PROGRAM_NAME "gemma-chat.exe"
 #else
 #include <fcntl.h>
+#include <ftw.h>
 #include <pwd.h>
 #include <sys/file.h>
 #include <sys/stat.h>
@@ -48,10 +49,15 @@
 #define CACHE_HINT "set GEMMA_CHAT_CACHE_DIR to another folder"
 
 static char self_path[PATH_SIZE];
+static char unpacking[PATH_SIZE]; /* the folder this start is unpacking into, while it does */
+
+static void remove_tree(const char *path);
 
 static void fail(const char *what, const char *path, const char *hint) {
     fprintf(stderr, "gemma-chat: %s %s: %s%s%s%s\n", what, path, strerror(errno),
             hint ? " (" : "", hint ? hint : "", hint ? ")" : "");
+    /* A full disk stayed full of it, and every retry added another. */
+    if (unpacking[0]) remove_tree(unpacking);
     exit(2);
 }
 
@@ -142,6 +148,9 @@ static void set_bundle_variable(void) {
 
 static long process_id(void) { return (long)GetCurrentProcessId(); }
 
+/* Left to the next start's cleaner, which removes what no running start owns. */
+static void remove_tree(const char *path) { (void)path; }
+
 /* Windows will not rename a folder whose program runs, which is what a cleaner tries first. */
 static void hold_lock(const char *folder) { (void)folder; }
 
@@ -218,6 +227,13 @@ static int is_file(const char *path) {
 }
 
 static int make_link(const char *target, const char *path) { return symlink(target, path); }
+
+static int remove_entry(const char *path, const struct stat *info, int kind, struct FTW *walk) {
+    (void)info; (void)kind; (void)walk;
+    return remove(path);
+}
+
+static void remove_tree(const char *path) { nftw(path, remove_entry, 16, FTW_DEPTH | FTW_PHYS); }
 
 /* Every unpacked file is on disk before the folder is renamed (flush_written), so a crash cannot
  * leave a complete-looking folder with empty files in it. Linux starts each file's writeback as
@@ -410,16 +426,23 @@ int main(int argc, char **argv) {
             make_dir(partial) != 0)
             fail("cannot write the cache folder", partial, CACHE_HINT);
         if (attended()) fprintf(stderr, "gemma-chat: unpacking the program into %s (first start only)\n", folder);
+        strcpy(unpacking, partial);
         unpack(self, le64(trailer), le64(trailer + 8), partial);
         flush_written();
-        /* Another start may have finished first; then its folder is as good as ours. A folder
-         * there without the program was damaged by hand: set it aside and put ours in place. */
-        if (rename_dir(partial, folder) != 0 && !is_file(program)) {
-            char aside[PATH_SIZE];
-            if (snprintf(aside, PATH_SIZE, "%s.damaged-%ld-%ld", folder, process_id(), (long)time(NULL)) >= PATH_SIZE ||
-                rename_dir(folder, aside) != 0 || rename_dir(partial, folder) != 0)
-                fail("cannot write the cache folder", folder, CACHE_HINT);
+        /* Another start may have finished first; then its folder is as good as ours, and ours
+         * goes (it stayed, 100 MB, as long as this start ran). A folder there without the program
+         * was damaged by hand: set it aside and put ours in place. */
+        if (rename_dir(partial, folder) != 0) {
+            if (is_file(program)) {
+                remove_tree(partial);
+            } else {
+                char aside[PATH_SIZE];
+                if (snprintf(aside, PATH_SIZE, "%s.damaged-%ld-%ld", folder, process_id(), (long)time(NULL)) >= PATH_SIZE ||
+                    rename_dir(folder, aside) != 0 || rename_dir(partial, folder) != 0)
+                    fail("cannot write the cache folder", folder, CACHE_HINT);
+            }
         }
+        unpacking[0] = 0;
     }
     fclose(self);
     set_bundle_variable();
