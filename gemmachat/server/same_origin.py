@@ -63,14 +63,16 @@ def is_allowed(origin: str, allowed: tuple[str, ...]) -> bool:
     origin = origin.lower()
     if origin in allowed or "*" in allowed:
         return True
-    scheme, separator, rest = origin.partition("://")
-    if not separator:
-        return False
-    if f"{scheme}://*" in allowed:
+    scheme, separator, _ = origin.partition("://")
+    if separator and f"{scheme}://*" in allowed:
         return True
-    host = rest[1:].partition("]")[0].join("[]") if rest.startswith("[") else rest.partition(":")[0]
-    port = rest[len(host):]
-    return (port == "" or (port[:1] == ":" and port[1:].isdecimal())) and f"{scheme}://{host}:*" in allowed
+    try:
+        parts = urlsplit(origin)
+        port = parts.port  # a port that is not a number ("3000.evil.example") raises
+    except ValueError:
+        return False
+    host = parts.netloc.rpartition(":")[0] if port is not None else parts.netloc
+    return bool(separator) and f"{scheme}://{host}:*" in allowed
 
 
 def _same_origin(origin: str, host: str) -> bool:
