@@ -164,11 +164,7 @@ class Recorder:
         """Make the stored conversation `reference` names the session's; returns it and one line
         on how its next reply starts (from the saved cache, or evaluating it again, and why)."""
         store = self.require()
-        found = store.find(reference)
-        # The version first: read after the messages, it could be of a write they do not hold,
-        # which this chat's next write would then overwrite.
-        version = store.version(found)
-        summary, conversation = store.load(found)
+        summary, conversation, version = store.load_versioned(store.find(reference))
         self.save_state()
         session = self.session
         session.conversation = conversation

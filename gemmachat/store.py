@@ -252,6 +252,13 @@ class Store:
                            "FROM conversations WHERE id = ?", (conversation_id, conversation_id))
         return (rows[0][0], rows[0][1]) if rows else None
 
+    def load_versioned(self, conversation_id: int) -> tuple[Summary, Conversation, Version | None]:
+        """The conversation and the version a write must expect, the version read first: read after
+        the messages, it could be of a write they do not hold, which this writer would overwrite."""
+        version = self.version(conversation_id)
+        summary, conversation = self.load(conversation_id)
+        return summary, conversation, version
+
     def load(self, conversation_id: int) -> tuple[Summary, Conversation]:
         found = self._query(f"{_SUMMARY} WHERE c.id = ?", (conversation_id,))
         if not found:  # the chat names conversations by /history's list first; the page, by its own

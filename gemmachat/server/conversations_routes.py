@@ -125,15 +125,15 @@ def add_routes(app: FastAPI, core: ServerCore) -> None:
             return store.load(conversation_id)
 
     def load_to_write(conversation_id: int, seen: str | None = None) -> tuple[Conversation, Version | None]:
-        """The conversation and its version, read first: a write that expects it fails, rather than
-        overwrite, if the terminal chat (another process) writes in between. `seen`: the version the
+        """The conversation and its version: a write that expects it fails, rather than overwrite,
+        if the terminal chat (another process) writes in between. `seen`: the version the
         client shows, if it says: a conversation changed since is refused, rather than written to
         under messages the client never showed (a second tab's, the terminal's)."""
         with stored():
-            version = store.version(conversation_id)
+            _, conversation, version = store.load_versioned(conversation_id)
             if seen is not None and version is not None and seen != version_token(version):
                 raise ConversationChanged(conversation_id)
-            return store.load(conversation_id)[1], version
+            return conversation, version
 
     async def context_used(conversation: Conversation) -> int:
         """Tokens the conversation takes as the next prompt (the server's template and tokenizer)."""
@@ -145,8 +145,7 @@ def add_routes(app: FastAPI, core: ServerCore) -> None:
 
     async def document(conversation_id: int) -> dict[str, Any]:
         with stored():
-            version = store.version(conversation_id)  # first, as load_to_write reads it
-        summary, conversation = load(conversation_id)
+            summary, conversation, version = store.load_versioned(conversation_id)
         return {**dataclasses.asdict(summary), "system": conversation.system, "writing": conversation_id in writing,
                 "version": version_token(version) if version is not None else None,
                 "messages": [{"role": m.role, "content": m.content, "interrupted": m.interrupted}
