@@ -160,6 +160,12 @@ def native_bin(name: str) -> pathlib.Path:
     return ensure_built() / name
 
 
+def native_command(name: str) -> list[str]:
+    """A native tool's command line up to its own arguments: the tool, and what makes it take
+    gemma-chat's path on this CPU (repack_args)."""
+    return [str(native_bin(name)), *repack_args(name)]
+
+
 def repack_args(tool: str) -> list[str]:
     """What makes a native tool take gemma-chat's path on this CPU: where gemma-chat keeps the
     weights in plain buffers (a CPU with AMX, gemmachat/cpu.py), the native side must too, or it

@@ -141,7 +141,7 @@ def measure(model: pathlib.Path, clients: list[int] | None = None, tokens: int =
     common = ["-c", str(ctx), "-np", str(parallel), "-t", str(threads)]
     ours_port, native_port = _free_port(), _free_port()
     ours_command = [python, "-m", "gemmachat", "--server", "-m", str(model), "--port", str(ours_port), *common]
-    native_command = [str(native.native_bin("llama-server")), "-m", str(model), "--host", "127.0.0.1",
+    native_command = [*native.native_command("llama-server"), "-m", str(model), "--host", "127.0.0.1",
                       "--port", str(native_port), *common]
     results: dict[str, list[Point]] = {"ours": [], "native": []}
     with Server(ours_command, ours_port) as ours, Server(native_command, native_port) as theirs:

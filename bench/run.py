@@ -227,18 +227,17 @@ class Sides:
         return [self.python, "-m", "gemmachat", "-m", str(self.model), "-c", str(self.plan.ctx), *self.extra, *args]
 
     def completion(self, *args: str) -> list[str]:
-        return [str(native.native_bin("llama-completion")), "-m", str(self.model), "-t", str(self.plan.threads),
-                "-c", str(self.plan.ctx), "-no-cnv", "--no-display-prompt", "--color", "off",
-                *native.repack_args("llama-completion"), *self.extra, *args]
+        return [*native.native_command("llama-completion"), "-m", str(self.model), "-t", str(self.plan.threads),
+                "-c", str(self.plan.ctx), "-no-cnv", "--no-display-prompt", "--color", "off", *self.extra, *args]
 
     def bench(self, *args: str) -> list[str]:
-        return [str(native.native_bin("llama-bench")), "-m", str(self.model), "-t", str(self.plan.threads),
-                "-r", "1", "-o", "json", *native.repack_args("llama-bench"), *self.extra, *args]
+        return [*native.native_command("llama-bench"), "-m", str(self.model), "-t", str(self.plan.threads),
+                "-r", "1", "-o", "json", *self.extra, *args]
 
     def server(self, port: int, parallel: int) -> list[str]:
-        return [str(native.native_bin("llama-server")), "-m", str(self.model), "-t", str(self.plan.threads),
+        return [*native.native_command("llama-server"), "-m", str(self.model), "-t", str(self.plan.threads),
                 "-c", str(self.plan.ctx), "-np", str(parallel), "--host", "127.0.0.1", "--port", str(port),
-                *native.repack_args("llama-server"), *self.extra]
+                *self.extra]
 
     def our_server(self, port: int, parallel: int) -> list[str]:
         return self.ours("--server", "--port", str(port), "-np", str(parallel))

@@ -118,8 +118,8 @@ def measure(args: argparse.Namespace, work: Path) -> int:
     from gemmachat.model_path import default_model
 
     model = default_model(source_env)
-    native_chat = ([str(native.ensure_built() / "llama-completion"), "-m", str(model), "-c", "8192", "-cnv",
-                    "--color", "off", *native.repack_args("llama-completion")], dict(os.environ, HOME=str(home)))
+    native_chat = ([*native.native_command("llama-completion"), "-m", str(model), "-c", "8192", "-cnv",
+                    "--color", "off"], dict(os.environ, HOME=str(home)))
     chat_starts: dict[str, list[float]] = {"source": [], "single file": [], "llama-completion -cnv": []}
     first_start = "single file, first start (empty cache)"
     samples: dict[str, dict[str, list[float]]] = {name: {"first_token": [], "cli_total": [], "help": [],

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -74,6 +75,15 @@ def native_tools(pytestconfig: pytest.Config) -> Path:
         build_in_the_open(pytestconfig, "building native llama.cpp tools for the fidelity and bench tests "
                           "(several minutes, once; cached after)", REPO / "bench" / "native.py")
     return native.ensure_built()
+
+
+@pytest.fixture(scope="session")
+def native_command(native_tools: Path) -> Callable[[str], list[str]]:
+    """A native tool's command line up to its own arguments, with --no-repack where gemma-chat
+    keeps plain weight buffers (an AMX CPU, gemmachat/cpu.py): there native crashes without it."""
+    from bench import native
+
+    return native.native_command
 
 
 @pytest.fixture(scope="session")

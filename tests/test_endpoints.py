@@ -8,6 +8,7 @@ import json
 import math
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -120,7 +121,8 @@ def unit(vector: list[float]) -> bool:
 
 
 def test_openai_embeddings_are_the_models_unit_vectors_and_equal_native_llama_embeddings(
-        client: openai.OpenAI, engine: Engine, native_tools: Path, model_path: Path) -> None:
+        client: openai.OpenAI, engine: Engine, native_command: Callable[[str], list[str]],
+        model_path: Path) -> None:
     # The SDK asks for base64 unless told otherwise; float is asked for explicitly.
     packed = client.embeddings.create(model="gemma", input=TEXTS)
     plain = client.embeddings.create(model="gemma", input=TEXTS, encoding_format="float")
@@ -146,7 +148,7 @@ def test_openai_embeddings_are_the_models_unit_vectors_and_equal_native_llama_em
     # what shares the batch and with the batch's size (llama.cpp's matrix kernels change with them).
     theirs = []
     for text in texts:
-        native = subprocess.run([str(native_tools / "llama-embedding"), "-m", str(model_path), "--pooling", "mean",
+        native = subprocess.run([*native_command("llama-embedding"), "-m", str(model_path), "--pooling", "mean",
                                  "--embd-normalize", "2", "--embd-output-format", "array", "-t", "2", "-c", "512",
                                  "-p", text], capture_output=True, text=True, timeout=120)
         assert native.returncode == 0, native.stderr[-2000:]

@@ -17,7 +17,7 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import pytest
 from test_chat_terminal import interrupt_a_long_reply, leave, open_chat
@@ -35,10 +35,10 @@ def server(server_env: dict[str, str], model_path: Path) -> Iterator[ServerProce
 
 
 @contextlib.contextmanager
-def native_server(native_tools: Path, model_path: Path, *args: str) -> Iterator[str]:
+def native_server(native_command: Callable[[str], list[str]], model_path: Path, *args: str) -> Iterator[str]:
     """llama.cpp's own server on the same GGUF (with `args`), ready once its /health answers 200."""
     port = free_port()
-    process = subprocess.Popen([str(native_tools / "llama-server"), "-m", str(model_path), "--host", "127.0.0.1",
+    process = subprocess.Popen([*native_command("llama-server"), "-m", str(model_path), "--host", "127.0.0.1",
                                 "--port", str(port), "-c", "2048", "-t", "2", "-np", "1", *args],
                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     url = f"http://127.0.0.1:{port}"
@@ -62,8 +62,8 @@ def native_server(native_tools: Path, model_path: Path, *args: str) -> Iterator[
 
 
 @pytest.fixture(scope="module")
-def llama_server(native_tools: Path, model_path: Path) -> Iterator[str]:
-    with native_server(native_tools, model_path) as url:
+def llama_server(native_command: Callable[[str], list[str]], model_path: Path) -> Iterator[str]:
+    with native_server(native_command, model_path) as url:
         yield url
 
 

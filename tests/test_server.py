@@ -14,7 +14,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import openai
 import pytest
@@ -687,12 +687,13 @@ def test_logprobs_in_openais_shapes_streamed_or_not(client: openai.OpenAI) -> No
                                        top_logprobs=2)
 
 
-def test_logprobs_equal_native_llama_servers(server: ServerProcess, native_tools: Path, model_path: Path) -> None:
+def test_logprobs_equal_native_llama_servers(server: ServerProcess, native_command: Callable[[str], list[str]],
+                                             model_path: Path) -> None:
     # Without --ctx-checkpoints 0, llama-server evaluates a prompt in two batches for Gemma's
     # sliding-window layers (checkpointing before its last tokens); this small model's logits move
     # by up to 0.13 with the batch split, more than any rounding the comparison should allow.
     port = free_port()
-    native = subprocess.Popen([str(native_tools / "llama-server"), "-m", str(model_path), "--port", str(port),
+    native = subprocess.Popen([*native_command("llama-server"), "-m", str(model_path), "--port", str(port),
                                "-c", "4096", "-t", "2", "-np", "1", "--no-webui", "--ctx-checkpoints", "0"],
                               stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
