@@ -240,6 +240,27 @@ def dead_pid() -> int:
     return gone.pid
 
 
+def test_a_file_damaged_in_the_middle_is_refused_and_leaves_the_cache_clean(built: Built, tmp_path: Path) -> None:
+    # A download damaged inside the program's archive still ends in a good trailer. Unpacked
+    # unchecked under the good build's id, it crashed at every start, and a good copy's too.
+    damaged = tmp_path / "gemma-chat"
+    shutil.copyfile(built.file, damaged)
+    damaged.chmod(0o755)
+    trailer = read_trailer(built.file)
+    with damaged.open("r+b") as handle:
+        handle.seek(trailer.app_offset + trailer.app_size // 2)
+        byte = handle.read(1)
+        handle.seek(-1, 1)
+        handle.write(bytes([byte[0] ^ 0xFF]))
+    cache = tmp_path / "cache"
+    extra = {"GEMMA_CHAT_CACHE_DIR": str(cache)}
+    result = run_bare(damaged, "--help", home=tmp_path, cwd=tmp_path, extra=extra)
+    assert_one_line_error(result, str(damaged), "corrupt", "download it again")
+    assert program_folders(cache) == [], "nothing unpacked is left, under the good id or a temporary one"
+    good = run_bare(built.file, "--help", home=tmp_path, cwd=tmp_path, extra=extra)
+    assert good.returncode == 0 and "--cli" in good.stdout, good.stderr
+
+
 def test_killed_extractions_are_never_used_and_are_cleaned(built: Built, tmp_path: Path, expected: str) -> None:
     cache = tmp_path / "cache"
     extra = {"GEMMA_CHAT_CACHE_DIR": str(cache)}

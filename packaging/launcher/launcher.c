@@ -4,8 +4,8 @@
  * built with --external-model) the GGUF, then a fixed-size trailer. At every start we read the
  * trailer from the end of our own file (one read, whatever the size of the weights), look for the
  * program already unpacked in the cache folder under the archive's content hash, unpack it once if
- * it is missing (into a temporary folder renamed when complete, so a killed unpacking is never
- * used), and run it with GEMMA_CHAT_BUNDLE naming this file, holding a lock that tells newer
+ * it is missing (into a temporary folder renamed when complete and checked against that hash, so
+ * neither a killed unpacking nor a damaged file is ever used), and run it with GEMMA_CHAT_BUNDLE naming this file, holding a lock that tells newer
  * builds the folder is in use. The Python side has llama.cpp map the GGUF from this file.
  *
  * Archive entries, little-endian: u8 kind ('d' folder, 'f' file, 'l' symbolic link), u32 mode,
@@ -44,6 +44,8 @@
 
 #define TRAILER_SIZE 400
 #define MAGIC "GEMMAPK1"
+#include "sha256.h"
+
 #define PATH_SIZE 4096
 #define NAME_SIZE 1024
 #define CACHE_HINT "set GEMMA_CHAT_CACHE_DIR to another folder"
@@ -330,14 +332,22 @@ static void read_exact(FILE *f, void *buffer, size_t size) {
     }
 }
 
-static void unpack(FILE *self, uint64_t offset, uint64_t size, const char *folder) {
+/* Every byte of the archive goes through here, into the hash that must give the app id. */
+static void read_archive(FILE *f, void *buffer, size_t size, sha256 *hash) {
+    read_exact(f, buffer, size);
+    sha256_update(hash, buffer, size);
+}
+
+static void unpack(FILE *self, uint64_t offset, uint64_t size, const char *folder, const char *id) {
     static char buffer[1 << 20];
-    char name[NAME_SIZE], path[PATH_SIZE];
+    char name[NAME_SIZE], path[PATH_SIZE], digest[65];
     uint64_t end = offset + size;
+    sha256 hash;
+    sha256_init(&hash);
     if (seek(self, offset) != 0) fail("cannot read", self_path, NULL);
     while (offset < end) {
         unsigned char header[17];
-        read_exact(self, header, sizeof header);
+        read_archive(self, header, sizeof header, &hash);
         char kind = (char)header[0];
         uint32_t mode = le32(header + 1), name_length = le32(header + 5);
         uint64_t data_length = le64(header + 9);
@@ -345,7 +355,7 @@ static void unpack(FILE *self, uint64_t offset, uint64_t size, const char *folde
             errno = EINVAL;
             fail("cannot read", self_path, "the file is corrupt: download it again");
         }
-        read_exact(self, name, name_length);
+        read_archive(self, name, name_length, &hash);
         name[name_length] = 0;
         if (snprintf(path, PATH_SIZE, "%s" SEP "%s", folder, name) >= PATH_SIZE) {
             errno = ENAMETOOLONG;
@@ -359,7 +369,7 @@ static void unpack(FILE *self, uint64_t offset, uint64_t size, const char *folde
                 errno = EINVAL;
                 fail("cannot read", self_path, "the file is corrupt: download it again");
             }
-            read_exact(self, target, (size_t)data_length);
+            read_archive(self, target, (size_t)data_length, &hash);
             target[data_length] = 0;
             if (make_link(target, path) != 0) fail("cannot write", path, CACHE_HINT);
         } else {
@@ -367,7 +377,7 @@ static void unpack(FILE *self, uint64_t offset, uint64_t size, const char *folde
             if (!out) fail("cannot write", path, CACHE_HINT);
             for (uint64_t left = data_length; left > 0;) {
                 size_t n = left < sizeof buffer ? (size_t)left : sizeof buffer;
-                read_exact(self, buffer, n);
+                read_archive(self, buffer, n, &hash);
                 if (fwrite(buffer, 1, n, out) != n) fail("cannot write", path, CACHE_HINT);
                 left -= n;
             }
@@ -375,6 +385,13 @@ static void unpack(FILE *self, uint64_t offset, uint64_t size, const char *folde
             remember_written(path);
         }
         offset += sizeof header + name_length + data_length;
+    }
+    /* A download damaged in the middle still ends in a good trailer, whose id names the good
+     * program: unpacked unchecked, it crashed at every start, a good copy's too. */
+    sha256_hex(&hash, digest);
+    if (memcmp(digest, id, 32) != 0) {
+        errno = EINVAL;
+        fail("cannot read", self_path, "the file is corrupt: download it again");
     }
 }
 
@@ -427,7 +444,7 @@ int main(int argc, char **argv) {
             fail("cannot write the cache folder", partial, CACHE_HINT);
         if (attended()) fprintf(stderr, "gemma-chat: unpacking the program into %s (first start only)\n", folder);
         strcpy(unpacking, partial);
-        unpack(self, le64(trailer), le64(trailer + 8), partial);
+        unpack(self, le64(trailer), le64(trailer + 8), partial, id);
         flush_written();
         /* Another start may have finished first; then its folder is as good as ours, and ours
          * goes (it stayed, 100 MB, as long as this start ran). A folder there without the program
