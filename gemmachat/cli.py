@@ -54,18 +54,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     cache.clean_in_background(os.environ)
     caller_stdout = sys.stdout
     try:
-        settings = parse_settings(sys.argv[1:] if argv is None else argv)
-        if sys.stdout is None:  # started with `>&-`
-            if settings.mode != "server":
-                raise UserError("standard output is closed: there is nowhere to write the output "
-                                "(>/dev/null discards it)")
-        else:
+        if sys.stdout is not None:
             _guard_stdout()
+        try:
+            settings = parse_settings(sys.argv[1:] if argv is None else argv)
+        except SystemExit:  # --help or --version printed, or a usage error
+            _flush_stdout()
+            raise
+        if sys.stdout is None and settings.mode != "server":  # started with `>&-`
+            raise UserError("standard output is closed: there is nowhere to write the output "
+                            "(>/dev/null discards it)")
         if sys.stdin is None:  # `<&-`: read as an empty stdin, as </dev/null is
             sys.stdin = open(os.devnull)
         status = run(settings)
-        if sys.stdout is not None:
-            sys.stdout.flush()  # here, where a failure is told, not at the interpreter's exit
+        _flush_stdout()
         return status
     except UserError as error:
         return report(error)
@@ -91,13 +93,27 @@ class OutputFailed(OSError):
 
 
 class _Output(io.FileIO):
+    failed: OutputFailed | None = None
+
     def write(self, data: Any) -> int | None:
         try:
             return super().write(data)
         except BrokenPipeError:
             raise
         except OSError as error:
-            raise OutputFailed(error.errno, error.strerror) from None
+            self.failed = OutputFailed(error.errno, error.strerror)
+            raise self.failed from None
+
+
+def _flush_stdout() -> None:
+    """Here, where a failure is told, not at the interpreter's exit; and a write that failed
+    earlier counts too: argparse's --help and --version swallow their own failed writes."""
+    if sys.stdout is None:
+        return
+    sys.stdout.flush()
+    raw = getattr(getattr(sys.stdout, "buffer", None), "raw", None)
+    if isinstance(raw, _Output) and raw.failed is not None:
+        raise raw.failed
 
 
 def _guard_stdout() -> None:
