@@ -322,11 +322,12 @@ function failed(error, shown, again) {
 }
 
 async function reload() {
-  // After a refused or failed reply, the conversation as stored, not as this page guessed it.
+  // After a refused or failed reply, the conversation as stored, not as this page guessed it. The
+  // server sends a reply's error event before it stores what was written: read too soon, the
+  // page would send its next message against the version before it, and be told of a change.
   if (state.id === null) return;
   try {
-    state.current = await json(`/conversations/${state.id}`);
-    renderConversation(false);
+    await showStored();
   } catch (error) {
     // The error shown already says what went wrong. A conversation deleted elsewhere (another tab)
     // is gone from this page too, the message that could not be sent to it included.
