@@ -23,7 +23,6 @@ import subprocess
 import sys
 import tarfile
 import tempfile
-import zipfile
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -45,9 +44,7 @@ def llama_build():
 
 def pack_llama_cpp(wheel: Path, build_bin: Path, out: Path) -> None:
     with tempfile.TemporaryDirectory() as folder:
-        root = Path(folder)
-        with zipfile.ZipFile(wheel) as archive:
-            archive.extractall(root, [name for name in archive.namelist() if name.startswith("llama_cpp/")])
+        root = llama_build().unpack_llama_cpp(wheel, Path(folder))
         lib = root / "llama_cpp" / "lib"
         # A wheel stores each soname link as a full copy: keep one file and link the names to it.
         for versioned in sorted(lib.glob("lib*.so.*.*")):

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import importlib.util
 import json
 import os
 import re
@@ -27,13 +26,13 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import zipfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from bench import native  # noqa: E402
+from bench.gpu_pack import llama_build  # noqa: E402
 from gemmachat.cpu import cpu_flags  # noqa: E402
 
 DECODE_TIMES = re.compile(r"llama\.cpp decode times: prompt eval ([\d.]+) ms / (\d+) tokens, eval ([\d.]+) ms / (\d+) runs")
@@ -43,18 +42,13 @@ AMX_VARIANTS = ("sapphirerapids",)  # the variants ggml compiles with AMX_INT8 (
 
 def portable_llama(folder: Path, without: tuple[str, ...]) -> Path:
     """The portable wheel's llama_cpp package in `folder`, less the CPU variants named."""
-    spec = importlib.util.spec_from_file_location("llama_build", REPO / "packaging" / "llama_build.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    wheel = module.cached_wheel(cuda=False)
+    builder = llama_build()
+    wheel = builder.cached_wheel(cuda=False)
     if wheel is None:
         raise SystemExit("repack_cost: no portable build in the cache; run packaging/llama_build.py first")
-    with zipfile.ZipFile(wheel) as archive:
-        archive.extractall(folder, [name for name in archive.namelist() if name.startswith("llama_cpp/")])
-    for library in (folder / "llama_cpp" / "lib").iterdir():
-        library.chmod(0o755)
-        if any(library.name == f"libggml-cpu-{name}.so" for name in without):
-            library.unlink()
+    builder.unpack_llama_cpp(wheel, folder)
+    for name in without:
+        (folder / "llama_cpp" / "lib" / f"libggml-cpu-{name}.so").unlink(missing_ok=True)
     return folder
 
 

@@ -26,7 +26,6 @@ import os
 import shutil
 import subprocess
 import sys
-import zipfile
 from pathlib import Path
 from typing import BinaryIO
 
@@ -79,13 +78,7 @@ def portable_llama(work: Path) -> Path:
     import llama_build
 
     wheel, _ = llama_build.build(cuda=False, cuda_archs=llama_build.DEFAULT_CUDA_ARCHS, tools=False)
-    folder = work / "llama-portable"
-    shutil.rmtree(folder, ignore_errors=True)
-    with zipfile.ZipFile(wheel) as archive:
-        for item in archive.infolist():
-            if item.filename.startswith("llama_cpp/"):
-                archive.extract(item, folder)
-                (folder / item.filename).chmod(item.external_attr >> 16 or 0o644)
+    folder = llama_build.unpack_llama_cpp(wheel, work / "llama-portable")
     if sys.platform == "linux":
         # --rpc and --rpc-worker: llama.cpp's RPC backend, a module built from the same source
         # (gemmachat/llama_source.py), goes beside the CPU modules, where llama.cpp loads it with them.

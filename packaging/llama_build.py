@@ -142,6 +142,18 @@ def cached_wheel(cuda: bool) -> Path | None:
     return max(wheels, key=lambda wheel: wheel.stat().st_mtime, default=None)
 
 
+def unpack_llama_cpp(wheel: Path, folder: Path) -> Path:
+    """The wheel's llama_cpp package, with the modes the wheel records, in `folder` (made afresh),
+    to put ahead of an installed one on the path; returns `folder`."""
+    shutil.rmtree(folder, ignore_errors=True)
+    with zipfile.ZipFile(wheel) as archive:
+        for item in archive.infolist():
+            if item.filename.startswith("llama_cpp/"):
+                archive.extract(item, folder)
+                (folder / item.filename).chmod(item.external_attr >> 16 or 0o644)
+    return folder
+
+
 def build(cuda: bool, cuda_archs: str, tools: bool) -> tuple[Path, Path]:
     """The wheel (built once per set of flags) and its build folder."""
     version = pinned_version()

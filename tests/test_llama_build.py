@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import importlib.util
 import re
-import zipfile
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
@@ -21,23 +21,23 @@ REPO = Path(__file__).resolve().parent.parent
 PROMPT = ("--cli", "-p", "The capital of France is", "--temp", "0")
 
 
-def cached_wheel(cuda: bool) -> Path | None:
+def llama_build() -> ModuleType:
     # packaging/ is no package (and its name is taken by PyPI's `packaging`): load the script.
     spec = importlib.util.spec_from_file_location("llama_build", REPO / "packaging" / "llama_build.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.cached_wheel(cuda)
+    return module
+
+
+def cached_wheel(cuda: bool) -> Path | None:
+    return llama_build().cached_wheel(cuda)
 
 
 def unpacked(wheel: Path | None, folder: Path) -> Path:
     """The wheel's llama_cpp package in `folder`, for PYTHONPATH ahead of the installed one."""
     if wheel is None:
         pytest.skip("no such build in the cache: run packaging/llama_build.py (--cuda)")
-    with zipfile.ZipFile(wheel) as archive:
-        archive.extractall(folder, [name for name in archive.namelist() if name.startswith("llama_cpp/")])
-    for library in (folder / "llama_cpp" / "lib").iterdir():
-        library.chmod(0o755)
-    return folder
+    return llama_build().unpack_llama_cpp(wheel, folder)
 
 
 @pytest.fixture(scope="module")
