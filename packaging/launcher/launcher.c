@@ -5,8 +5,9 @@
  * trailer from the end of our own file (one read, whatever the size of the weights), look for the
  * program already unpacked in the cache folder under the archive's content hash, unpack it once if
  * it is missing (into a temporary folder renamed when complete and checked against that hash, so
- * neither a killed unpacking nor a damaged file is ever used), and run it with GEMMA_CHAT_BUNDLE naming this file, holding a lock that tells newer
- * builds the folder is in use. The Python side has llama.cpp map the GGUF from this file.
+ * neither a killed unpacking nor a damaged file is ever used), and run it with GEMMA_CHAT_BUNDLE
+ * naming this file, holding a lock that tells newer builds the folder is in use. The Python side
+ * has llama.cpp map the GGUF from this file.
  *
  * Archive entries, little-endian: u8 kind ('d' folder, 'f' file, 'l' symbolic link), u32 mode,
  * u32 name length, u64 data length, the name (UTF-8, '/'-separated, relative), the data (a
@@ -22,6 +23,8 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+
+#include "sha256.h"
 
 #ifdef _WIN32
 #include <windows.h>
@@ -44,8 +47,6 @@
 
 #define TRAILER_SIZE 400
 #define MAGIC "GEMMAPK1"
-#include "sha256.h"
-
 #define PATH_SIZE 4096
 #define NAME_SIZE 1024
 #define CACHE_HINT "set GEMMA_CHAT_CACHE_DIR to another folder"
@@ -332,6 +333,11 @@ static void read_exact(FILE *f, void *buffer, size_t size) {
     }
 }
 
+static void corrupt(void) {
+    errno = EINVAL;
+    fail("cannot read", self_path, "the file is corrupt: download it again");
+}
+
 /* Every byte of the archive goes through here, into the hash that must give the app id. */
 static void read_archive(FILE *f, void *buffer, size_t size, sha256 *hash) {
     read_exact(f, buffer, size);
@@ -351,10 +357,7 @@ static void unpack(FILE *self, uint64_t offset, uint64_t size, const char *folde
         char kind = (char)header[0];
         uint32_t mode = le32(header + 1), name_length = le32(header + 5);
         uint64_t data_length = le64(header + 9);
-        if (name_length >= NAME_SIZE) {
-            errno = EINVAL;
-            fail("cannot read", self_path, "the file is corrupt: download it again");
-        }
+        if (name_length >= NAME_SIZE) corrupt();
         read_archive(self, name, name_length, &hash);
         name[name_length] = 0;
         if (snprintf(path, PATH_SIZE, "%s" SEP "%s", folder, name) >= PATH_SIZE) {
@@ -365,10 +368,7 @@ static void unpack(FILE *self, uint64_t offset, uint64_t size, const char *folde
             if (make_dir(path) != 0) fail("cannot write", path, CACHE_HINT);
         } else if (kind == 'l') {
             char target[NAME_SIZE];
-            if (data_length >= NAME_SIZE) {
-                errno = EINVAL;
-                fail("cannot read", self_path, "the file is corrupt: download it again");
-            }
+            if (data_length >= NAME_SIZE) corrupt();
             read_archive(self, target, (size_t)data_length, &hash);
             target[data_length] = 0;
             if (make_link(target, path) != 0) fail("cannot write", path, CACHE_HINT);
@@ -389,10 +389,7 @@ static void unpack(FILE *self, uint64_t offset, uint64_t size, const char *folde
     /* A download damaged in the middle still ends in a good trailer, whose id names the good
      * program: unpacked unchecked, it crashed at every start, a good copy's too. */
     sha256_hex(&hash, digest);
-    if (memcmp(digest, id, 32) != 0) {
-        errno = EINVAL;
-        fail("cannot read", self_path, "the file is corrupt: download it again");
-    }
+    if (memcmp(digest, id, 32) != 0) corrupt();
 }
 
 int main(int argc, char **argv) {
