@@ -6,6 +6,8 @@
 const $ = (id) => document.getElementById(id);
 const KEY_STORE = "gemma-chat-api-key";
 const state = { list: [], current: null, id: null, controller: null, busy: false };
+// A reply stream that broke, or ended without its last event: the server stopped mid-reply.
+const CUT_OFF = "the reply was cut off: the server stopped before it ended";
 
 // -- the API -----------------------------------------------------------------------------------
 
@@ -387,8 +389,7 @@ async function stream(path, body) {
     for (;;) {
       const { value, done } = await reader.read().catch((error) => {
         if (error.name === "AbortError") throw error;
-        // The connection broke: "network error" says less than this.
-        throw new Error("the reply was cut off: the server stopped before it ended");
+        throw new Error(CUT_OFF);  // "network error" says less
       });
       if (done) break;
       buffer += value;
@@ -418,8 +419,7 @@ async function stream(path, body) {
         }
       }
     }
-    // The stream ended without its last event: the server stopped (or was stopped) mid-reply.
-    if (!finished) throw new Error("the reply was cut off: the server stopped before it ended");
+    if (!finished) throw new Error(CUT_OFF);
   } catch (error) {
     reply.interrupted = true;  // the server keeps what was written, marked so, as the terminal does
     if (error.name !== "AbortError") {
